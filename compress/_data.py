@@ -1,0 +1,123 @@
+"""Calibration data: an image-folder loader that uses a timm model's preprocessing."""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ._errors import MixrankError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
+
+
+@dataclass
+class ImageBatches:
+    """Preprocessed images in batches, with what was skipped.
+
+    Attributes:
+        batches: (B, C, H, W) float tensors.
+        files: the files used, in batch order.
+        labels: class index per used file, or ``None`` for a flat folder.
+        classes: class names (sub-folder names) of a class-per-folder tree.
+        skipped: ``(file, reason)`` for every unreadable file.
+    """
+
+    batches: list[torch.Tensor] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    labels: list[int] | None = None
+    classes: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def model_transform(model: nn.Module):
+    """The evaluation transform of a timm model (its own resize, crop, mean, std)."""
+    from timm.data import create_transform, resolve_data_config
+
+    cfg = resolve_data_config({}, model=model)
+    return create_transform(**cfg, is_training=False)
+
+
+def list_images(root: str | os.PathLike) -> tuple[list[Path], list[int] | None, list[str]]:
+    """Image files under ``root``: a flat folder, or a class-per-folder tree
+    (``root/<class>/<image>``). Returns (files, labels or None, classes)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise MixrankError(f"image folder {root} does not exist or is not a directory")
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    flat = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if subdirs and not flat:
+        files, labels = [], []
+        for i, d in enumerate(subdirs):
+            for p in sorted(d.rglob("*")):
+                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
+                    files.append(p)
+                    labels.append(i)
+        return files, labels, [d.name for d in subdirs]
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return files, None, []
+
+
+def image_folder(
+    root: str | os.PathLike,
+    model: nn.Module | None = None,
+    count: int | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+    transform=None,
+) -> ImageBatches:
+    """Load up to ``count`` images from ``root`` (seeded random choice), preprocessed
+    with ``model``'s own timm data config (or ``transform``), in batches.
+
+    Unreadable files are skipped and counted; zero usable images is an error.
+    """
+    from PIL import Image
+
+    if count is not None and count < 1:
+        raise MixrankError(f"image count must be >= 1, got {count}")
+    if batch_size < 1:
+        raise MixrankError(f"batch size must be >= 1, got {batch_size}")
+    if transform is None:
+        if model is None:
+            raise MixrankError("image_folder needs a model (for its preprocessing) or a transform")
+        transform = model_transform(model)
+    files, labels, classes = list_images(root)
+    order = list(range(len(files)))
+    random.Random(seed).shuffle(order)
+    out = ImageBatches(classes=classes, labels=[] if labels is not None else None)
+    current: list[torch.Tensor] = []
+    for i in order:
+        if count is not None and len(out.files) >= count:
+            break
+        path = files[i]
+        try:
+            with Image.open(path) as im:
+                x = transform(im.convert("RGB"))
+        except Exception as e:  # PIL raises many types for bad files
+            out.skipped.append((str(path), f"{type(e).__name__}: {e}"))
+            continue
+        current.append(x)
+        out.files.append(str(path))
+        if labels is not None:
+            out.labels.append(labels[i])
+        if len(current) == batch_size:
+            out.batches.append(torch.stack(current))
+            current = []
+    if current:
+        out.batches.append(torch.stack(current))
+    if not out.files:
+        raise MixrankError(
+            f"no usable image in {root}: {len(files)} image file(s) found, "
+            f"{len(out.skipped)} unreadable"
+        )
+    return out

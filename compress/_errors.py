@@ -1,0 +1,24 @@
+"""One error type for user mistakes; anything else raised from mixrank is a bug."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class MixrankError(Exception):
+    """A user mistake (bad input, bad option, infeasible budget).
+
+    The CLI prints its message on one line without a traceback and exits non-zero.
+    The message says what is wrong and how to fix it.
+    """
+
+
+def close_matches(name: str, choices: Iterable[str], n: int = 3) -> str:
+    """Return ``" (did you mean: a, b?)"`` for the closest names, or ``""``."""
+    choices = list(choices)
+    hits = difflib.get_close_matches(name, choices, n=n, cutoff=0.5)
+    if not hits:
+        # Suffix matches help with qualified names ("fc1" -> "blocks.0.mlp.fc1").
+        hits = [c for c in choices if c.endswith(name) or name in c][:n]
+    return f" (did you mean: {', '.join(hits)}?)" if hits else ""

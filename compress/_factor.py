@@ -1,0 +1,120 @@
+"""Factorization math: activation-aware low-rank in closed form, and plain SVD.
+
+Notation (DESIGN.md): ``W`` is (m, n) = (out, in); ``G = XᵀX`` is (n, n). For an
+approximation ``Ŵ`` the activation-aware error is ``tr((W − Ŵ) G (W − Ŵ)ᵀ)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._errors import MixrankError
+
+
+@dataclass
+class Spectrum:
+    """Everything needed to build a layer's rank-r factors for any r, from one SVD.
+
+    ``A_r = us[:, :r]`` (m, r) and ``B_r = vt[:r]`` (r, n) give ``W ≈ A_r B_r``;
+    ``err[r]`` is the exact activation-aware error ``tr((W−A_rB_r) G (W−A_rB_r)ᵀ)``
+    in the undamped metric, ``err_damped[r] = Σ_{i>r} σ_i²`` its value in the
+    damped metric (the one the closed form minimises exactly), and ``ref`` is
+    ``tr(W G Wᵀ)``, so ``err / ref`` is the layer NMSE.
+    """
+
+    us: torch.Tensor  # (m, k) U Σ, float32
+    vt: torch.Tensor  # (k, n) V_rᵀ G^{-1/2} (or Vᵀ for plain SVD), float32
+    sigma: torch.Tensor  # (k,) float64 singular values of the (weighted) problem
+    err: torch.Tensor  # (k + 1,) float64, err[r] for r = 0..k
+    err_damped: torch.Tensor  # (k + 1,) float64
+    ref: float
+
+    @property
+    def max_rank(self) -> int:
+        return int(self.sigma.numel())
+
+    def nmse(self, r: int) -> float:
+        return float(self.err[min(r, self.max_rank)] / max(self.ref, 1e-300))
+
+    def factors(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.us[:, :r].contiguous(), self.vt[:r].contiguous()
+
+
+def activation_error(W: torch.Tensor, W_hat: torch.Tensor, G: torch.Tensor) -> float:
+    """``tr((W − Ŵ) G (W − Ŵ)ᵀ)`` in float64."""
+    E = (W.double() - W_hat.double())
+    return float(torch.einsum("ij,jk,ik->", E, G.double(), E))
+
+
+def _tail_sums(x: torch.Tensor) -> torch.Tensor:
+    """``out[r] = Σ_{i>=r} x_i`` for r = 0..len(x), ``out[len] = 0``."""
+    rev = torch.flip(torch.cumsum(torch.flip(x, [0]), 0), [0])
+    return torch.cat([rev, rev.new_zeros(1)])
+
+
+def damped_sqrt(G: torch.Tensor, damping: float) -> tuple[torch.Tensor, float]:
+    """A square-root factor ``L`` with ``L Lᵀ = G + λI`` (lower Cholesky; falls back to
+    the symmetric root from a clamped eigendecomposition), and ``λ``."""
+    G = G.double()
+    n = G.shape[0]
+    lam = damping * float(torch.diagonal(G).mean())
+    if lam <= 0:
+        lam = 1e-12 * max(float(torch.diagonal(G).abs().max()), 1.0)
+    Gd = G + lam * torch.eye(n, dtype=G.dtype, device=G.device)
+    L, info = torch.linalg.cholesky_ex(Gd)
+    if int(info) == 0:
+        return L, lam
+    evals, Q = torch.linalg.eigh(Gd)
+    evals = evals.clamp_min(lam)
+    return (Q * evals.sqrt()) @ Q.T, lam
+
+
+def whitened_spectrum(W: torch.Tensor, G: torch.Tensor, damping: float = 1e-2) -> Spectrum:
+    """Activation-aware low-rank factorization of ``W`` (m, n) under ``G`` (n, n).
+
+    With ``L Lᵀ = G + λI``, the SVD ``W L = U Σ Vᵀ`` gives ``A = U_r Σ_r``,
+    ``B = V_rᵀ L⁻¹``: the best rank-r approximation in the damped metric, whose error
+    is exactly ``Σ_{i>r} σ_i²``. The undamped error follows from the same SVD:
+    ``err_r = Σ_{i>r} σ_i² (1 − λ‖L⁻ᵀ v_i‖²)``.
+    """
+    if not torch.isfinite(W).all():
+        raise MixrankError("the weight holds NaN or Inf values")
+    Wd = W.detach().double().to(G.device)
+    L, lam = damped_sqrt(G, damping)
+    U, S, Vh = torch.linalg.svd(Wd @ L, full_matrices=False)  # (m,k) (k,) (k,n)
+    # B = Vhᵀ-rows times L⁻¹:  B L = Vh  ⇔  Lᵀ Bᵀ = Vhᵀ
+    B = torch.linalg.solve_triangular(L.T, Vh.T, upper=True).T if _is_lower(L) else (
+        torch.linalg.solve(L.T, Vh.T).T
+    )
+    c = (B * B).sum(dim=1)  # ‖v_iᵀ L⁻¹‖², (k,)
+    s2 = S * S
+    err_d = _tail_sums(s2)
+    err = _tail_sums(s2 * (1.0 - lam * c)).clamp_min(0.0)
+    ref = float(torch.einsum("ij,jk,ik->", Wd, G.double(), Wd))
+    return Spectrum((U * S).float(), B.float(), S, err, err_d, ref)
+
+
+def _is_lower(L: torch.Tensor) -> bool:
+    return bool(torch.equal(L, torch.tril(L)))
+
+
+def plain_spectrum(W: torch.Tensor, G: torch.Tensor | None = None) -> Spectrum:
+    """Weight-only truncated SVD (Eckart–Young): ``W = U Σ Vᵀ``, ``A = U_r Σ_r``,
+    ``B = V_rᵀ``. Errors are reported in the activation-aware metric when ``G`` is
+    given (so methods compare in one metric), else in the Frobenius norm."""
+    Wd = W.detach().double()
+    U, S, Vh = torch.linalg.svd(Wd, full_matrices=False)
+    k = S.numel()
+    err_d = _tail_sums(S * S)
+    if G is None:
+        return Spectrum((U * S).float(), Vh.float(), S, err_d, err_d, float((Wd * Wd).sum()))
+    Gd = G.double().to(Wd.device)
+    # err_r = Σ_{i,j>r} σ_i σ_j (u_iᵀu_j)(v_iᵀ G v_j) = Σ_{i,j>r} σ_i σ_j δ_ij v_iᵀGv_j
+    # (u orthonormal) = Σ_{i>r} σ_i² v_iᵀ G v_i
+    vgv = torch.einsum("ij,jk,ik->i", Vh, Gd, Vh)
+    err = _tail_sums(S * S * vgv)
+    ref = float(torch.einsum("ij,jk,ik->", Wd, Gd, Wd))
+    assert err.numel() == k + 1
+    return Spectrum((U * S).float(), Vh.float(), S, err, err, ref)

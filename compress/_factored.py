@@ -1,0 +1,93 @@
+"""`FactoredLinear` and `apply_factors`: the factored PyTorch model."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+import torch.nn as nn
+
+from ._errors import MixrankError
+from ._factors import Factors, load_factors, weight_fingerprint
+
+
+class FactoredLinear(nn.Module):
+    """``y = (x Bᵀ) Aᵀ + b``: a Linear layer as two thin matmuls.
+
+    Args:
+        A: (out, rank) factor.
+        B: (rank, in) factor.
+        bias: (out,) or ``None``.
+    """
+
+    def __init__(self, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        if A.ndim != 2 or B.ndim != 2 or A.shape[1] != B.shape[0]:
+            raise ValueError(f"incompatible factors A{tuple(A.shape)} B{tuple(B.shape)}")
+        self.A = nn.Parameter(A.detach().clone())
+        self.B = nn.Parameter(B.detach().clone())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self.in_features = B.shape[1]
+        self.out_features = A.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.B.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = nn.functional.linear(nn.functional.linear(x, self.B), self.A)  # (..., r) -> (..., m)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}"
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def apply_factors(
+    model: nn.Module, factors: Factors | str | os.PathLike, inplace: bool = False
+) -> nn.Module:
+    """Replace each factored Linear of ``model`` by a `FactoredLinear`.
+
+    Args:
+        model: the original model (the one the factors were computed from).
+        factors: a `Factors` or a factors file path.
+        inplace: modify ``model`` itself; by default a deep copy is modified.
+
+    Returns:
+        The factored model.
+
+    Raises:
+        MixrankError: a layer is missing, has another shape, or its weight is not
+            the one the factors were computed from (a file for another model).
+    """
+    if not isinstance(factors, Factors):
+        factors = load_factors(factors)
+    modules = dict(model.named_modules())
+    problems = []
+    for name in factors.factored_layers():
+        info = factors.layers[name]
+        mod = modules.get(name)
+        if not isinstance(mod, nn.Linear):
+            problems.append(f"{name}: no such nn.Linear in {type(model).__name__}")
+        elif list(mod.weight.shape) != list(info["shape"]):
+            problems.append(f"{name}: weight shape {list(mod.weight.shape)} != {info['shape']}")
+        elif weight_fingerprint(mod.weight) != info["sha256"]:
+            problems.append(f"{name}: weight differs from the one the factors were computed from")
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise MixrankError(
+            "these factors do not belong to this model: " + "; ".join(problems[:5]) + more
+        )
+    out = model if inplace else copy.deepcopy(model)
+    for name in factors.factored_layers():
+        lin = out.get_submodule(name)
+        A = factors.tensors[f"{name}.A"].to(lin.weight.device, lin.weight.dtype)
+        B = factors.tensors[f"{name}.B"].to(lin.weight.device, lin.weight.dtype)
+        _set_module(out, name, FactoredLinear(A, B, lin.bias))
+    return out

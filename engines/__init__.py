@@ -1,0 +1,1 @@
+"""mixrank.engines: engine builders, footprint and throughput measurement, reports, CI gate."""

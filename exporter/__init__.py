@@ -1,0 +1,1 @@
+"""mixrank.exporter: torch → ONNX export, the ONNX graph rewriter, verification, the CLI."""
