@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -218,6 +219,22 @@ class _SwitchLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+def _limit_samples(batches: list, max_samples: int | None) -> list:
+    """The first ``max_samples`` samples of ``batches`` (the last batch cut short)."""
+    from ._calibrate import batch_size, slice_batch
+
+    if max_samples is None:
+        return list(batches)
+    out, left = [], max_samples
+    for b in batches:
+        if left <= 0:
+            break
+        n = batch_size(b)
+        out.append(b if n <= left else slice_batch(b, 0, left, n))
+        left -= n
+    return out
+
+
 class Evaluator:
     """Scores allocations by the whole model's output error on held-out batches.
 
@@ -226,10 +243,11 @@ class Evaluator:
     """
 
     def __init__(self, model: nn.Module, spectra: dict[str, Spectrum],
-                 spaces: dict[str, LayerSpace], batches: list, metric: str):
+                 spaces: dict[str, LayerSpace], batches: list, metric: str,
+                 max_samples: int | None = None):
         self.model = copy.deepcopy(model).eval()
         self.device = next(self.model.parameters()).device
-        self.batches = [move_batch(b, self.device) for b in batches]
+        self.batches = [move_batch(b, self.device) for b in _limit_samples(batches, max_samples)]
         self.metric = metric
         self.switches: dict[str, _SwitchLinear] = {}
         with torch.no_grad():
@@ -268,8 +286,9 @@ def search_allocation(
     score: Callable[[Alloc], float],
     rounds: int,
     max_evals: int,
+    max_seconds: float | None = None,
     progress: bool = True,
-) -> tuple[Alloc, list[dict]]:
+) -> tuple[Alloc, list[dict], str]:
     """Move rank between layers from the uniform start, accepting only measured gains.
 
     Each round probes every free layer one step down and one step up (end-to-end
@@ -279,12 +298,19 @@ def search_allocation(
     score; otherwise the search stops.
 
     Returns:
-        (allocation, candidates): candidates is the list of every allocation scored,
-        each a dict with ``name``, ``score``, ``params`` and either ``ranks`` (full)
-        or ``base`` + ``delta`` (rank changes against a named allocation).
+        (allocation, candidates, stop reason): candidates is the list of every
+        allocation scored, each a dict with ``name``, ``score``, ``params`` and either
+        ``ranks`` (full) or ``base`` + ``delta`` (rank changes against a named
+        allocation); the stop reason is ``"converged"``, ``"rounds"``, ``"evals"`` or
+        ``"seconds"``.
     """
     alloc = uniform_allocation(spaces, budget, step)
     evals = [0]
+    t0 = time.perf_counter()
+
+    def out_of_time(fraction: float = 1.0) -> bool:
+        return max_seconds is not None and time.perf_counter() - t0 > fraction * max_seconds
+
     bar = tqdm(total=max_evals, desc="allocate", unit="eval", disable=not progress)
 
     def scored(a: Alloc) -> float:
@@ -302,11 +328,19 @@ def search_allocation(
     def delta(a: Alloc) -> dict[str, int]:
         return {n: (a[n] or 0) - (alloc[n] or 0) for n in a if a[n] != alloc[n]}
 
+    stop = "rounds"
     for rnd in range(1, rounds + 1):
         if evals[0] + 2 * len(free) + 1 > max_evals:
+            stop = "evals"
+            break
+        if out_of_time(0.8):
+            stop = "seconds"
             break
         up, down = {}, {}
         for name in free:
+            if out_of_time(0.8):  # keep a fifth of the time for the moves
+                stop = "seconds"
+                break
             sp, r = spaces[name], alloc[name]
             per = step * (sp.m + sp.n)
             if r - step >= sp.floor:
@@ -343,7 +377,7 @@ def search_allocation(
                 proposals.append(a)
         best_prop, best_s = None, best
         for i, a in enumerate(proposals):
-            if evals[0] >= max_evals:
+            if evals[0] >= max_evals or out_of_time():
                 break
             s = scored(a)
             cands.append({"name": f"r{rnd}.move{i}", "score": s, "params": alloc_cost(spaces, a),
@@ -351,10 +385,12 @@ def search_allocation(
             if s < best_s:
                 best_prop, best_s = a, s
         if best_prop is None:
+            if stop == "rounds":
+                stop = "converged"
             break
         alloc, best = best_prop, best_s
         current = f"r{rnd}.accepted"
         cands.append({"name": current, "score": best, "params": alloc_cost(spaces, alloc),
                       "ranks": dict(alloc)})
     bar.close()
-    return alloc, cands
+    return alloc, cands, stop

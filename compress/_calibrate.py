@@ -67,6 +67,18 @@ def batch_size(batch: Batch) -> int:
     raise MixrankError("a calibration batch holds no tensor")
 
 
+def slice_batch(batch: Batch, lo: int, hi: int, size: int) -> Batch:
+    """Samples ``lo:hi`` of a batch of ``size`` samples (tensors whose first dimension
+    is ``size`` are sliced; anything else is passed through)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[lo:hi] if batch.ndim and batch.shape[0] == size else batch
+    if isinstance(batch, Mapping):
+        return {k: slice_batch(v, lo, hi, size) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(slice_batch(v, lo, hi, size) for v in batch)
+    return batch
+
+
 def _token_mask(batch: Batch, key: str | None) -> torch.Tensor | None:
     if key is None:
         return None

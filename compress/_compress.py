@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 import torch
 import torch.nn as nn
@@ -17,7 +17,7 @@ from ._allocate import (
     search_allocation,
     uniform_allocation,
 )
-from ._calibrate import Batch, batch_size, collect_stats
+from ._calibrate import Batch, batch_size, collect_stats, slice_batch
 from ._config import CompressConfig
 from ._errors import MixrankError, close_matches
 from ._factor import Spectrum, plain_spectrum, whitened_spectrum
@@ -38,16 +38,6 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _slice(batch: Batch, lo: int, hi: int, size: int) -> Batch:
-    if isinstance(batch, torch.Tensor):
-        return batch[lo:hi] if batch.ndim and batch.shape[0] == size else batch
-    if isinstance(batch, Mapping):
-        return {k: _slice(v, lo, hi, size) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_slice(v, lo, hi, size) for v in batch)
-    return batch
-
-
 def split_holdout(batches: list, fraction: float) -> tuple[list, list]:
     """(statistics batches, held-out batches): the last ``fraction`` of the batches,
     or of the samples of a single batch."""
@@ -63,7 +53,7 @@ def split_holdout(batches: list, fraction: float) -> tuple[list, list]:
             "data to score allocations; give at least 2 samples"
         )
     cut = min(max(1, round(size * (1 - fraction))), size - 1)
-    return [_slice(batches[0], 0, cut, size)], [_slice(batches[0], cut, size, size)]
+    return [slice_batch(batches[0], 0, cut, size)], [slice_batch(batches[0], cut, size, size)]
 
 
 def _check_overrides(overrides: dict, selected: list[str], linears: list[str]) -> None:
@@ -136,18 +126,19 @@ def compress_model(
         spaces = layer_spaces(shapes, config.rank_step, config.min_rank, config.overrides)
         total = sum(m * n for m, n in shapes.values())
         budget = config.budget_params(total)
-        evaluator = Evaluator(model, spectra, spaces, holdout, config.metric)
+        evaluator = Evaluator(model, spectra, spaces, holdout, config.metric,
+                              config.search_samples)
+        stop = "uniform"
         if config.method == "mixrank":
-            alloc, cands = search_allocation(
+            alloc, cands, stop = search_allocation(
                 spaces, budget, config.rank_step, evaluator, config.search_rounds,
-                config.search_evals, progress=progress,
+                config.search_evals, config.search_seconds, progress=progress,
             )
         else:
             alloc = uniform_allocation(spaces, budget, config.rank_step)
             cands = [{"name": "uniform", "score": evaluator(alloc),
                       "params": alloc_cost(spaces, alloc), "ranks": dict(alloc)}]
         chosen_score = evaluator(alloc)
-        del evaluator
         timings["allocate_s"] = time.perf_counter() - t2
     finally:
         model.to(orig_device)
@@ -206,6 +197,8 @@ def compress_model(
             "uniform_score": uniform_score,
             "chosen_score": chosen_score,
             "evaluations": len(cands),
+            "stopped": stop,
+            "scored_samples": sum(batch_size(b) for b in evaluator.batches),
             "candidates": cands,
         },
         "totals": {

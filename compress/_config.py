@@ -48,6 +48,10 @@ class CompressConfig:
             output, normalised MSE otherwise).
         search_rounds: maximum rounds of the allocation search.
         search_evals: maximum number of whole-model evaluations in the search.
+        search_seconds: wall-clock limit of the search (``None``: no limit); the
+            plan records whether the search stopped on it.
+        search_samples: at most this many held-out samples are used to score an
+            allocation (one whole-model forward pass over them per candidate).
         token_mask: key of a dict batch holding a (batch, tokens) mask of the
             tokens to count (for example ``"attention_mask"``); ``None`` counts all.
         device: torch device for statistics and factorization (``None``: the
@@ -70,6 +74,8 @@ class CompressConfig:
     metric: str = "auto"
     search_rounds: int = 6
     search_evals: int = 200
+    search_seconds: float | None = 300.0
+    search_samples: int = 64
     token_mask: str | None = None
     device: str | None = None
     seed: int = 0
@@ -91,7 +97,9 @@ class CompressConfig:
             raise MixrankError(f"bytes must be a positive byte count, got {self.bytes}")
         if self.dtype not in DTYPE_BYTES:
             raise MixrankError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPE_BYTES)}")
-        for name in ("rank_step", "min_rank", "search_evals"):
+        if self.search_seconds is not None and not float(self.search_seconds) > 0:
+            raise MixrankError(f"search_seconds must be > 0 or None, got {self.search_seconds}")
+        for name in ("rank_step", "min_rank", "search_evals", "search_samples"):
             if int(getattr(self, name)) < 1:
                 raise MixrankError(f"{name} must be >= 1, got {getattr(self, name)}")
         if int(self.search_rounds) < 0:
