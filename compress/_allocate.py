@@ -211,8 +211,26 @@ class _SwitchLinear(nn.Module):
         self.us = spec.us[:, :cap].to(dev, dt)
         self.vt = spec.vt[:cap].to(dev, dt)
         self.rank: int | None = None
+        self.fit: tuple | None = None  # (A, B, sparse) overriding the rank switch when set
+
+    def set_fit(self, fit) -> None:
+        """Use a `LayerFit`'s factors (``None`` returns to the rank switch)."""
+        if fit is None:
+            self.fit = None
+            return
+        dev, dt = self.weight.device, self.weight.dtype
+        sp = fit.sparse
+        if sp is not None:
+            sp = type(sp)(sp.structure, sp.index.to(dev), sp.value.to(dev, dt))
+        self.fit = (fit.A.to(dev, dt), fit.B.to(dev, dt), sp)
 
     def forward(self, x):
+        if self.fit is not None:
+            A, B, sp = self.fit
+            y = F.linear(F.linear(x, B), A)
+            if sp is not None:
+                y = y + sp.apply(x)
+            return y if self.bias is None else y + self.bias
         if self.rank is None:
             return F.linear(x, self.weight, self.bias)
         y = F.linear(F.linear(x, self.vt[: self.rank]), self.us[:, : self.rank])
@@ -267,16 +285,30 @@ class Evaluator:
             return self.cache[key]
         for name, r in alloc.items():
             self.switches[name].rank = r
+        score = self._score()
+        self.cache[key] = score
+        self.evals += 1
+        return score
+
+    def score_fits(self, fits: dict) -> float:
+        """Score explicit per-layer fits (layers absent from ``fits`` stay dense)."""
+        for name, sw in self.switches.items():
+            sw.rank = None
+            sw.set_fit(fits.get(name))
+        try:
+            return self._score()
+        finally:
+            for sw in self.switches.values():
+                sw.set_fit(None)
+
+    def _score(self) -> float:
         errs, weights = [], []
         with torch.no_grad():
             for b, ref in zip(self.batches, self.refs, strict=True):
                 y = first_tensor(run_model(self.model, b))
                 errs.append(output_error(y, ref, self.metric))
                 weights.append(ref.shape[0] if ref.ndim else 1)
-        score = sum(e * w for e, w in zip(errs, weights, strict=True)) / sum(weights)
-        self.cache[key] = score
-        self.evals += 1
-        return score
+        return sum(e * w for e, w in zip(errs, weights, strict=True)) / sum(weights)
 
 
 def search_allocation(

@@ -22,10 +22,16 @@ class LayerStats:
     Attributes:
         gram: ``G = Σ x xᵀ`` over every counted token, float64, (n, n).
         tokens: number of token vectors summed into ``gram``.
+        abs_sum: per-channel sum of absolute inputs (for ASVD's scaling).
     """
 
     gram: torch.Tensor
     tokens: int = 0
+    abs_sum: torch.Tensor | None = None  # Σ |x| per input channel, float64, (n,)
+
+    @property
+    def abs_mean(self) -> torch.Tensor:
+        return self.abs_sum / max(self.tokens, 1)
 
 
 @dataclass
@@ -137,9 +143,11 @@ def collect_stats(
             st = calib.layers.get(name)
             if st is None:
                 st = calib.layers[name] = LayerStats(
-                    torch.zeros(n_in, n_in, dtype=torch.float64, device=x.device)
+                    torch.zeros(n_in, n_in, dtype=torch.float64, device=x.device),
+                    abs_sum=torch.zeros(n_in, dtype=torch.float64, device=x.device),
                 )
             st.gram.addmm_(x.T, x)
+            st.abs_sum.add_(x.abs().sum(0))
             st.tokens += x.shape[0]
 
         return hook

@@ -11,10 +11,11 @@ from ._errors import MixrankError
 
 FORMAT_VERSION = 1
 
-METHODS = ("mixrank", "whiten", "svd")
+METHODS = ("mixrank", "whiten", "svd", "asvd", "oats")
+SPARSE = ("none", "channel", "row")
 METRICS = ("auto", "kl", "mse", "cosine")
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
-OVERRIDE_KEYS = ("dense", "rank", "min_rank")
+OVERRIDE_KEYS = ("dense", "rank", "min_rank", "sparse_k")
 
 
 @dataclass
@@ -46,6 +47,19 @@ class CompressConfig:
         metric: end-to-end output error: ``"kl"`` (logits), ``"mse"``
             (normalised), ``"cosine"`` (1 − cosine) or ``"auto"`` (KL for a 2-D
             output, normalised MSE otherwise).
+        sparse: structure of the sparse term of ``mixrank``: ``"channel"`` (whole
+            input columns), ``"row"`` (k entries per output row) or ``"none"``.
+        sparse_splits: per layer, up to this many rank steps of its allocated
+            budget may be given to the sparse term instead; the split with the lowest
+            layer error wins (0 disables the sparse term).
+        alternate: rounds of alternating refits (``AB`` to ``W − S``, ``S`` to
+            ``W − AB``); a round is kept only if it lowers the layer error.
+        compensate_steps: Adam steps refining ``A``, ``B`` and the sparse values on
+            the layer's output loss (0 disables).
+        compensate_lr: Adam learning rate, relative to each tensor's mean magnitude.
+        sequential: also refit block by block on the compressed model's own
+            activations (later layers compensate earlier errors); kept only if it
+            lowers the held-out output error.
         search_rounds: maximum rounds of the allocation search.
         search_evals: maximum number of whole-model evaluations in the search.
         search_seconds: wall-clock limit of the search (``None``: no limit); the
@@ -70,12 +84,18 @@ class CompressConfig:
     rank_step: int = 8
     min_rank: int = 8
     damping: float = 1e-2
-    holdout: float = 0.25
+    holdout: float = 0.5
     metric: str = "auto"
+    sparse: str = "channel"
+    sparse_splits: int = 3
+    alternate: int = 2
+    compensate_steps: int = 200
+    compensate_lr: float = 1e-3
+    sequential: bool = True
     search_rounds: int = 6
     search_evals: int = 200
     search_seconds: float | None = 300.0
-    search_samples: int = 64
+    search_samples: int = 128
     token_mask: str | None = None
     device: str | None = None
     seed: int = 0
@@ -99,6 +119,15 @@ class CompressConfig:
             raise MixrankError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPE_BYTES)}")
         if self.search_seconds is not None and not float(self.search_seconds) > 0:
             raise MixrankError(f"search_seconds must be > 0 or None, got {self.search_seconds}")
+        if self.sparse not in SPARSE:
+            raise MixrankError(f"unknown sparse structure {self.sparse!r}; choose one of {', '.join(SPARSE)}")
+        if self.sparse == "none" and any(ov.get("sparse_k") for ov in self.overrides.values()):
+            raise MixrankError("a sparse_k override needs sparse='channel' or sparse='row'")
+        for name in ("sparse_splits", "alternate", "compensate_steps"):
+            if int(getattr(self, name)) < 0:
+                raise MixrankError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not (float(self.compensate_lr) > 0 and math.isfinite(self.compensate_lr)):
+            raise MixrankError(f"compensate_lr must be > 0, got {self.compensate_lr}")
         for name in ("rank_step", "min_rank", "search_evals", "search_samples"):
             if int(getattr(self, name)) < 1:
                 raise MixrankError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -121,6 +150,8 @@ class CompressConfig:
                 raise MixrankError(
                     f"override for {name!r} has unknown key(s) {sorted(bad)}; allowed: {OVERRIDE_KEYS}"
                 )
+            if "sparse_k" in ov and (not isinstance(ov["sparse_k"], int) or ov["sparse_k"] < 0):
+                raise MixrankError(f"override {name!r}: sparse_k must be an int >= 0, got {ov['sparse_k']!r}")
             for key in ("rank", "min_rank"):
                 if key in ov and (not isinstance(ov[key], int) or ov[key] < 1):
                     raise MixrankError(f"override {name!r}: {key} must be a positive int, got {ov[key]!r}")

@@ -100,21 +100,23 @@ def _is_lower(L: torch.Tensor) -> bool:
     return bool(torch.equal(L, torch.tril(L)))
 
 
-def plain_spectrum(W: torch.Tensor, G: torch.Tensor | None = None) -> Spectrum:
-    """Weight-only truncated SVD (Eckart–Young): ``W = U Σ Vᵀ``, ``A = U_r Σ_r``,
-    ``B = V_rᵀ``. Errors are reported in the activation-aware metric when ``G`` is
-    given (so methods compare in one metric), else in the Frobenius norm."""
+def plain_spectrum(W: torch.Tensor, G: torch.Tensor | None = None,
+                   scale: torch.Tensor | None = None) -> Spectrum:
+    """Truncated SVD of ``W diag(scale)`` (Eckart–Young), mapped back:
+    ``A = U_r Σ_r``, ``B = V_rᵀ diag(scale)⁻¹``. With ``scale=None`` this is the plain
+    weight-only SVD. Errors are reported in the activation-aware metric when ``G`` is
+    given (so methods compare in one metric), else in the Frobenius norm.
+    """
     Wd = W.detach().double()
-    U, S, Vh = torch.linalg.svd(Wd, full_matrices=False)
-    k = S.numel()
-    err_d = _tail_sums(S * S)
+    s = None if scale is None else scale.double().to(Wd.device).clamp_min(1e-12)
+    U, S, Vh = torch.linalg.svd(Wd if s is None else Wd * s, full_matrices=False)
+    vt = Vh if s is None else Vh / s  # (k, n) rows v_iᵀ diag(s)⁻¹
     if G is None:
-        return Spectrum((U * S).float(), Vh.float(), S, err_d, err_d, float((Wd * Wd).sum()))
+        e = _tail_sums(S * S * (vt * vt).sum(1))
+        return Spectrum((U * S).float(), vt.float(), S, e, e, float((Wd * Wd).sum()))
     Gd = G.double().to(Wd.device)
-    # err_r = Σ_{i,j>r} σ_i σ_j (u_iᵀu_j)(v_iᵀ G v_j) = Σ_{i,j>r} σ_i σ_j δ_ij v_iᵀGv_j
-    # (u orthonormal) = Σ_{i>r} σ_i² v_iᵀ G v_i
-    vgv = torch.einsum("ij,jk,ik->i", Vh, Gd, Vh)
+    # E_r = Σ_{i>r} u_i σ_i vt_i, u orthonormal ⇒ tr(E G Eᵀ) = Σ_{i>r} σ_i² vt_i G vt_iᵀ
+    vgv = torch.einsum("ij,jk,ik->i", vt, Gd, vt)
     err = _tail_sums(S * S * vgv)
     ref = float(torch.einsum("ij,jk,ik->", Wd, Gd, Wd))
-    assert err.numel() == k + 1
-    return Spectrum((U * S).float(), Vh.float(), S, err, err, ref)
+    return Spectrum((U * S).float(), vt.float(), S, err, err, ref)

@@ -7,21 +7,28 @@ import os
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ._errors import MixrankError
 from ._factors import Factors, load_factors, weight_fingerprint
 
 
 class FactoredLinear(nn.Module):
-    """``y = (x Bᵀ) Aᵀ + b``: a Linear layer as two thin matmuls.
+    """``y = (x Bᵀ) Aᵀ + x Sᵀ + b``: a Linear layer as two thin matmuls plus a sparse
+    path.
 
     Args:
         A: (out, rank) factor.
         B: (rank, in) factor.
         bias: (out,) or ``None``.
+        sparse_structure: ``"none"``, ``"channel"`` (``sparse_index`` (k,) input
+            columns, ``sparse_value`` (out, k)) or ``"row"`` (``sparse_index`` and
+            ``sparse_value`` (out, k): k input columns per output row).
     """
 
-    def __init__(self, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None = None,
+                 sparse_structure: str = "none", sparse_index: torch.Tensor | None = None,
+                 sparse_value: torch.Tensor | None = None):
         super().__init__()
         if A.ndim != 2 or B.ndim != 2 or A.shape[1] != B.shape[0]:
             raise ValueError(f"incompatible factors A{tuple(A.shape)} B{tuple(B.shape)}")
@@ -30,17 +37,30 @@ class FactoredLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         self.in_features = B.shape[1]
         self.out_features = A.shape[0]
+        self.sparse_structure = sparse_structure
+        if sparse_structure != "none":
+            self.register_buffer("sparse_index", sparse_index.detach().to(torch.int32).clone())
+            self.sparse_value = nn.Parameter(sparse_value.detach().clone())
+        else:
+            self.sparse_index = None
+            self.sparse_value = None
 
     @property
     def rank(self) -> int:
         return self.B.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = nn.functional.linear(nn.functional.linear(x, self.B), self.A)  # (..., r) -> (..., m)
+        y = F.linear(F.linear(x, self.B), self.A)  # (..., r) -> (..., m)
+        if self.sparse_structure == "channel":
+            y = y + F.linear(x[..., self.sparse_index.long()], self.sparse_value)  # (..., k) -> (..., m)
+        elif self.sparse_structure == "row":
+            y = y + (x[..., self.sparse_index.long()] * self.sparse_value).sum(-1)  # (..., m, k) -> (..., m)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}"
+        sp = "" if self.sparse_structure == "none" else \
+            f", sparse={self.sparse_structure}x{self.sparse_value.shape[1]}"
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}{sp}"
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -87,7 +107,14 @@ def apply_factors(
     out = model if inplace else copy.deepcopy(model)
     for name in factors.factored_layers():
         lin = out.get_submodule(name)
-        A = factors.tensors[f"{name}.A"].to(lin.weight.device, lin.weight.dtype)
-        B = factors.tensors[f"{name}.B"].to(lin.weight.device, lin.weight.dtype)
-        _set_module(out, name, FactoredLinear(A, B, lin.bias))
+        dev, dt = lin.weight.device, lin.weight.dtype
+        A = factors.tensors[f"{name}.A"].to(dev, dt)
+        B = factors.tensors[f"{name}.B"].to(dev, dt)
+        structure = factors.layers[name]["sparse"]["structure"]
+        if structure != "none":
+            idx = factors.tensors[f"{name}.sparse_index"].to(dev)
+            val = factors.tensors[f"{name}.sparse_value"].to(dev, dt)
+            _set_module(out, name, FactoredLinear(A, B, lin.bias, structure, idx, val))
+        else:
+            _set_module(out, name, FactoredLinear(A, B, lin.bias))
     return out

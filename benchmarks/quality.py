@@ -1,0 +1,201 @@
+"""Side-by-side compression quality at equal parameter count.
+
+Every method of `CompressConfig(method=...)` (svd, asvd, whiten, oats, mixrank) and
+mixrank variants (pure low-rank, row-sparse), at keep = 0.5, 0.4, 0.3, 0.2 of the
+selected layers' parameters, on:
+
+- the digits ViT (width 128, depth 4; trained on scikit-learn's digits, cached),
+- a wider digits ViT (width 192, depth 6; trained and cached by this script),
+- two timm architectures with random weights (structure only) at 64x64, fed
+  crops of scikit-image's sample photographs.
+
+Reports logits KL to the original on held-out data (digits test split / held-out
+crops), top-1 agreement with the original, held-out accuracy where labels exist,
+mean and max layer NMSE, and compression time; writes a Markdown table and a plot
+(KL vs parameters, one line per method) per model, and checks issue 3's targets.
+
+    python benchmarks/quality.py [--out benchmarks/results] [--models digits,wide,deit_tiny,vit_small]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+KEEPS = (0.5, 0.4, 0.3, 0.2)
+METHODS = {
+    "svd": {"method": "svd"},
+    "asvd": {"method": "asvd"},
+    "whiten": {"method": "whiten"},
+    "oats": {"method": "oats"},
+    "mixrank": {},
+    "mixrank-lowrank": {"sparse": "none", "sequential": False, "compensate_steps": 0},
+    "mixrank-row": {"sparse": "row"},
+}
+BASELINES = ("svd", "asvd", "whiten", "oats")
+
+
+def photo_crops(count: int, size: int, seed: int) -> torch.Tensor:
+    from skimage import data
+    from skimage.transform import resize
+
+    rng = random.Random(seed)
+    srcs = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket(),
+            np.stack([data.camera()] * 3, -1), np.stack([data.brick()] * 3, -1)]
+    out = []
+    for i in range(count):
+        img = srcs[i % len(srcs)]
+        h, w = img.shape[:2]
+        s = rng.randint(min(h, w) // 4, min(h, w))
+        y, x = rng.randint(0, h - s), rng.randint(0, w - s)
+        crop = resize(img[y:y + s, x:x + s], (size, size), anti_aliasing=True)
+        out.append(torch.tensor(crop, dtype=torch.float32).permute(2, 0, 1))
+    x = torch.stack(out)
+    return (x - 0.45) / 0.25
+
+
+def load_case(name: str):
+    """(model, calibration batches, test inputs, test labels or None)."""
+    from compress._demo import DigitsRecipe, digits_data, digits_vit
+
+    if name in ("digits", "wide"):
+        recipe = DigitsRecipe() if name == "digits" else DigitsRecipe(embed_dim=192, depth=6,
+                                                                      num_heads=6, epochs=40)
+        model = digits_vit(recipe)
+        xtr, _, xte, yte = digits_data(recipe)
+        calib = [xtr[i:i + 64] for i in range(0, 512, 64)]
+        return model, calib, xte, yte
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(f"{name}_patch16_224", pretrained=False, img_size=64,
+                              num_classes=100).eval()
+    x = photo_crops(512, 64, seed=0)
+    return model, [x[i:i + 32] for i in range(0, 256, 32)], x[256:], None
+
+
+def evaluate(model, small, x, y):
+    with torch.no_grad():
+        ref = torch.cat([model(x[i:i + 128]) for i in range(0, len(x), 128)])
+        out = torch.cat([small(x[i:i + 128]) for i in range(0, len(x), 128)])
+    lp, lq = F.log_softmax(ref, -1), F.log_softmax(out, -1)
+    res = {"kl": float((lp.exp() * (lp - lq)).sum(-1).mean()),
+           "agree": float((ref.argmax(-1) == out.argmax(-1)).float().mean())}
+    if y is not None:
+        res["acc"] = float((out.argmax(-1) == y).float().mean())
+        res["acc_orig"] = float((ref.argmax(-1) == y).float().mean())
+    return res
+
+
+def main() -> None:
+    from compress import CompressConfig, apply_factors, compress_model
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--models", default="digits,wide,deit_tiny,vit_small")
+    ap.add_argument("--keeps", default=",".join(map(str, KEEPS)))
+    ap.add_argument("--methods", default=",".join(METHODS))
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    keeps = [float(k) for k in args.keeps.split(",")]
+    methods = args.methods.split(",")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    all_rows = {}
+    verdicts = []
+    for case in args.models.split(","):
+        model, calib, xte, yte = load_case(case)
+        rows = []
+        for keep in keeps:
+            for meth in methods:
+                t0 = time.perf_counter()
+                f = compress_model(model, calib, CompressConfig(keep=keep, **METHODS[meth]),
+                                   progress=False)
+                secs = time.perf_counter() - t0
+                small = apply_factors(model, f)
+                nm = [i["nmse"] for i in f.layers.values() if not i["dense"]]
+                r = {"model": case, "keep": keep, "method": meth,
+                     "params": f.plan["totals"]["cost_params"],
+                     "budget": f.plan["budget"]["budget_params"],
+                     "nmse_mean": float(np.mean(nm)), "nmse_max": float(np.max(nm)),
+                     "seconds": secs, "variant": f.plan["allocation"]["refinement"]["chosen"],
+                     **evaluate(model, small, xte, yte)}
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+        all_rows[case] = rows
+        write_table(out / f"quality_{case}.md", case, rows)
+        plot(out / f"quality_{case}.png", case, rows)
+        verdicts += check_targets(case, rows)
+    (out / "quality.json").write_text(json.dumps(all_rows, indent=1))
+    print("\n".join(verdicts))
+
+
+def write_table(path: Path, case: str, rows: list[dict]) -> None:
+    lines = [f"## {case}", "",
+             "| keep | method | params (cost) | logits KL | top-1 agree | acc | NMSE mean | NMSE max "
+             "| time (s) | variant |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        acc = f"{100 * r['acc']:.2f} % (orig {100 * r['acc_orig']:.2f})" if "acc" in r else "-"
+        lines.append(f"| {r['keep']} | {r['method']} | {r['params']:,} | {r['kl']:.3e} | "
+                     f"{100 * r['agree']:.1f} % | {acc} | {r['nmse_mean']:.3e} | "
+                     f"{r['nmse_max']:.3e} | {r['seconds']:.1f} | {r['variant']} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(path: Path, case: str, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for meth in dict.fromkeys(r["method"] for r in rows):
+        pts = sorted((r["params"], max(r["kl"], 1e-9)) for r in rows if r["method"] == meth)
+        ax.plot(*zip(*pts, strict=True), marker="o", label=meth,
+                linewidth=2.5 if meth == "mixrank" else 1.2)
+    ax.set_yscale("log")
+    ax.set_xlabel("parameters of the selected layers (incl. sparse indices)")
+    ax.set_ylabel("logits KL to the original (held out)")
+    ax.set_title(f"{case}: error vs parameters")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def check_targets(case: str, rows: list[dict]) -> list[str]:
+    out = []
+    by = {(r["keep"], r["method"]): r for r in rows}
+    for keep in sorted({r["keep"] for r in rows}):
+        if keep > 0.4 or (keep, "mixrank") not in by:
+            continue
+        base = min((by[keep, b]["kl"], b) for b in BASELINES if (keep, b) in by)
+        mk = by[keep, "mixrank"]["kl"]
+        out.append(f"{case} keep={keep}: mixrank KL {mk:.3e} vs best baseline {base[1]} "
+                   f"{base[0]:.3e} -> ratio {mk / base[0]:.2f} "
+                   f"({'PASS' if mk <= 0.5 * base[0] else 'FAIL'} target <= 0.5)")
+        if (keep, "mixrank-lowrank") in by:
+            lr = by[keep, "mixrank-lowrank"]["kl"]
+            out.append(f"{case} keep={keep}: default (sparse) KL {mk:.3e} vs pure low-rank "
+                       f"{lr:.3e} ({'lower' if mk < lr else 'NOT lower'})")
+    if case == "digits":
+        for keep, pts in ((0.4, 1.0), (0.2, 3.0)):
+            if (keep, "mixrank") in by:
+                r = by[keep, "mixrank"]
+                drop = 100 * (r["acc_orig"] - r["acc"])
+                out.append(f"digits keep={keep}: accuracy drop {drop:.2f} pt "
+                           f"({'PASS' if drop <= pts else 'FAIL'} target <= {pts})")
+    return out
+
+
+if __name__ == "__main__":
+    main()
