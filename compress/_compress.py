@@ -223,7 +223,7 @@ def compress_model(
                     chosen_fits = fits
                 variants.append({"name": f"sparse_{config.sparse}",
                                  "score": evaluator.score_fits(sparse_fits)})
-                if variants[-1]["score"] <= variants[0]["score"]:
+                if variants[-1]["score"] < variants[0]["score"]:
                     chosen_fits, chosen_name = sparse_fits, variants[-1]["name"]
             if config.compensate_steps > 0:
                 comp = {}
@@ -234,7 +234,7 @@ def compress_model(
                                          config.compensate_lr, config.damping)
                 variants.append({"name": chosen_name + "+compensate",
                                  "score": evaluator.score_fits(comp)})
-                if variants[-1]["score"] <= min(v["score"] for v in variants[:-1]):
+                if variants[-1]["score"] < min(v["score"] for v in variants[:-1]):
                     chosen_fits, chosen_name = comp, variants[-1]["name"]
 
             if config.sequential:
@@ -260,8 +260,8 @@ def compress_model(
                     seq = {**base, **seq}
                     variants.append({"name": chosen_name + "+sequential",
                                      "score": evaluator.score_fits(seq)})
-                    if variants[-1]["score"] <= min(v["score"] for v in variants[:-1]
-                                                    if v["score"] is not None):
+                    if variants[-1]["score"] < min(v["score"] for v in variants[:-1]
+                                                   if v["score"] is not None):
                         chosen_fits, chosen_name = seq, variants[-1]["name"]
         final_score = next(v["score"] for v in variants if v["name"] == chosen_name)
         timings["refine_s"] = time.perf_counter() - t3

@@ -1,0 +1,100 @@
+"""torch → ONNX export of the original model, checked and compared with PyTorch."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from compress import MixrankError
+
+from ._verify import Tolerance, compare_outputs, run_onnxruntime
+
+
+def export_onnx(
+    model: nn.Module,
+    example: torch.Tensor,
+    path: str | os.PathLike,
+    opset: int = 17,
+    dynamic_batch: bool = True,
+    fp16: bool = False,
+    check_inputs: torch.Tensor | None = None,
+    tolerance: Tolerance | None = None,
+    input_name: str = "input",
+    output_name: str = "output",
+    external_data: bool | None = None,
+) -> dict:
+    """Export ``model`` to ONNX, run ``onnx.checker`` (full check), and compare
+    onnxruntime with PyTorch on ``check_inputs`` (default ``example``).
+
+    Args:
+        model: an image model taking one (B, C, H, W) tensor.
+        example: an example input (its shape fixes the non-batch dimensions).
+        path: the .onnx file to write (atomically; external data when over 2 GB).
+        opset: ONNX opset (>= 17).
+        dynamic_batch: make the batch dimension symbolic.
+        fp16: export in float16 (for TensorRT 11's strongly typed networks): weights
+            and activations are float16, inputs and outputs too.
+        check_inputs: inputs compared between PyTorch and onnxruntime.
+        tolerance: `Tolerance` of the comparison (defaults by precision).
+
+    Returns:
+        The comparison report (max abs/rel error and cosine per output).
+
+    Raises:
+        MixrankError: opset < 17; onnxruntime disagrees with PyTorch beyond tolerance.
+    """
+    import onnx
+
+    from ._rewrite import check_and_save
+
+    if opset < 17:
+        raise MixrankError(f"opset {opset} is too old: mixrank exports opset 17 or newer")
+    path = Path(path)
+    model = model.eval()
+    dtype = torch.float16 if fp16 else torch.float32
+    device = next(model.parameters()).device
+    export_model = model if not fp16 else _half_copy(model)
+    example = example.to(device, dtype)
+    tmp = path.parent / f".{path.name}.export.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                export_model, (example,), str(tmp), dynamo=False, opset_version=opset,
+                input_names=[input_name], output_names=[output_name], do_constant_folding=True,
+                dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}}
+                if dynamic_batch else None,
+            )
+        proto = onnx.load(str(tmp))
+    finally:
+        tmp.unlink(missing_ok=True)
+        for p in path.parent.glob(f".{path.name}.export.onnx*"):
+            p.unlink()
+    proto.producer_name = "mixrank"
+    check_and_save(proto, path, external_data)
+    x = (check_inputs if check_inputs is not None else example).to(device, dtype)
+    with torch.no_grad():
+        ref = export_model(x).float().cpu().numpy()
+    try:
+        got = run_onnxruntime(path, {input_name: x.cpu().numpy()})[0]
+    except Exception as e:
+        path.unlink(missing_ok=True)
+        raise MixrankError(f"onnxruntime cannot run the exported model: {e}") from None
+    tol = tolerance or (Tolerance.fp16() if fp16 else Tolerance.fp32())
+    report = compare_outputs({output_name: ref}, {output_name: np.asarray(got, np.float32)}, tol)
+    if not report["ok"]:
+        path.unlink(missing_ok=True)
+        raise MixrankError(f"the exported ONNX model disagrees with PyTorch: {report['message']}")
+    return report
+
+
+def _half_copy(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model).half()

@@ -1,0 +1,104 @@
+"""Loading and saving ONNX files: clear errors, external data over 2 GB, atomic writes."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from compress import MixrankError
+
+TWO_GB = 2**31 - 1
+# Protobuf cannot serialise a message over 2 GB; leave headroom for the graph itself.
+EXTERNAL_DATA_THRESHOLD = int(1.8 * 2**30)
+
+
+def load_onnx(path: str | os.PathLike):
+    """Load an ONNX model with its external data.
+
+    Raises:
+        MixrankError: missing file, not ONNX, corrupt or truncated, external data
+            file missing.
+    """
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise MixrankError(f"ONNX file {path} does not exist")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf DecodeError and friends
+        raise MixrankError(f"{path} is not a readable ONNX model (corrupt or truncated?): {e}") from None
+    if not model.graph.node and not model.graph.initializer:
+        raise MixrankError(f"{path} is not an ONNX model (it parses to an empty graph)")
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    missing = set()
+    for t in _get_all_tensors(model):
+        if uses_external_data(t):
+            loc = next((e.value for e in t.external_data if e.key == "location"), None)
+            if loc is None or not (path.parent / loc).is_file():
+                missing.add(str(path.parent / (loc or "?")))
+    if missing:
+        raise MixrankError(
+            f"{path} keeps its weights in external data file(s) that are missing: "
+            f"{', '.join(sorted(missing))}; copy them next to the .onnx file"
+        )
+    try:
+        onnx.load_external_data_for_model(model, str(path.parent))
+    except Exception as e:
+        raise MixrankError(f"cannot read the external data of {path}: {e}") from None
+    return model
+
+
+def model_bytes(model) -> int:
+    """Bytes of all initializers (and Constant node values) of an ONNX model."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    total = 0
+    for t in model.graph.initializer:
+        total += numpy_helper.to_array(t).nbytes if not t.raw_data else len(t.raw_data)
+    for n in model.graph.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    total += np.asarray(numpy_helper.to_array(a.t)).nbytes
+    return total
+
+
+def save_onnx(model, path: str | os.PathLike, external_data: bool | None = None) -> Path:
+    """Save atomically; weights go to ``<name>.data`` when ``external_data`` is true, or
+    when ``None`` and the model is too large for one protobuf (over ~1.8 GB)."""
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if external_data is None:
+        external_data = model_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        tmp = tmpdir / path.name
+        data_name = path.name + ".data"
+        if external_data:
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)  # saving with external data strips the tensors it moves out
+            onnx.save_model(copy, str(tmp), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=data_name, size_threshold=0)
+            os.replace(tmpdir / data_name, path.parent / data_name)
+        else:
+            onnx.save_model(model, str(tmp))
+            (path.parent / data_name).unlink(missing_ok=True)
+        os.replace(tmp, path)
+    finally:
+        for p in tmpdir.glob("*"):
+            p.unlink()
+        tmpdir.rmdir()
+    return path
+
+
+def onnx_file_bytes(path: str | os.PathLike) -> int:
+    """The ONNX file's bytes plus its external data file, if any."""
+    path = Path(path)
+    data = path.parent / (path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)

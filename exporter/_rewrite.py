@@ -1,0 +1,319 @@
+"""The graph rewriter: dense constant-weight MatMul/Gemm → low-rank-plus-sparse subgraph.
+
+    Y = MatMul(MatMul(X, Bᵀ), Aᵀ)  [+ sparse path]  [+ bias]
+
+The factors are never multiplied together and nothing is constant-folded, so the
+graph keeps the two thin GEMMs of inner size r (DESIGN.md, "The graph rewrite").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from compress import Factors, MixrankError, load_factors
+
+from ._onnxio import load_onnx, save_onnx
+
+
+@dataclass
+class WeightSite:
+    """A MatMul/Gemm whose weight is a constant, seen as ``Y = X Wᵀ (+ bias)``."""
+
+    node: object  # gs.Node
+    x: object  # gs.Tensor feeding the activation side
+    weight: np.ndarray  # (m, n) = (out, in), in the graph's dtype
+    weight_name: str  # initializer / constant name (after any Transpose)
+    trans_a: bool = False
+    alpha: float = 1.0  # Gemm alpha, already folded into ``weight``
+    bias: np.ndarray | None = None  # Gemm C times beta, (m,) or broadcastable
+
+
+@dataclass
+class RewriteReport:
+    """What the rewrite did: per rewritten layer and per constant-weight MatMul left dense."""
+
+    rewritten: list[dict] = field(default_factory=list)
+    dense: list[dict] = field(default_factory=list)
+    unmatched_factors: list[str] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+    output: str = ""
+
+    def to_dict(self) -> dict:
+        return {"rewritten": self.rewritten, "dense": self.dense,
+                "unmatched_factors": self.unmatched_factors,
+                "params_before": self.params_before, "params_after": self.params_after,
+                "output": self.output}
+
+
+def _const_values(t) -> tuple[np.ndarray, str] | None:
+    """Values and name of a constant tensor (initializer or Constant node), else None."""
+    import onnx_graphsurgeon as gs
+
+    if isinstance(t, gs.Constant):
+        return np.asarray(t.values), t.name
+    if len(t.inputs) == 1 and t.inputs[0].op == "Constant":
+        v = t.inputs[0].attrs.get("value")
+        if isinstance(v, gs.Constant):
+            return np.asarray(v.values), v.name or t.name
+    return None
+
+
+def _weight_of(t) -> tuple[np.ndarray, str] | None:
+    """A constant 2-D weight, possibly behind a Transpose (perm [1, 0])."""
+    c = _const_values(t)
+    if c is not None:
+        return c if c[0].ndim == 2 else None
+    if len(t.inputs) == 1 and t.inputs[0].op == "Transpose":
+        tr = t.inputs[0]
+        perm = list(tr.attrs.get("perm", [1, 0]))
+        c = _const_values(tr.inputs[0])
+        if c is not None and c[0].ndim == 2 and perm == [1, 0]:
+            return c[0].T, c[1]
+    return None
+
+
+def find_weight_sites(graph) -> tuple[list[WeightSite], list[dict]]:
+    """Every MatMul/Gemm with a constant weight, and those that cannot be rewritten
+    (with the reason)."""
+    sites, skipped = [], []
+    for node in graph.nodes:
+        if node.op == "MatMul" and len(node.inputs) == 2:
+            w = _weight_of(node.inputs[1])
+            if w is None:
+                if _weight_of(node.inputs[0]) is not None:
+                    skipped.append({"node": node.name, "reason": "constant is the left operand"})
+                continue
+            sites.append(WeightSite(node, node.inputs[0], np.ascontiguousarray(w[0].T), w[1]))
+        elif node.op == "Gemm":
+            w = _weight_of(node.inputs[1])
+            if w is None:
+                if _weight_of(node.inputs[0]) is not None:
+                    skipped.append({"node": node.name, "reason": "constant is the A operand"})
+                continue
+            values, name = w
+            W = values if node.attrs.get("transB", 0) else values.T  # (m, n)
+            alpha = float(node.attrs.get("alpha", 1.0))
+            if alpha != 1.0:  # the layer's weight is the effective alpha·B
+                W = (W.astype(np.float32) * np.float32(alpha)).astype(W.dtype)
+            bias = None
+            if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
+                c = _const_values(node.inputs[2])
+                if c is None:
+                    skipped.append({"node": node.name, "reason": "Gemm C is not a constant"})
+                    continue
+                bias = c[0] * float(node.attrs.get("beta", 1.0))
+            sites.append(WeightSite(node, node.inputs[0], np.ascontiguousarray(W), name,
+                                    trans_a=bool(node.attrs.get("transA", 0)), alpha=alpha,
+                                    bias=bias))
+    return sites, skipped
+
+
+def _fp(w: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(w, dtype=np.float32).tobytes()).hexdigest()
+
+
+def match_sites(sites: list[WeightSite], factors: Factors) -> tuple[dict, list[dict]]:
+    """Map each site to a factored layer: by initializer name (``<layer>.weight``), else
+    by weight fingerprint in either orientation (fp32, or fp16-rounded for fp16
+    graphs). Returns ({node name: (site, layer, how)}, sites left dense with reason).
+
+    Raises:
+        MixrankError: a node matches two layers, or a name matches with another shape.
+    """
+    layers = {n: i for n, i in factors.layers.items() if not i.get("dense")}
+    by_fp: dict[str, list[tuple[str, bool]]] = {}
+    for name, info in layers.items():
+        for key in ("sha256", "sha256_fp16"):
+            if info.get(key):
+                by_fp.setdefault(info[key], []).append((name, False))
+    matched, dense = [], []
+    for s in sites:
+        m, n = s.weight.shape
+        base = s.weight_name[:-len(".weight")] if s.weight_name.endswith(".weight") else None
+        if base in layers:
+            if list(layers[base]["shape"]) != [m, n]:
+                raise MixrankError(
+                    f"node {s.node.name!r}: initializer {s.weight_name!r} has shape {[m, n]} (out, in) "
+                    f"but the factors of {base!r} are for {layers[base]['shape']}")
+            matched.append((s, base, "name"))
+            continue
+        hits = {name for name, _ in by_fp.get(_fp(s.weight), [])}
+        how = "fingerprint"
+        if not hits:  # the other orientation: the node computes X W, not X Wᵀ
+            flipped = {name for name, _ in by_fp.get(_fp(s.weight.T), [])}
+            if flipped:
+                dense.append({"node": s.node.name, "weight": s.weight_name, "shape": [m, n],
+                              "reason": f"its weight is {sorted(flipped)[0]}'s transposed: the node "
+                                        "computes x W, not the layer's x Wᵀ"})
+                continue
+        if len(hits) > 1:
+            raise MixrankError(
+                f"node {s.node.name!r} matches several factored layers ({', '.join(sorted(hits))}): "
+                "their weights are identical; rewrite by name instead")
+        if hits:
+            matched.append((s, hits.pop(), how))
+        else:
+            dense.append({"node": s.node.name, "weight": s.weight_name, "shape": [m, n],
+                          "reason": "no factors for this weight (not selected, kept dense, or "
+                                    "another model's weight)"})
+    return matched, dense
+
+
+def _sfx(tag: str) -> str:
+    return f"/{tag}"
+
+
+def _replace(graph, site: WeightSite, layer: str, factors: Factors, tag: str) -> int:
+    """Splice the low-rank-plus-sparse subgraph in place of ``site.node``; returns the
+    number of values (parameters) the new constants hold."""
+    import onnx_graphsurgeon as gs
+
+    node = site.node
+    dtype = site.weight.dtype if site.weight.dtype in (np.float16, np.float32, np.float64) \
+        else np.float32
+    A = factors.tensors[f"{layer}.A"].numpy().astype(np.float32)
+    B = factors.tensors[f"{layer}.B"].numpy().astype(np.float32)
+    info = factors.layers[layer]
+    y = node.outputs[0]
+    base = f"{node.name or layer}/mixrank{tag}"  # unique even for unnamed or shared nodes
+    x = site.x
+    new_nodes = []
+    if site.trans_a:  # Gemm transA: X is stored (n, N)
+        xt = gs.Variable(f"{base}/x_t", dtype=x.dtype)
+        new_nodes.append(gs.Node("Transpose", f"{base}/transpose_x", {"perm": [1, 0]}, [x], [xt]))
+        x = xt
+    bt = gs.Constant(f"{layer}.B_t{_sfx(tag)}", np.ascontiguousarray(B.T.astype(dtype)))  # (n, r)
+    at = gs.Constant(f"{layer}.A_t{_sfx(tag)}", np.ascontiguousarray(A.T.astype(dtype)))  # (r, m)
+    h = gs.Variable(f"{base}/xb", dtype=y.dtype)
+    new_nodes.append(gs.Node("MatMul", f"{base}/matmul_b", {}, [x, bt], [h]))
+    values = bt.values.size + at.values.size
+    terms = []
+    low = gs.Variable(f"{base}/low_rank", dtype=y.dtype)
+    new_nodes.append(gs.Node("MatMul", f"{base}/matmul_a", {}, [h, at], [low]))
+    terms.append(low)
+    structure = info["sparse"]["structure"]
+    if structure != "none":
+        idx = factors.tensors[f"{layer}.sparse_index"].numpy().astype(np.int32)
+        val = factors.tensors[f"{layer}.sparse_value"].numpy().astype(np.float32)
+        gi = gs.Constant(f"{layer}.sparse_index{_sfx(tag)}", np.ascontiguousarray(idx))
+        g = gs.Variable(f"{base}/sparse_gather", dtype=y.dtype)
+        new_nodes.append(gs.Node("Gather", f"{base}/sparse_gather", {"axis": -1}, [x, gi], [g]))
+        sp = gs.Variable(f"{base}/sparse", dtype=y.dtype)
+        if structure == "channel":  # (..., k) @ (k, m)
+            sv = gs.Constant(f"{layer}.sparse_value_t{_sfx(tag)}", np.ascontiguousarray(val.T.astype(dtype)))
+            new_nodes.append(gs.Node("MatMul", f"{base}/sparse_matmul", {}, [g, sv], [sp]))
+        else:  # row: (..., m, k) * (m, k) summed over k
+            sv = gs.Constant(f"{layer}.sparse_value{_sfx(tag)}", np.ascontiguousarray(val.astype(dtype)))
+            prod = gs.Variable(f"{base}/sparse_mul", dtype=y.dtype)
+            new_nodes.append(gs.Node("Mul", f"{base}/sparse_mul", {}, [g, sv], [prod]))
+            axes = gs.Constant(f"{base}/sparse_axes", np.array([-1], dtype=np.int64))
+            new_nodes.append(gs.Node("ReduceSum", f"{base}/sparse_reduce", {"keepdims": 0},
+                                     [prod, axes], [sp]))
+        values += sv.values.size
+        terms.append(sp)
+    if site.bias is not None:
+        terms.append(gs.Constant(f"{layer}.bias{_sfx(tag)}", np.ascontiguousarray(site.bias.astype(dtype))))
+    # chain the Adds; the last one writes the original output tensor
+    acc = terms[0]
+    for i, t in enumerate(terms[1:], 1):
+        out = gs.Variable(f"{base}/sum{i}", dtype=y.dtype)
+        new_nodes.append(gs.Node("Add", f"{base}/add{i}", {}, [acc, t], [out]))
+        acc = out
+    new_nodes[-1].outputs = [y]  # detach only the replaced edge: y's consumers stay
+    node.outputs.clear()
+    node.inputs.clear()
+    graph.nodes.extend(new_nodes)
+    return values
+
+
+def rewrite_onnx(
+    onnx_path: str | os.PathLike,
+    factors_path: str | os.PathLike | Factors,
+    out_path: str | os.PathLike,
+    allow_partial: bool = False,
+    external_data: bool | None = None,
+) -> RewriteReport:
+    """Rewrite every constant-weight MatMul/Gemm that has factors into its
+    low-rank-plus-sparse subgraph and save the result.
+
+    Args:
+        onnx_path: any ONNX model (from mixrank's exporter or another one).
+        factors_path: a factors file (or `Factors`).
+        out_path: where to write the rewritten model (atomically).
+        allow_partial: rewrite what matches even if some factors match no node.
+        external_data: force (or forbid) external data; ``None`` decides by size.
+
+    Returns:
+        `RewriteReport`.
+
+    Raises:
+        MixrankError: unreadable inputs, factors matching no node (without
+            ``allow_partial``), a node matching two factors, disagreeing shapes.
+    """
+    import onnx_graphsurgeon as gs
+
+    factors = factors_path if isinstance(factors_path, Factors) else load_factors(factors_path)
+    model = load_onnx(onnx_path)
+    graph = gs.import_onnx(model)
+    sites, skipped = find_weight_sites(graph)
+    matched, dense = match_sites(sites, factors)
+    dense = skipped + dense
+    wanted = set(factors.factored_layers())
+    used = {}
+    for i, (_s, layer, _how) in enumerate(matched):
+        used.setdefault(layer, []).append(i)
+    unmatched = sorted(wanted - set(used))
+    if unmatched and not allow_partial:
+        more = f" (and {len(unmatched) - 8} more)" if len(unmatched) > 8 else ""
+        raise MixrankError(
+            f"{len(unmatched)} factored layer(s) match no MatMul/Gemm in {onnx_path}: "
+            f"{', '.join(unmatched[:8])}{more}; is this the model the factors were computed from? "
+            "(--allow-partial rewrites what matches)")
+    report = RewriteReport(dense=dense, unmatched_factors=unmatched, output=str(out_path))
+    for i, (site, layer, how) in enumerate(matched):
+        info = factors.layers[layer]
+        before = int(site.weight.size)
+        node_name = site.node.name or f"<unnamed {site.node.op} #{i}>"
+        after = _replace(graph, site, layer, factors, tag=str(i))
+        report.rewritten.append({
+            "node": node_name, "layer": layer, "matched_by": how, "rank": info["rank"],
+            "sparse": info["sparse"]["structure"], "sparse_k": info["sparse"]["k"],
+            "params_before": before, "params_after": after, "shared": len(used[layer]) > 1,
+        })
+        report.params_before += before
+        report.params_after += after
+    graph.cleanup().toposort()
+    out_model = gs.export_onnx(graph)
+    out_model.ir_version = model.ir_version
+    out_model.opset_import.extend([o for o in model.opset_import
+                                   if o.domain not in {x.domain for x in out_model.opset_import}])
+    out_model.producer_name = "mixrank"
+    check_and_save(out_model, Path(out_path), external_data)
+    return report
+
+
+def check_and_save(model, path: Path, external_data: bool | None = None) -> Path:
+    """``onnx.checker`` full check, then an atomic save; a model that fails the check is
+    never left on disk (a mixrank bug, so not a MixrankError)."""
+    import onnx
+
+    from ._onnxio import EXTERNAL_DATA_THRESHOLD, model_bytes
+
+    big = model_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    if not big:
+        onnx.checker.check_model(model, full_check=True)
+    save_onnx(model, path, external_data=external_data if external_data is not None else big)
+    if big:  # protobuf cannot hold it in memory: check the saved file by path
+        try:
+            onnx.checker.check_model(str(path), full_check=True)
+        except Exception:
+            path.unlink(missing_ok=True)
+            (path.parent / (path.name + ".data")).unlink(missing_ok=True)
+            raise
+    return path

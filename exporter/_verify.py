@@ -1,0 +1,107 @@
+"""Output verification: PyTorch vs onnxruntime vs engines, with named tolerances."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """An output agrees when ``|a − b| <= atol + rtol·|b|`` element-wise, or, for
+    whole-tensor agreement, when the cosine is at least ``min_cosine`` and the max
+    error relative to the reference's max magnitude is at most ``max_rel``."""
+
+    atol: float = 1e-4
+    rtol: float = 1e-3
+    min_cosine: float = 0.99999
+    max_rel: float = 1e-3
+
+    @classmethod
+    def fp32(cls) -> Tolerance:
+        return cls()
+
+    @classmethod
+    def fp16(cls) -> Tolerance:
+        return cls(atol=1e-2, rtol=1e-2, min_cosine=0.999, max_rel=2e-2)
+
+
+def run_onnxruntime(path: str | os.PathLike, feeds: dict, threads: int | None = None) -> list:
+    """Run an ONNX file once on onnxruntime's CPU provider."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def compare_outputs(ref: dict[str, np.ndarray], got: dict[str, np.ndarray],
+                    tol: Tolerance) -> dict:
+    """Compare named outputs. Returns a report with, per output, max abs error, max
+    rel error (to the reference's max magnitude), cosine, and the worst element."""
+    outputs, ok, msgs = {}, True, []
+    for name, a in ref.items():
+        b = got[name]
+        a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        if a64.shape != b64.shape:
+            outputs[name] = {"ok": False, "shape": [list(a64.shape), list(b64.shape)]}
+            ok = False
+            msgs.append(f"{name}: shape {a64.shape} vs {b64.shape}")
+            continue
+        diff = np.abs(a64 - b64)
+        scale = max(float(np.abs(a64).max()), 1e-12)
+        cos = float((a64 * b64).sum() / max(np.linalg.norm(a64) * np.linalg.norm(b64), 1e-300))
+        worst = np.unravel_index(int(diff.argmax()), diff.shape) if diff.size else ()
+        elem_ok = bool(np.all(diff <= tol.atol + tol.rtol * np.abs(a64)))
+        whole_ok = cos >= tol.min_cosine and float(diff.max(initial=0)) / scale <= tol.max_rel
+        this_ok = elem_ok or whole_ok
+        outputs[name] = {
+            "ok": this_ok, "max_abs": float(diff.max(initial=0)),
+            "max_rel": float(diff.max(initial=0)) / scale, "cosine": cos,
+            "worst_index": [int(i) for i in worst],
+            "worst_ref": float(a64[worst]) if diff.size else 0.0,
+            "worst_got": float(b64[worst]) if diff.size else 0.0,
+        }
+        if not this_ok:
+            ok = False
+            o = outputs[name]
+            msgs.append(f"{name}: max abs {o['max_abs']:.3g} (rel {o['max_rel']:.3g}), cosine "
+                        f"{cos:.6f}; worst at {tuple(o['worst_index'])}: expected "
+                        f"{o['worst_ref']:.6g}, got {o['worst_got']:.6g}")
+    return {"ok": ok, "outputs": outputs, "tolerance": tol.__dict__, "message": "; ".join(msgs)}
+
+
+def verify_rewrite(onnx_path, model, factors, inputs, tolerance: Tolerance | None = None,
+                   input_name: str | None = None) -> dict:
+    """Run the rewritten ONNX model on onnxruntime and compare it with the factored
+    PyTorch model (`compress.apply_factors`) on real inputs.
+
+    Raises:
+        MixrankError: the outputs disagree beyond ``tolerance`` (the message names the
+            worst element).
+    """
+    import onnxruntime as ort
+    import torch
+
+    from compress import MixrankError, apply_factors
+
+    small = apply_factors(model, factors).eval()
+    x = inputs if isinstance(inputs, torch.Tensor) else torch.as_tensor(inputs)
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0]
+    feed_dtype = np.float16 if "float16" in inp.type else np.float32
+    with torch.no_grad():
+        ref = small(x.to(next(small.parameters()).dtype)).float().cpu().numpy()
+    got = sess.run(None, {input_name or inp.name: x.cpu().numpy().astype(feed_dtype)})[0]
+    tol = tolerance or (Tolerance.fp16() if feed_dtype == np.float16 else Tolerance.fp32())
+    name = sess.get_outputs()[0].name
+    report = compare_outputs({name: ref}, {name: np.asarray(got, np.float32)}, tol)
+    if not report["ok"]:
+        raise MixrankError(f"the rewritten model disagrees with the factored PyTorch model: "
+                           f"{report['message']}")
+    return report
