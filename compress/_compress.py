@@ -294,6 +294,7 @@ def compress_model(
             "cost_params": values if fit is None else fit.rank * (m + n) + sp_cost,
             "bytes_after": values * value_bytes + sp_indices * INDEX_BYTES,
             "sha256": weight_fingerprint(lin.weight),
+            "sha256_fp16": weight_fingerprint(lin.weight.detach().half()),
             "bias": lin.bias is not None,
             "tokens": calib.layers[name].tokens,
         }

@@ -55,6 +55,29 @@ def _cmd_run(args: argparse.Namespace) -> dict:
     return summary
 
 
+def _cmd_rewrite(args: argparse.Namespace) -> dict:
+    from ._rewrite import rewrite_onnx
+    from ._trt_check import check_tensorrt_compat
+
+    rep = rewrite_onnx(args.onnx, args.factors, args.output, allow_partial=args.allow_partial)
+    out = rep.to_dict()
+    out["tensorrt_check"] = check_tensorrt_compat(args.output)
+    return out
+
+
+def _print_rewrite(r: dict) -> None:
+    print(f"rewrote {len(r['rewritten'])} MatMul/Gemm node(s): weight parameters "
+          f"{r['params_before']:,} -> {r['params_after']:,}")
+    for d in r["dense"]:
+        print(f"  left dense: {d['node']} ({d.get('weight', '')}): {d['reason']}")
+    if r["unmatched_factors"]:
+        print(f"  factors matching no node: {', '.join(r['unmatched_factors'])}")
+    trt = r["tensorrt_check"]
+    print(f"TensorRT {trt['tensorrt']}: " + ("all operators supported" if trt["ok"] else
+          "; ".join(p.get("op", p.get("what", "")) + ": " + p["detail"] for p in trt["problems"])))
+    print(f"wrote {r['output']}")
+
+
 def _print_summary(s: dict) -> None:
     rows = [
         ("parameters (model)", f"{s['params_before']:,}", f"{s['params_after']:,}",
@@ -96,7 +119,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0, help="random seed")
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    run.set_defaults(func=_cmd_run)
+    run.set_defaults(func=_cmd_run, show=_print_summary)
+
+    rw = sub.add_parser(
+        "rewrite", help="rewrite an ONNX model's MatMuls with a factors file (no PyTorch model needed)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Replace every constant-weight MatMul/Gemm that has factors by its "
+                    "low-rank-plus-sparse subgraph; matches by initializer name, else by weight "
+                    "fingerprint, so ONNX files from other exporters work too.",
+    )
+    rw.add_argument("onnx", help="input ONNX model")
+    rw.add_argument("factors", help="factors file (model.mixrank.safetensors)")
+    rw.add_argument("-o", "--output", required=True, help="rewritten ONNX model to write")
+    rw.add_argument("--allow-partial", action="store_true",
+                    help="rewrite what matches even if some factors match no node")
+    rw.add_argument("--json", action="store_true", help="print the rewrite report as JSON")
+    rw.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    rw.set_defaults(func=_cmd_rewrite, show=_print_rewrite)
     return p
 
 
@@ -125,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        _print_summary(summary)
+        args.show(summary)
     return 0
 
 

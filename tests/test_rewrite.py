@@ -240,3 +240,17 @@ def test_polygraphy_comparison_of_original_and_compressed(tmp_path):
                              data_loader=loader)
     ok = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=1e-4, rtol=1e-4))
     assert bool(ok)
+
+
+def test_fp16_graph_gets_fp16_factors(digits_artifacts, digits, tmp_path):
+    d, f = digits_artifacts
+    export_onnx(digits["model"], digits["xte"][:2], tmp_path / "o16.onnx", fp16=True,
+                check_inputs=digits["xte"][:32])
+    rep = rewrite_onnx(tmp_path / "o16.onnx", f, tmp_path / "c16.onnx")
+    assert len(rep.rewritten) == len(f.factored_layers())
+    proto = onnx.load(str(tmp_path / "c16.onnx"))
+    factor_inits = [t for t in proto.graph.initializer if t.name.endswith(("A_t/0", "B_t/0"))
+                    or ".A_t" in t.name or ".B_t" in t.name]
+    assert factor_inits and all(t.data_type == TensorProto.FLOAT16 for t in factor_inits)
+    rep = verify_rewrite(tmp_path / "c16.onnx", digits["model"], f, digits["xte"][:64])
+    assert rep["outputs"]["output"]["cosine"] > 0.999
