@@ -78,6 +78,112 @@ def _print_rewrite(r: dict) -> None:
     print(f"wrote {r['output']}")
 
 
+def _cmd_build(args: argparse.Namespace) -> dict:
+    if args.engine == "tensorrt":
+        from engines._tensorrt import TrtSettings, build_engine
+
+        st = TrtSettings(precision=args.precision, workspace_mb=args.workspace_mb,
+                         max_batch=args.max_batch, opt_batch=min(8, args.max_batch))
+        rec = build_engine(args.onnx, args.output, st)
+        rec.pop("layers", None)
+        return rec
+    from engines import OrtSettings
+    from engines._ort import build_ort
+
+    return build_ort(args.onnx, args.output, OrtSettings(provider=args.provider,
+                                                        threads=args.threads))
+
+
+def _print_build(r: dict) -> None:
+    print(f"built {r.get('engine', 'tensorrt')} engine {r.get('engine_path', '')} "
+          f"({r['engine_bytes']:,} bytes, {r['build_seconds']:.1f} s)")
+
+
+def _load_array(path: str | None):
+    import numpy as np
+
+    from compress import MixrankError
+
+    if path is None:
+        return None
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise MixrankError(f"cannot read {path} as a .npy array: {e}") from None
+
+
+def _cmd_bench(args: argparse.Namespace) -> dict:
+    from compress import MixrankError, load_factors
+    from engines import (
+        OrtSettings,
+        TimingConfig,
+        build_report,
+        check_report,
+        load_budget,
+        measure,
+        write_report,
+    )
+
+    try:
+        batches = tuple(int(b) for b in args.batches.split(","))
+    except ValueError:
+        raise MixrankError(f"--batches must be comma-separated integers, got {args.batches!r}") from None
+    limits = load_budget(args.budget) if args.budget else None  # fail early on a bad budget
+    plan = load_factors(args.factors).plan if args.factors else None
+    res = measure(args.original, args.compressed, batches,
+                  OrtSettings(provider=args.provider, threads=args.threads),
+                  _load_array(args.inputs), _load_array(args.labels),
+                  TimingConfig(max_seconds=args.seconds), progress=not args.quiet)
+    rep = build_report(res, plan)
+    paths = write_report(rep, args.out)
+    out = {"report": {k: str(v) for k, v in paths.items()}, "summary": rep["summary"]}
+    if limits:
+        verdict = check_report(rep, limits)
+        out["check"] = verdict
+        _write_junit(args.junit, verdict)
+    return out
+
+
+def _write_junit(path, verdict) -> None:
+    if path:
+        from engines import junit_xml
+
+        Path(path).write_text(junit_xml(verdict))
+
+
+def _print_bench(r: dict) -> None:
+    print(Path(r["report"]["md"]).read_text())
+    if "check" in r:
+        from engines import format_results
+
+        print(format_results(r["check"]))
+    print("report: " + ", ".join(r["report"].values()))
+
+
+def _cmd_check(args: argparse.Namespace) -> dict:
+    from compress import MixrankError
+    from engines import check_report, load_budget
+
+    p = Path(args.report)
+    if not p.is_file():
+        raise MixrankError(f"report {p} does not exist (run mixrank bench first)")
+    try:
+        rep = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise MixrankError(f"{p} is not a JSON report: {e}") from None
+    verdict = check_report(rep, load_budget(args.budget))
+    _write_junit(args.junit, verdict)
+    return verdict
+
+
+def _print_check(r: dict) -> None:
+    from engines import format_results
+
+    print(format_results(r))
+    print({0: "all limits pass", 1: "a limit failed", 3: "something could not be measured"}[
+        r["exit_code"]])
+
+
 def _print_summary(s: dict) -> None:
     rows = [
         ("parameters (model)", f"{s['params_before']:,}", f"{s['params_after']:,}",
@@ -136,6 +242,58 @@ def build_parser() -> argparse.ArgumentParser:
     rw.add_argument("--json", action="store_true", help="print the rewrite report as JSON")
     rw.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     rw.set_defaults(func=_cmd_rewrite, show=_print_rewrite)
+
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    bd = sub.add_parser("build", help="build an engine from an ONNX file", formatter_class=fmt,
+                        description="onnxruntime: save the graph onnxruntime optimises for these "
+                                    "settings; tensorrt: build and serialize a TensorRT engine "
+                                    "(needs the tensorrt package and an NVIDIA GPU).")
+    bd.add_argument("onnx", help="ONNX model")
+    bd.add_argument("-o", "--output", required=True, help="engine file to write")
+    bd.add_argument("--engine", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
+    bd.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu",
+                    help="onnxruntime execution provider")
+    bd.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all)")
+    bd.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp16",
+                    help="TensorRT 10 precision flag (TensorRT 11 takes it from the ONNX file)")
+    bd.add_argument("--workspace-mb", type=int, default=2048, help="TensorRT workspace limit")
+    bd.add_argument("--max-batch", type=int, default=32, help="TensorRT profile max batch")
+    bd.add_argument("--json", action="store_true", help="print the build record as JSON")
+    bd.add_argument("-q", "--quiet", action="store_true")
+    bd.set_defaults(func=_cmd_build, show=_print_build)
+
+    be = sub.add_parser("bench", help="measure original vs compressed side by side, write the report",
+                        formatter_class=fmt,
+                        description="Footprint (parameters, bytes, peak RSS in child processes), "
+                                    "throughput per batch size (interleaved rounds) and fidelity "
+                                    "of two ONNX models on onnxruntime; writes report.json, "
+                                    "report.md and plots; checks a budget file if given.")
+    be.add_argument("original", help="original ONNX model")
+    be.add_argument("compressed", help="compressed ONNX model")
+    be.add_argument("--factors", help="factors file (adds the per-layer table and plot)")
+    be.add_argument("--batches", default="1,32", help="batch sizes, comma-separated")
+    be.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu")
+    be.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all)")
+    be.add_argument("--inputs", help=".npy array of preprocessed inputs for fidelity")
+    be.add_argument("--labels", help=".npy array of integer labels (top-1/top-5 accuracy)")
+    be.add_argument("--seconds", type=float, default=30.0, help="time limit per batch size")
+    be.add_argument("--out", default="mixrank-out", help="report folder")
+    be.add_argument("--budget", help="TOML budget file to check the report against")
+    be.add_argument("--junit", help="write the check as JUnit XML here")
+    be.add_argument("--json", action="store_true", help="print the summary as JSON")
+    be.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    be.set_defaults(func=_cmd_bench, show=_print_bench)
+
+    ck = sub.add_parser("check", help="check a report against a budget file (the CI gate)",
+                        formatter_class=fmt,
+                        description="Exit 0 when every limit passes, 1 when a limit fails, 3 when "
+                                    "a limit could not be measured, 2 on a usage error.")
+    ck.add_argument("report", help="report.json from mixrank bench / run")
+    ck.add_argument("budget", help="TOML budget file")
+    ck.add_argument("--junit", help="write the results as JUnit XML here")
+    ck.add_argument("--json", action="store_true", help="print the results as JSON")
+    ck.add_argument("-q", "--quiet", action="store_true")
+    ck.set_defaults(func=_cmd_check, show=_print_check)
     return p
 
 
@@ -165,7 +323,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary, indent=2))
     else:
         args.show(summary)
-    return 0
+    code = summary.get("exit_code") if args.command == "check" else \
+        summary.get("check", {}).get("exit_code", 0) if args.command == "bench" else 0
+    return code
 
 
 if __name__ == "__main__":

@@ -1,0 +1,155 @@
+"""The CI gate: a budget file of limits evaluated against a report.
+
+Budget file (TOML)::
+
+    max_param_ratio = 0.5          # compressed / original parameters
+    max_initializer_bytes_ratio = 0.5
+    max_engine_bytes = 50_000_000  # needs an engine in the report
+    min_speedup = { 32 = 1.2 }     # per batch size
+    max_latency_p99_ms = { 1 = 20.0 }
+    max_top1_drop = 0.01           # needs labels
+    min_top1_agreement = 0.97
+    min_cosine = 0.99
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from xml.sax.saxutils import escape, quoteattr
+
+from ._errors import EXIT_LIMIT_FAILED, EXIT_NOT_MEASURED, EXIT_OK, MixrankError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+# key -> (report summary field or per-batch template, direction)
+SCALAR_LIMITS = {
+    "max_param_ratio": ("param_ratio", "max"),
+    "max_initializer_bytes_ratio": ("initializer_bytes_ratio", "max"),
+    "max_file_bytes_ratio": ("file_bytes_ratio", "max"),
+    "max_engine_bytes": ("engine_bytes", "max"),
+    "max_top1_drop": ("top1_drop", "max"),
+    "min_top1_agreement": ("top1_agreement", "min"),
+    "min_cosine": ("cosine_mean", "min"),
+}
+BATCH_LIMITS = {
+    "min_speedup": ("speedup_b{}", "min"),
+    "max_latency_p99_ms": ("latency_p99_ms_b{}", "max"),
+}
+
+
+@dataclass
+class Limit:
+    key: str
+    field: str
+    direction: str
+    value: float
+    line: int
+
+
+def _line_of(text: str, key: str) -> int:
+    for i, line in enumerate(text.splitlines(), 1):
+        if re.match(rf"\s*{re.escape(key)}\s*=", line):
+            return i
+    return 0
+
+
+def load_budget(path: str | os.PathLike) -> list[Limit]:
+    """Parse a TOML budget file.
+
+    Raises:
+        MixrankError: missing file, TOML syntax error (with its line), unknown key or
+            malformed value (named, with its line).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MixrankError(f"budget file {path} does not exist")
+    text = path.read_text()
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise MixrankError(f"{path}: not valid TOML: {e}") from None
+    limits = []
+    for key, value in data.items():
+        line = _line_of(text, key)
+        where = f"{path}:{line}"
+        if key in SCALAR_LIMITS:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise MixrankError(f"{where}: {key} must be a number, got {value!r}")
+            field, direction = SCALAR_LIMITS[key]
+            limits.append(Limit(key, field, direction, float(value), line))
+        elif key in BATCH_LIMITS:
+            if not isinstance(value, dict) or not value:
+                raise MixrankError(f"{where}: {key} must be a table of batch size = value, "
+                                   f"e.g. {key} = {{ 32 = 1.2 }}, got {value!r}")
+            tmpl, direction = BATCH_LIMITS[key]
+            for b, v in value.items():
+                if not str(b).isdigit() or int(b) < 1:
+                    raise MixrankError(f"{where}: {key}: batch size {b!r} is not a positive integer")
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    raise MixrankError(f"{where}: {key}.{b} must be a number, got {v!r}")
+                limits.append(Limit(f"{key}[{b}]", tmpl.format(int(b)), direction, float(v), line))
+        else:
+            known = ", ".join(sorted([*SCALAR_LIMITS, *BATCH_LIMITS]))
+            raise MixrankError(f"{where}: unknown key {key!r}; known keys: {known}")
+    if not limits:
+        raise MixrankError(f"{path} sets no limit")
+    return limits
+
+
+def check_report(report: dict, limits: list[Limit]) -> dict:
+    """Evaluate limits against ``report['summary']``. Returns ``{"results": [...],
+    "exit_code"}``: 0 all pass, 1 a limit failed, 3 something could not be measured."""
+    summary = report.get("summary", {})
+    results = []
+    for lim in limits:
+        measured = summary.get(lim.field)
+        if measured is None:
+            verdict = "not measured"
+        elif lim.direction == "max":
+            verdict = "pass" if measured <= lim.value else "FAIL"
+        else:
+            verdict = "pass" if measured >= lim.value else "FAIL"
+        results.append({"limit": lim.key, "field": lim.field, "direction": lim.direction,
+                        "value": lim.value, "measured": measured, "verdict": verdict})
+    if any(r["verdict"] == "FAIL" for r in results):
+        code = EXIT_LIMIT_FAILED
+    elif any(r["verdict"] == "not measured" for r in results):
+        code = EXIT_NOT_MEASURED
+    else:
+        code = EXIT_OK
+    return {"results": results, "exit_code": code}
+
+
+def format_results(res: dict) -> str:
+    lines = []
+    for r in res["results"]:
+        op = "<=" if r["direction"] == "max" else ">="
+        m = "-" if r["measured"] is None else f"{r['measured']:.6g}"
+        lines.append(f"{r['verdict']:>12}  {r['limit']:<28} measured {m:>12}  limit {op} {r['value']:g}")
+    return "\n".join(lines)
+
+
+def junit_xml(res: dict, suite: str = "mixrank.check") -> str:
+    cases = []
+    fails = sum(r["verdict"] == "FAIL" for r in res["results"])
+    errors = sum(r["verdict"] == "not measured" for r in res["results"])
+    for r in res["results"]:
+        name = quoteattr(r["limit"])
+        msg = f"measured {r['measured']} vs {r['direction']} {r['value']}"
+        if r["verdict"] == "FAIL":
+            body = f"<failure message={quoteattr(msg)}>{escape(msg)}</failure>"
+        elif r["verdict"] == "not measured":
+            body = f"<error message={quoteattr('not measured: ' + r['field'])}/>"
+        else:
+            body = ""
+        cases.append(f'  <testcase classname="{suite}" name={name}>{body}</testcase>')
+    return (f'<?xml version="1.0" encoding="UTF-8"?>\n<testsuite name="{suite}" '
+            f'tests="{len(res["results"])}" failures="{fails}" errors="{errors}">\n'
+            + "\n".join(cases) + "\n</testsuite>\n")

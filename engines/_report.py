@@ -1,0 +1,175 @@
+"""report.json, report.md and plots from a measurement."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+
+def _versions() -> dict:
+    import numpy
+    import onnx
+    import onnxruntime
+    import torch
+
+    v = {"python": sys.version.split()[0], "torch": torch.__version__, "onnx": onnx.__version__,
+         "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__}
+    try:
+        from importlib.metadata import version
+
+        v["mixrank"] = version("mixrank")
+    except Exception:
+        v["mixrank"] = "unknown"
+    return v
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "hostname": platform.node()}
+
+
+def build_report(measurement: dict, factors_plan: dict | None = None,
+                 rewrite: dict | None = None) -> dict:
+    """Assemble the report: measurement + versions + machine + (optional) the factors
+    plan's per-layer table and the rewrite report; adds the headline ratios."""
+    fp = measurement["footprint"]
+    o, c = fp["original"], fp["compressed"]
+    summary = {
+        "param_ratio": c["params"] / o["params"],
+        "initializer_bytes_ratio": c["initializer_bytes"] / o["initializer_bytes"],
+        "file_bytes_ratio": c["file_bytes"] / o["file_bytes"],
+        "peak_rss_saved_bytes": o["peak_rss_bytes"] - c["peak_rss_bytes"],
+        "weight_bytes_saved": o["initializer_bytes"] - c["initializer_bytes"],
+    }
+    for t in measurement["throughput"]:
+        b = t["batch"]
+        summary[f"speedup_b{b}"] = t.get("speedup")
+        summary[f"ideal_speedup_b{b}"] = t.get("ideal_speedup")
+        summary[f"latency_p99_ms_b{b}"] = t["sessions"]["compressed"]["p99_ms"]
+    fid = measurement.get("fidelity")
+    if fid:
+        summary["top1_agreement"] = fid["top1_agreement"]
+        summary["cosine_mean"] = fid["cosine_mean"]
+        if "top1_drop" in fid:
+            summary["top1_drop"] = fid["top1_drop"]
+            summary["top1_original"] = fid["top1_original"]
+            summary["top1_compressed"] = fid["top1_compressed"]
+    rep = {"summary": summary, "measurement": measurement, "versions": _versions(),
+           "machine": machine()}
+    if factors_plan:
+        rep["layers"] = {n: {k: i[k] for k in ("shape", "rank", "dense", "sparse", "nmse",
+                                                 "params_before", "params_after") if k in i}
+                         for n, i in factors_plan["layers"].items()}
+        rep["compression"] = {"method": factors_plan.get("method"),
+                              "budget": factors_plan.get("budget"),
+                              "totals": factors_plan.get("totals")}
+    if rewrite:
+        rep["rewrite"] = rewrite
+    return rep
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def report_markdown(rep: dict) -> str:
+    m = rep["measurement"]
+    o, c = m["footprint"]["original"], m["footprint"]["compressed"]
+    rows = [
+        ("parameters", f"{o['params']:,}", f"{c['params']:,}", f"{c['params'] / o['params']:.3f}x"),
+        ("initializer bytes", _fmt_bytes(o["initializer_bytes"]), _fmt_bytes(c["initializer_bytes"]),
+         f"{c['initializer_bytes'] / o['initializer_bytes']:.3f}x"),
+        ("ONNX file bytes", _fmt_bytes(o["file_bytes"]), _fmt_bytes(c["file_bytes"]),
+         f"{c['file_bytes'] / o['file_bytes']:.3f}x"),
+        ("peak RSS (onnxruntime, batch 1)", _fmt_bytes(o["peak_rss_bytes"]),
+         _fmt_bytes(c["peak_rss_bytes"]), f"{c['peak_rss_bytes'] / o['peak_rss_bytes']:.3f}x"),
+    ]
+    for t in m["throughput"]:
+        so, sc = t["sessions"]["original"], t["sessions"]["compressed"]
+        sp = t["speedup_spread"]
+        rows.append((f"batch {t['batch']} latency p50 / p99 (ms)",
+                     f"{so['p50_ms']:.2f} / {so['p99_ms']:.2f}", f"{sc['p50_ms']:.2f} / {sc['p99_ms']:.2f}",
+                     f"{t['speedup']:.2f}x faster (rounds {sp['min']:.2f}-{sp['max']:.2f}; "
+                     f"FLOP ideal {t['ideal_speedup']:.2f}x)"))
+        rows.append((f"batch {t['batch']} images/s", f"{so['images_per_s']:.1f}",
+                     f"{sc['images_per_s']:.1f}", ""))
+    fid = m.get("fidelity")
+    if fid:
+        if "top1_original" in fid:
+            rows.append(("top-1 accuracy", f"{100 * fid['top1_original']:.2f} %",
+                         f"{100 * fid['top1_compressed']:.2f} %",
+                         f"{-100 * fid['top1_drop']:+.2f} pt"))
+        rows.append(("top-1 agreement / logits cosine", "", f"{100 * fid['top1_agreement']:.2f} % / "
+                     f"{fid['cosine_mean']:.5f}", f"{fid['samples']} images"))
+    lines = ["# mixrank report", "", "| | original | compressed | change |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c_} | {d} |" for a, b, c_, d in rows]
+    s = m["settings"]
+    lines += ["", f"Engine: {m['engine']} ({s['provider']}, threads={s['threads'] or 'default'}, "
+              f"optimization={s['optimization']}); {rep['machine']['cpus']} CPUs; "
+              f"onnxruntime {rep['versions']['onnxruntime']}."]
+    return "\n".join(lines) + "\n"
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_report(rep: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write report.json, report.md, and plots (layers.png, latency.png) into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "report.json", "md": out / "report.md"}
+    _write_text_atomic(paths["json"], json.dumps(rep, indent=1))
+    _write_text_atomic(paths["md"], report_markdown(rep))
+    paths.update(write_plots(rep, out))
+    return paths
+
+
+def write_plots(rep: dict, out: Path) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = {}
+    layers = rep.get("layers")
+    if layers:
+        names = list(layers)
+        fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(6, 0.25 * len(names)), 6), sharex=True)
+        x = range(len(names))
+        ax1.bar(x, [i["rank"] or 0 for i in layers.values()], color="tab:blue")
+        ax1.set_ylabel("rank (0 = dense)")
+        ax2.bar(x, [i["params_before"] for i in layers.values()], color="lightgray", label="original")
+        ax2.bar(x, [i["params_after"] for i in layers.values()], color="tab:orange", label="compressed")
+        ax2.set_ylabel("parameters")
+        ax2.legend()
+        ax2.set_xticks(list(x), [n.replace("blocks.", "b") for n in names], rotation=90, fontsize=6)
+        fig.suptitle("per-layer rank and parameters")
+        fig.tight_layout()
+        paths["layers_png"] = out / "layers.png"
+        fig.savefig(paths["layers_png"], dpi=110)
+        plt.close(fig)
+    th = rep["measurement"]["throughput"]
+    fig, axes = plt.subplots(1, len(th), figsize=(4.5 * len(th), 3.5), squeeze=False)
+    for ax, t in zip(axes[0], th, strict=True):
+        data = [t["sessions"]["original"]["latencies_ms"], t["sessions"]["compressed"]["latencies_ms"]]
+        ax.violinplot(data, showmedians=True)
+        ax.set_xticks([1, 2], ["original", "compressed"])
+        ax.set_ylabel("latency (ms)")
+        ax.set_title(f"batch {t['batch']}: {t['speedup']:.2f}x")
+    fig.tight_layout()
+    paths["latency_png"] = out / "latency.png"
+    fig.savefig(paths["latency_png"], dpi=110)
+    plt.close(fig)
+    return paths
