@@ -137,8 +137,7 @@ def uniform_allocation(spaces: dict[str, LayerSpace], budget: int, step: int) ->
     if budget < lo or budget >= total:
         raise MixrankError(
             f"budget of {budget:,} parameters is outside the feasible range [{lo:,}, {total:,}) "
-            f"for the selected layers (keep in [{lo / total:.4f}, 1)); lower min_rank or "
-            "select more layers to go lower"
+            f"for the selected layers (keep in [{lo / total:.4f}, 1)); lower min_rank to allow a smaller budget"
         )
 
     def at(f: float) -> Alloc:

@@ -147,6 +147,13 @@ def compress_model(
     linears = linear_layers(model)
     _check_overrides(config.overrides, selected, linears)
 
+    # everything that can be checked from shapes alone fails before any data is read
+    shapes = {n: tuple(linears[n].weight.shape) for n in selected}
+    spaces = layer_spaces(shapes, config.rank_step, config.min_rank, config.overrides)
+    total = sum(m * n for m, n in shapes.values())
+    budget = config.budget_params(total)
+    uniform_allocation(spaces, budget, config.rank_step)  # raises on an infeasible budget
+
     orig_device = next(model.parameters()).device
     device = torch.device(config.device) if config.device else orig_device
     torch.manual_seed(config.seed)
@@ -173,10 +180,6 @@ def compress_model(
         timings["factor_s"] = time.perf_counter() - t1
 
         t2 = time.perf_counter()
-        shapes = {n: tuple(linears[n].weight.shape) for n in selected}
-        spaces = layer_spaces(shapes, config.rank_step, config.min_rank, config.overrides)
-        total = sum(m * n for m, n in shapes.values())
-        budget = config.budget_params(total)
         evaluator = Evaluator(model, spectra, spaces, holdout, config.metric,
                               config.search_samples)
         stop = "uniform"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,4 +121,43 @@ def image_folder(
             f"no usable image in {root}: {len(files)} image file(s) found, "
             f"{len(out.skipped)} unreadable"
         )
+    return out
+
+
+def image_csv(csv_path: str | os.PathLike, model: nn.Module | None = None, count: int | None = None,
+              seed: int = 0, batch_size: int = 32, transform=None) -> ImageBatches:
+    """Labelled images listed in a CSV of ``file,label`` rows (paths relative to the CSV;
+    labels are integers, or class names mapped to indices in sorted order)."""
+    import csv
+
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise MixrankError(f"CSV file {csv_path} does not exist")
+    rows = []
+    with open(csv_path, newline="") as fh:
+        for i, row in enumerate(csv.reader(fh), 1):
+            if not row or row[0].startswith("#") or (i == 1 and row[0].lower() in ("file", "path")):
+                continue
+            if len(row) < 2:
+                raise MixrankError(f"{csv_path}:{i}: expected 'file,label', got {row!r}")
+            rows.append((row[0].strip(), row[1].strip()))
+    if not rows:
+        raise MixrankError(f"{csv_path} lists no image")
+    names = sorted({lab for _, lab in rows})
+    numeric = all(lab.lstrip("-").isdigit() for lab in names)
+    index = {lab: (int(lab) if numeric else i) for i, lab in enumerate(names)}
+    root = Path(tempfile.mkdtemp(prefix="mixrank-csv-"))
+    try:
+        # reuse the folder loader's error handling through symlinks in a flat folder
+        for j, (f, lab) in enumerate(rows):
+            src = (csv_path.parent / f).resolve()
+            (root / f"{j:07d}_{index[lab]}{src.suffix or '.img'}").symlink_to(src)
+        out = image_folder(root, model, count, seed, batch_size, transform)
+    finally:
+        for p in root.iterdir():
+            p.unlink()
+        root.rmdir()
+    out.labels = [int(Path(f).name.split("_")[1].split(".")[0]) for f in out.files]
+    out.files = [str(csv_path.parent / rows[int(Path(f).name.split("_")[0])][0]) for f in out.files]
+    out.classes = [] if numeric else names
     return out

@@ -9,50 +9,172 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL = 70
 
 
+def _log(args):
+    return (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+
+
 def _cmd_run(args: argparse.Namespace) -> dict:
+    from ._pipeline import run_pipeline
+
+    return run_pipeline(args, _log(args))
+
+
+def _cmd_compress(args: argparse.Namespace) -> dict:
+    from compress import CompressConfig, compress_model, image_folder, save_factors
+
+    from ._models import DIGITS, load_model
+
+    model = load_model(args.model, args.pretrained, args.checkpoint, not args.quiet)
+    if args.model in (None, DIGITS):
+        from compress._demo import digits_data
+
+        xtr = digits_data()[0][: args.calib_images]
+        calib, src = [xtr[i:i + 64] for i in range(0, len(xtr), 64)], "sklearn digits"
+    else:
+        if not args.images:
+            raise_user("a timm model needs calibration images: pass --images DIR")
+        calib, src = image_folder(args.images, model, count=args.calib_images, seed=args.seed), args.images
+    f = compress_model(model, calib, CompressConfig(method=args.method, keep=args.keep, seed=args.seed),
+                       source={"model": args.model or "digits", "calibration": str(src)},
+                       progress=not args.quiet)
+    path = save_factors(f, args.output)
+    return {"factors": str(path), "summary": f.summary(), "totals": f.plan["totals"]}
+
+
+def raise_user(msg: str):
+    from compress import MixrankError
+
+    raise MixrankError(msg)
+
+
+def _cmd_export(args: argparse.Namespace) -> dict:
     import torch
 
-    from compress import CompressConfig, apply_factors, compress_model, save_factors
-    from compress._demo import accuracy, digits_data, digits_vit
+    from ._export import export_onnx
+    from ._models import DIGITS, load_model
 
-    torch.manual_seed(args.seed)
-    progress = not args.quiet
-    out = Path(args.out)
-    model = digits_vit(progress=progress)
-    xtr, _, xte, yte = digits_data()
-    calib = [xtr[i:i + 64] for i in range(0, min(args.calib_images, len(xtr)), 64)]
-    config = CompressConfig(method=args.method, keep=args.keep, seed=args.seed)
-    t0 = time.perf_counter()
-    factors = compress_model(model, calib, config, progress=progress,
-                             source={"model": "digits_vit (built-in)",
-                                     "calibration": "sklearn digits, train split"})
-    seconds = time.perf_counter() - t0
-    path = save_factors(factors, out / "model.mixrank.safetensors")
-    small = apply_factors(model, factors)
-    t = factors.plan["totals"]
-    summary = {
-        "model": "digits_vit (built-in)",
-        "method": args.method,
-        "keep": args.keep,
-        "factors_file": str(path),
-        "params_before": t["model_params_before"],
-        "params_after": t["model_params_after"],
-        "block_params_before": t["params_before"],
-        "block_params_after": t["params_after"],
-        "accuracy_before": accuracy(model, xte, yte),
-        "accuracy_after": accuracy(small, xte, yte),
-        "heldout_images": len(yte),
-        "compress_seconds": round(seconds, 2),
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    model = load_model(args.model, args.pretrained, args.checkpoint, not args.quiet)
+    if args.model in (None, DIGITS):
+        from compress._demo import digits_data
+
+        x = digits_data()[2][:4]
+    else:
+        from timm.data import resolve_data_config
+
+        x = torch.randn(2, *resolve_data_config({}, model=model)["input_size"])
+    rep = export_onnx(model, x, args.output, opset=args.opset, fp16=args.fp16,
+                      dynamic_batch=not args.static_batch)
+    return {"onnx": args.output, "verify": rep["outputs"]}
+
+
+def _cmd_eval(args: argparse.Namespace) -> dict:
+    import numpy as np
+    import torch
+
+    from compress import apply_factors, image_csv, image_folder, load_factors
+
+    from ._models import DIGITS, load_model
+    from ._verify import run_onnxruntime
+
+    model = load_model(args.model, args.pretrained, args.checkpoint, not args.quiet)
+    if args.model in (None, DIGITS) and not (args.images or args.csv):
+        from compress._demo import digits_data
+
+        _, _, x, y = digits_data()
+    else:
+        if not (args.images or args.csv):
+            raise_user("give a labelled image folder (--images DIR, one sub-folder per class) or "
+                       "--csv FILE of file,label rows")
+        data = image_csv(args.csv, model) if args.csv else image_folder(args.images, model)
+        if data.labels is None:
+            raise_user(f"{args.images} is a flat folder: labels need one sub-folder per class or --csv")
+        x, y = torch.cat(data.batches), torch.tensor(data.labels)
+    results = {}
+
+    def score(name, logits):
+        top5 = np.argsort(-np.asarray(logits), axis=1)[:, :5]
+        yy = y.numpy()
+        results[name] = {"top1": float((top5[:, 0] == yy).mean()),
+                         "top5": float((top5 == yy[:, None]).any(1).mean()), "images": int(len(yy))}
+
+    with torch.no_grad():
+        score("pytorch original", torch.cat([model(x[i:i + 64]) for i in range(0, len(x), 64)]).numpy())
+        if args.factors:
+            small = apply_factors(model, load_factors(args.factors)).eval()
+            score("pytorch factored", torch.cat([small(x[i:i + 64]) for i in range(0, len(x), 64)]).numpy())
+    for path in args.onnx or []:
+        outs = [run_onnxruntime(path, {"input": x[i:i + 64].numpy()})[0] for i in range(0, len(x), 64)]
+        score(f"onnx {path}", np.concatenate(outs))
+    return {"results": results}
+
+
+def _print_eval(r: dict) -> None:
+    w = max(len(k) for k in r["results"])
+    for k, v in r["results"].items():
+        print(f"{k:<{w}}  top-1 {100 * v['top1']:6.2f} %  top-5 {100 * v['top5']:6.2f} %  ({v['images']} images)")
+
+
+def _cmd_inspect(args: argparse.Namespace) -> dict:
+    from compress import load_factors
+
+    p = Path(args.file)
+    if not p.is_file():
+        raise_user(f"{p} does not exist")
+    if p.suffix == ".safetensors":
+        f = load_factors(p)
+        return {"kind": "factors", "summary": f.summary(), "method": f.plan.get("method"),
+                "budget": f.plan.get("budget"), "totals": f.plan.get("totals"),
+                "layers": {n: {"rank": i["rank"], "sparse": i["sparse"]["structure"],
+                               "k": i["sparse"]["k"], "nmse": i["nmse"]} for n, i in f.layers.items()}}
+    if p.suffix == ".onnx":
+        from engines import onnx_params
+
+        from ._onnxio import load_onnx
+        from ._trt_check import check_tensorrt_compat
+
+        m = load_onnx(p)
+        ops = {}
+        for n in m.graph.node:
+            ops[n.op_type] = ops.get(n.op_type, 0) + 1
+        return {"kind": "onnx", **onnx_params(p), "opset": [o.version for o in m.opset_import],
+                "inputs": [i.name for i in m.graph.input], "ops": ops,
+                "tensorrt_check": check_tensorrt_compat(m)}
+    if p.suffix == ".json":
+        try:
+            rep = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise_user(f"{p} is not JSON: {e}")
+        if "summary" not in rep:
+            raise_user(f"{p} is not a mixrank report (no summary)")
+        return {"kind": "report", "summary": rep["summary"]}
+    raise_user(f"cannot inspect {p}: expected a factors file (.safetensors), an ONNX file or a "
+               "report (.json)")
+
+
+def _print_inspect(r: dict) -> None:
+    if r["kind"] == "factors":
+        print(r["summary"])
+        for n, i in r["layers"].items():
+            sp = "" if i["sparse"] == "none" else f" + {i['sparse']} k={i['k']}"
+            print(f"  {n:<32} rank {str(i['rank']):>5}{sp:<18} NMSE {i['nmse']:.3e}")
+    elif r["kind"] == "onnx":
+        print(f"{r['params']:,} parameters, {r['initializer_bytes']:,} initializer bytes, "
+              f"{r['file_bytes']:,} file bytes, opset {r['opset']}")
+        print("  ops: " + ", ".join(f"{k}x{v}" for k, v in sorted(r["ops"].items())))
+        print("  TensorRT: " + ("ok" if r["tensorrt_check"]["ok"] else str(r["tensorrt_check"]["problems"])))
+    else:
+        for k, v in r["summary"].items():
+            print(f"  {k:<28} {v}")
+
+
+def _print_simple(r: dict) -> None:
+    print(json.dumps(r, indent=2, default=str))
 
 
 def _cmd_rewrite(args: argparse.Namespace) -> dict:
@@ -185,22 +307,31 @@ def _print_check(r: dict) -> None:
 
 
 def _print_summary(s: dict) -> None:
-    rows = [
-        ("parameters (model)", f"{s['params_before']:,}", f"{s['params_after']:,}",
-         f"{s['params_after'] / s['params_before']:.3f}x"),
-        ("parameters (blocks)", f"{s['block_params_before']:,}", f"{s['block_params_after']:,}",
-         f"{s['block_params_after'] / s['block_params_before']:.3f}x"),
-        (f"top-1 ({s['heldout_images']} held-out digits)", f"{100 * s['accuracy_before']:.2f} %",
-         f"{100 * s['accuracy_after']:.2f} %",
-         f"{100 * (s['accuracy_after'] - s['accuracy_before']):+.2f} pt"),
-    ]
-    w = [max(len(r[i]) for r in rows + [("", "original", "compressed", "change")])
-         for i in range(4)]
-    print(f"{'':<{w[0]}}  {'original':>{w[1]}}  {'compressed':>{w[2]}}  {'change':>{w[3]}}")
-    for r in rows:
-        print(f"{r[0]:<{w[0]}}  {r[1]:>{w[1]}}  {r[2]:>{w[2]}}  {r[3]:>{w[3]}}")
-    print(f"factors: {s['factors_file']}  ({s['method']}, keep={s['keep']}, "
-          f"{s['compress_seconds']} s)")
+    fo, fc = s["footprint"]["original"], s["footprint"]["compressed"]
+    rows = [("parameters", f"{fo['params']:,}", f"{fc['params']:,}", f"{s['param_ratio']:.3f}x"),
+            ("initializer MB", f"{fo['initializer_bytes'] / 1e6:.2f}", f"{fc['initializer_bytes'] / 1e6:.2f}",
+             f"{s['initializer_bytes_ratio']:.3f}x"),
+            ("peak RSS MB (ORT, b1)", f"{fo['peak_rss_bytes'] / 1e6:.1f}", f"{fc['peak_rss_bytes'] / 1e6:.1f}",
+             f"{(fc['peak_rss_bytes'] - fo['peak_rss_bytes']) / 1e6:+.1f} MB")]
+    for t in s["throughput"]:
+        rows.append((f"latency p50 ms, batch {t['batch']}", f"{t['p50_ms']['original']:.2f}",
+                     f"{t['p50_ms']['compressed']:.2f}",
+                     f"{t['speedup']:.2f}x (FLOP ideal {t['ideal_speedup']:.2f}x)"))
+    if "top1_original" in s:
+        rows.append(("top-1 accuracy %", f"{100 * s['top1_original']:.2f}", f"{100 * s['top1_compressed']:.2f}",
+                     f"{-100 * s['top1_drop']:+.2f} pt"))
+    if "top1_agreement" in s:
+        rows.append(("top-1 agreement %", "", f"{100 * s['top1_agreement']:.2f}", ""))
+    head = ("", "original", "compressed", "change")
+    w = [max(len(r[i]) for r in [*rows, head]) for i in range(4)]
+    print(f"{s['model']}: {s['method']}, keep={s['keep']}")
+    for r in [head, *rows]:
+        print(f"{r[0]:<{w[0]}}  {r[1]:>{w[1]}}  {r[2]:>{w[2]}}  {r[3]:<{w[3]}}")
+    if "check" in s:
+        from engines import format_results
+
+        print(format_results(s["check"]))
+    print(f"artifacts in {s['out']}/ (manifest: {s['manifest']})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -210,22 +341,69 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     sub = p.add_subparsers(dest="command")
+    def model_args(sp):
+        sp.add_argument("--model", default=None,
+                        help="timm model name; default: the built-in ViT trained on sklearn digits")
+        sp.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights")
+        sp.add_argument("--checkpoint", help="weights: .safetensors, or .pth (weights_only)")
+        sp.add_argument("--images", help="calibration image folder (flat or one sub-folder per class)")
+        sp.add_argument("--calib-images", type=int, default=512, help="calibration images used")
+        sp.add_argument("--keep", type=float, default=0.4,
+                        help="fraction of the block Linear parameters kept")
+        sp.add_argument("--method", default="mixrank",
+                        choices=["mixrank", "whiten", "svd", "asvd", "oats"], help="compression method")
+        sp.add_argument("--seed", type=int, default=0, help="random seed")
+        sp.add_argument("--json", action="store_true", help="print the result as JSON")
+        sp.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
     run = sub.add_parser(
-        "run", help="the main job on the built-in default (digits ViT)",
+        "run", help="the main job: compress, export, rewrite, build, measure, report, check",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Train (once, cached) the small ViT on scikit-learn's digits, compress it, "
-                    "write the factors file and print what was gained and lost.",
+        description="All stages in one output folder. With no arguments: the built-in ViT "
+                    "trained on scikit-learn's digits (trained once, cached). Finished stages "
+                    "are reused when their inputs are unchanged; --force redoes them.",
     )
-    run.add_argument("--keep", type=float, default=0.4,
-                     help="fraction of the block Linear parameters kept")
-    run.add_argument("--method", default="mixrank", choices=["mixrank", "whiten", "svd"],
-                     help="compression method")
-    run.add_argument("--calib-images", type=int, default=512, help="calibration images")
+    model_args(run)
+    run.add_argument("--eval-images", help="labelled image folder for accuracy (default: --images)")
+    run.add_argument("--eval-csv", help="CSV of file,label rows for accuracy")
     run.add_argument("--out", default="mixrank-out", help="output folder")
-    run.add_argument("--seed", type=int, default=0, help="random seed")
-    run.add_argument("--json", action="store_true", help="print the summary as JSON")
-    run.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--batches", default="1,32", help="batch sizes to time")
+    run.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all cores)")
+    run.add_argument("--seconds", type=float, default=20.0, help="timing limit per batch size")
+    run.add_argument("--budget", help="TOML budget file: fail (exit 1) when a limit is missed")
+    run.add_argument("--junit", help="write the budget check as JUnit XML here")
+    run.add_argument("--force", action="store_true", help="redo every stage")
     run.set_defaults(func=_cmd_run, show=_print_summary)
+
+    cp = sub.add_parser("compress", help="compress a model into a factors file",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    model_args(cp)
+    cp.add_argument("-o", "--output", default="model.mixrank.safetensors", help="factors file")
+    cp.set_defaults(func=_cmd_compress, show=_print_simple)
+
+    ex = sub.add_parser("export", help="export the original model to ONNX (checked against PyTorch)",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    model_args(ex)
+    ex.add_argument("-o", "--output", default="original.onnx", help="ONNX file")
+    ex.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
+    ex.add_argument("--fp16", action="store_true", help="float16 model (TensorRT 11)")
+    ex.add_argument("--static-batch", action="store_true", help="fixed batch dimension")
+    ex.set_defaults(func=_cmd_export, show=_print_simple)
+
+    ev = sub.add_parser("eval", help="top-1/top-5 of the original, factored and ONNX models",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    model_args(ev)
+    ev.add_argument("--csv", help="CSV of file,label rows")
+    ev.add_argument("--factors", help="factors file: also evaluate the factored PyTorch model")
+    ev.add_argument("--onnx", nargs="*", help="ONNX files to evaluate too")
+    ev.set_defaults(func=_cmd_eval, show=_print_eval)
+
+    ins = sub.add_parser("inspect", help="summarise a factors file, an ONNX file or a report",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ins.add_argument("file", help="model.mixrank.safetensors, *.onnx or report.json")
+    ins.add_argument("--json", action="store_true", help="print as JSON")
+    ins.add_argument("-q", "--quiet", action="store_true")
+    ins.set_defaults(func=_cmd_inspect, show=_print_inspect)
 
     rw = sub.add_parser(
         "rewrite", help="rewrite an ONNX model's MatMuls with a factors file (no PyTorch model needed)",
@@ -320,12 +498,12 @@ def main(argv: list[str] | None = None) -> int:
               "report it with the traceback above and the command you ran", file=sys.stderr)
         return EXIT_INTERNAL
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(summary, indent=2, default=str))
     else:
         args.show(summary)
-    code = summary.get("exit_code") if args.command == "check" else \
-        summary.get("check", {}).get("exit_code", 0) if args.command == "bench" else 0
-    return code
+    if args.command == "check":
+        return summary["exit_code"]
+    return summary.get("check", {}).get("exit_code", 0) if isinstance(summary, dict) else 0
 
 
 if __name__ == "__main__":

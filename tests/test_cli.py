@@ -10,27 +10,93 @@ def _mixrank(*args, cwd):
                           text=True, cwd=cwd)
 
 
-@pytest.mark.usefixtures("digits")  # the digits ViT is trained and cached first
-def test_main_job_on_the_default(tmp_path):
-    out = _mixrank("run", "-q", "--json", "--out", str(tmp_path / "o"), cwd=tmp_path)
+@pytest.fixture(scope="module")
+def main_job(tmp_path_factory, digits):
+    """``mixrank run`` with no model argument (the README's main job), fast timing."""
+    d = tmp_path_factory.mktemp("run")
+    out = _mixrank("run", "-q", "--json", "--out", "o", "--seconds", "3", "--batches", "1,8", cwd=d)
     assert out.returncode == 0, out.stderr
-    s = json.loads(out.stdout)
-    assert s["params_after"] < 0.5 * s["params_before"]
-    assert s["accuracy_after"] >= s["accuracy_before"] - 0.01
-    assert (tmp_path / "o" / "model.mixrank.safetensors").is_file()
+    return d, json.loads(out.stdout)
 
 
-def test_user_error_is_one_line_without_traceback(tmp_path):
-    out = _mixrank("run", "-q", "--keep", "1.5", cwd=tmp_path)
-    assert out.returncode == 2
-    assert "Traceback" not in out.stderr
-    assert out.stderr.strip().splitlines() == ["mixrank: error: keep must be a fraction in (0, 1), got 1.5"]
+def test_main_job_on_the_default(main_job):
+    d, s = main_job
+    assert s["param_ratio"] < 0.5 and s["initializer_bytes_ratio"] < 0.5
+    assert s["top1_drop"] <= 0.01  # keep=0.4 default: within a point of the original
+    for f in ("model.mixrank.safetensors", "original.onnx", "compressed.onnx", "report.json",
+              "report.md", "layers.png", "latency.png", "manifest.json", "compressed.ort.onnx"):
+        assert (d / "o" / f).is_file(), f
+    man = json.loads((d / "o" / "manifest.json").read_text())
+    assert set(man["stages"]) == {"compress", "export", "rewrite", "build", "bench"}
+    assert all(len(a["sha256"]) == 64 and a["command"].startswith("mixrank")
+               for a in man["artifacts"].values())
+
+
+def test_rerun_reuses_stages_and_budget_gate(main_job):
+    d, _ = main_job
+    (d / "tight.toml").write_text("max_param_ratio = 0.1\nmin_top1_agreement = 0.9\n")
+    out = _mixrank("run", "--out", "o", "--seconds", "3", "--batches", "1,8", "--budget", "tight.toml",
+                   "--junit", "j.xml", cwd=d)
+    assert out.returncode == 1, out.stderr  # a limit failed
+    assert out.stderr.count("up to date, reused") == 5
+    assert "FAIL  max_param_ratio" in out.stdout
+    assert (d / "j.xml").read_text().count("<failure") == 1
+    (d / "ok.toml").write_text("max_param_ratio = 0.5\n")
+    chk = _mixrank("check", "o/report.json", "ok.toml", cwd=d)
+    assert chk.returncode == 0 and "all limits pass" in chk.stdout
+    (d / "nm.toml").write_text("max_engine_bytes = 1\nmax_top1_drop = 0.5\nmin_speedup = { 64 = 1.0 }\n")
+    chk = _mixrank("check", "o/report.json", "nm.toml", cwd=d)
+    assert chk.returncode in (1, 3)
+    (d / "nm2.toml").write_text("min_speedup = { 64 = 1.0 }\n")
+    assert _mixrank("check", "o/report.json", "nm2.toml", cwd=d).returncode == 3  # not measured
+    ins = _mixrank("inspect", "o/model.mixrank.safetensors", cwd=d)
+    assert ins.returncode == 0 and "layers factored" in ins.stdout
+    ev = _mixrank("eval", "--factors", "o/model.mixrank.safetensors", "--onnx", "o/compressed.onnx",
+                  "--json", cwd=d)
+    res = json.loads(ev.stdout)["results"]
+    assert res["pytorch factored"]["top1"] == pytest.approx(res["onnx o/compressed.onnx"]["top1"], abs=0.003)
+
+
+USER_ERRORS = [
+    (["run", "--keep", "1.5"], "keep must be a fraction in (0, 1), got 1.5"),
+    (["run", "--model", "vit_tiny_patch16_22"], "unknown timm model"),
+    (["run", "--model", "vit_tiny_patch16_224"], "needs calibration images"),
+    (["run", "--model", "vit_tiny_patch16_224", "--checkpoint", "nope.pth", "--images", "."],
+     "checkpoint nope.pth does not exist"),
+    (["run", "--budget", "bad.toml"], "unknown key 'max_parms'"),
+    (["check", "missing.json", "bad.toml"], "does not exist"),
+    (["compress", "--keep", "0.001"], "outside the feasible range"),
+    (["inspect", "bad.toml"], "cannot inspect"),
+    (["build", "missing.onnx", "-o", "x.onnx"], "cannot load"),
+    (["build", "missing.onnx", "-o", "x.engine", "--engine", "tensorrt"], "tensorrt"),
+    (["bench", "a.onnx", "b.onnx"], "does not exist"),
+    (["eval", "--model", "vit_tiny_patch16_224", "--images", "flat"], "flat folder"),
+]
+
+
+@pytest.mark.parametrize("args, msg", USER_ERRORS, ids=[" ".join(a[:2]) for a, _ in USER_ERRORS])
+def test_user_errors_are_one_line(tmp_path, args, msg, digits):
+    (tmp_path / "bad.toml").write_text("max_parms = 1\n")
+    (tmp_path / "flat").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "flat" / "a.png")
+    out = _mixrank(*args, cwd=tmp_path)
+    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert lines[0].startswith("mixrank: error: ") and msg in lines[0], lines[0]
+
+
+SUBCOMMANDS = ["run", "compress", "export", "rewrite", "build", "bench", "eval", "check", "inspect"]
 
 
 def test_help(tmp_path):
-    for args in (["--help"], ["run", "--help"]):
+    for args in (["--help"], *[[c, "--help"] for c in SUBCOMMANDS]):
         out = _mixrank(*args, cwd=tmp_path)
-        assert out.returncode == 0 and "usage: mixrank" in out.stdout
+        assert out.returncode == 0 and "usage: mixrank" in out.stdout, args
+    text = " ".join(_mixrank("run", "--help", cwd=tmp_path).stdout.split())
+    assert "parameters kept (default: 0.4)" in text
 
 
 def test_rewrite_command_and_its_errors(tmp_path):
