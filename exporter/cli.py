@@ -341,6 +341,15 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     sub = p.add_subparsers(dest="command")
+    _add = sub.add_parser
+
+    def add_parser(*a, **k):  # every subcommand takes -v
+        sp = _add(*a, **k)
+        sp.add_argument("-v", "--verbose", action="store_true",
+                        help="more output; tracebacks for errors too")
+        return sp
+
+    sub.add_parser = add_parser
     def model_args(sp):
         sp.add_argument("--model", default=None,
                         help="timm model name; default: the built-in ViT trained on sklearn digits")
@@ -485,6 +494,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = args.func(args)
     except MixrankError as e:
+        if getattr(args, "verbose", False):
+            import traceback
+
+            traceback.print_exc()
         print(f"mixrank: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
