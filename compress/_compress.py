@@ -255,13 +255,15 @@ def compress_model(
                     return f
 
                 seq = sequential_refit(model, list(base), stat_batches, refit, config.damping,
-                                       progress=progress)
+                                       progress=progress, block_steps=config.block_steps,
+                                       block_lr=config.block_lr)
                 if seq is None:
                     variants.append({"name": "sequential", "score": None,
                                      "note": "not applicable: blocks cannot be run in sequence"})
                 else:
                     seq = {**base, **seq}
-                    variants.append({"name": chosen_name + "+sequential",
+                    tag = "+sequential" + ("+block" if config.block_steps else "")
+                    variants.append({"name": chosen_name + tag,
                                      "score": evaluator.score_fits(seq)})
                     if variants[-1]["score"] < min(v["score"] for v in variants[:-1]
                                                    if v["score"] is not None):

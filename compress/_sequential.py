@@ -80,6 +80,8 @@ def sequential_refit(
     fit_fn: Callable[[str, torch.Tensor, torch.Tensor], LayerFit],
     damping: float,
     progress: bool = True,
+    block_steps: int = 0,
+    block_lr: float = 1e-3,
 ) -> dict[str, LayerFit] | None:
     """Refit every layer block by block on compressed-path statistics.
 
@@ -90,6 +92,12 @@ def sequential_refit(
         fit_fn: ``fit_fn(name, W_target, G_cc) -> LayerFit`` fits one layer with its
             allocated rank and sparse size.
         damping: damping of ``G_cc`` when solving for ``W̃``.
+        block_steps: Adam steps of block reconstruction after each block's refit: all
+            factors of the block move jointly so that the block's output on the
+            compressed path matches the original block's output (through attention and
+            MLP nonlinearities); a quarter of the batches is held out, the best held-out
+            iterate is kept and the block is left as refit unless it improved (0: off).
+        block_lr: Adam learning rate, relative to each tensor's mean magnitude.
 
     Returns:
         Per-layer fits, or ``None`` when the model's blocks cannot be run in sequence.
@@ -157,5 +165,68 @@ def sequential_refit(
                     None if sp is None else sp.index, None if sp is None else sp.value.to(lin.weight)))
         with torch.no_grad():
             h_o = [_hidden(blk_o(h, **kw)) for h, kw in zip(h_o, kws, strict=True)]
+        if group and block_steps > 0 and len(h_c) >= 2:
+            _reconstruct_block(blk_c, h_c, h_o, kws, block_steps, block_lr)
+            for n in group:
+                mod = comp.get_submodule(n)
+                old = fits[n]
+                sp = old.sparse
+                if sp is not None:
+                    sp = type(sp)(sp.structure, sp.index, mod.sparse_value.detach().cpu().float())
+                fits[n] = LayerFit(mod.A.detach().cpu().float(), mod.B.detach().cpu().float(), sp,
+                                   old.nmse, old.history)
+        with torch.no_grad():
             h_c = [_hidden(blk_c(h, **kw)) for h, kw in zip(h_c, kws, strict=True)]
     return fits
+
+
+def _reconstruct_block(blk: nn.Module, h_c: list, h_o_next: list, kws: list, steps: int,
+                       lr: float) -> bool:
+    """Adam on the FactoredLinear parameters of ``blk`` (A, B, sparse values) so that
+    ``blk(h_c)`` matches the original block's output ``h_o_next``; the last quarter of
+    the batches is held out and the best held-out state is kept. Returns whether the
+    held-out error improved."""
+    from ._factored import FactoredLinear
+
+    params = []
+    for m in blk.modules():
+        if isinstance(m, FactoredLinear):
+            for p in (m.A, m.B, m.sparse_value):
+                if p is not None:
+                    params.append(p)
+    if not params:
+        return False
+    frozen = [p for p in blk.parameters() if all(p is not q for q in params)]
+    saved_flags = [p.requires_grad for p in frozen]
+    for p in frozen:
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    cut = max(1, len(h_c) * 3 // 4)
+    train, held = list(range(cut)), list(range(cut, len(h_c)))
+    opt = torch.optim.Adam([{"params": [p], "lr": lr * float(p.detach().abs().mean() + 1e-12)}
+                            for p in params])
+
+    def held_err() -> float:
+        with torch.no_grad():
+            return sum(float(((_hidden(blk(h_c[i], **kws[i])) - h_o_next[i]) ** 2).mean()) for i in held)
+
+    best = held_err()
+    start = best
+    best_state = [p.detach().clone() for p in params]
+    for step in range(steps):
+        i = train[step % len(train)]
+        opt.zero_grad(set_to_none=True)
+        loss = ((_hidden(blk(h_c[i], **kws[i])) - h_o_next[i]) ** 2).mean()
+        loss.backward()
+        opt.step()
+        if (step + 1) % 10 == 0 or step == steps - 1:
+            e = held_err()
+            if e < best:
+                best, best_state = e, [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, v in zip(params, best_state, strict=True):
+            p.copy_(v)
+    for p, f in zip(frozen, saved_flags, strict=True):
+        p.requires_grad_(f)
+    return best < start

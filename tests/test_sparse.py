@@ -127,3 +127,20 @@ def test_baselines_meet_the_budget(tiny_vit, method):
     with torch.no_grad():
         cos = torch.nn.functional.cosine_similarity(small(x), tiny_vit(x)).mean()
     assert cos > 0.5
+
+
+def test_sequential_and_block_reconstruction_are_guarded(digits):
+    x = digits["xtr"][:256]
+    calib = [x[i:i + 32] for i in range(0, 256, 32)]
+    f = compress_model(digits["model"], calib,
+                       CompressConfig(keep=0.2, block_steps=30, search_evals=30, compensate_steps=0),
+                       progress=False)
+    ref = f.plan["allocation"]["refinement"]
+    names = [v["name"] for v in ref["variants"]]
+    assert names[0] == "closed_form" and any(n.endswith("+sequential+block") for n in names)
+    closed = ref["variants"][0]["score"]
+    assert ref["score"] <= closed  # the default never loses to the closed form on held-out data
+    small = apply_factors(digits["model"], f)
+    with torch.no_grad():
+        agree = (small(digits["xte"]).argmax(-1) == digits["model"](digits["xte"]).argmax(-1)).float().mean()
+    assert agree > 0.97
