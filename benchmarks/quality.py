@@ -85,6 +85,8 @@ def evaluate(model, small, x, y):
     with torch.no_grad():
         ref = torch.cat([model(x[i:i + 128]) for i in range(0, len(x), 128)])
         out = torch.cat([small(x[i:i + 128]) for i in range(0, len(x), 128)])
+    ref, out = ref.float().cpu(), out.float().cpu()
+    y = None if y is None else y.cpu()
     lp, lq = F.log_softmax(ref, -1), F.log_softmax(out, -1)
     res = {"kl": float((lp.exp() * (lp - lq)).sum(-1).mean()),
            "agree": float((ref.argmax(-1) == out.argmax(-1)).float().mean())}
@@ -102,6 +104,7 @@ def main() -> None:
     ap.add_argument("--models", default="digits,wide,deit_tiny,vit_small")
     ap.add_argument("--keeps", default=",".join(map(str, KEEPS)))
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (compression and evaluation)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -112,12 +115,16 @@ def main() -> None:
     verdicts = []
     for case in args.models.split(","):
         model, calib, xte, yte = load_case(case)
+        model = model.to(args.device)
+        calib = [b.to(args.device) for b in calib]
+        xte = xte.to(args.device)
+        yte = None if yte is None else yte.to(args.device)
         rows = []
         for keep in keeps:
             for meth in methods:
                 t0 = time.perf_counter()
-                f = compress_model(model, calib, CompressConfig(keep=keep, **METHODS[meth]),
-                                   progress=False)
+                f = compress_model(model, calib, CompressConfig(keep=keep, device=args.device,
+                                                                **METHODS[meth]), progress=False)
                 secs = time.perf_counter() - t0
                 small = apply_factors(model, f)
                 nm = [i["nmse"] for i in f.layers.values() if not i["dense"]]

@@ -156,9 +156,11 @@ def compensate(
     A1, Bt1, sv1 = best_state
     B1 = torch.linalg.solve_triangular(L.T, Bt1.double().T, upper=True).T \
         if torch.equal(L, torch.tril(L)) else torch.linalg.solve(L.T, Bt1.double().T).T
-    S1 = None if fit.sparse is None else SparseTerm(fit.sparse.structure, fit.sparse.index,
-                                                      sv1.float().cpu())
-    e = nmse(W, A1, B1, S1, G, ref)
+    S1 = None if fit.sparse is None else SparseTerm(fit.sparse.structure, fit.sparse.index.to(dev),
+                                                      sv1.float())
+    e = nmse(W.to(dev), A1, B1, S1, G, ref)  # everything on G's device
     if e >= fit.nmse:
         return fit
+    if S1 is not None:
+        S1 = SparseTerm(S1.structure, S1.index.cpu(), S1.value.cpu())
     return LayerFit(A1.float().cpu(), B1.float().cpu(), S1, e, [*fit.history, e])

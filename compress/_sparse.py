@@ -45,17 +45,19 @@ class SparseTerm:
         """The (m, n) matrix ``S``."""
         m = self.value.shape[0]
         S = self.value.new_zeros(m, n)
+        idx = self.index.long().to(self.value.device)
         if self.structure == "channel":
-            S[:, self.index.long()] = self.value
+            S[:, idx] = self.value
         else:
-            S.scatter_(1, self.index.long(), self.value)
+            S.scatter_(1, idx, self.value)
         return S
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """``x Sᵀ`` for x (..., n) → (..., m), using only the support."""
+        idx = self.index.long().to(x.device)
         if self.structure == "channel":
-            return torch.nn.functional.linear(x[..., self.index.long()], self.value)
-        g = x[..., self.index.long()]  # (..., m, k)
+            return torch.nn.functional.linear(x[..., idx], self.value)
+        g = x[..., idx]  # (..., m, k)
         return (g * self.value).sum(-1)
 
 
