@@ -60,6 +60,13 @@ def digits_data(recipe: DigitsRecipe = DigitsRecipe()):
     return x[tr], y[tr], x[te], y[te]
 
 
+def digits_calibration(count: int = 512, batch: int = 64,
+                       recipe: DigitsRecipe = DigitsRecipe()) -> list[torch.Tensor]:
+    """The first ``count`` training digits in batches of ``batch`` (calibration data)."""
+    xtr = digits_data(recipe)[0][:count]
+    return [xtr[i:i + batch] for i in range(0, len(xtr), batch)]
+
+
 def build_digits_vit(recipe: DigitsRecipe = DigitsRecipe()) -> nn.Module:
     from timm.models.vision_transformer import VisionTransformer
 

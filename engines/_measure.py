@@ -20,7 +20,6 @@ from ._ort import OrtSettings, ort_session
 
 def onnx_params(onnx_path: str | os.PathLike) -> dict:
     """Parameters (float initializer elements), initializer bytes, file bytes."""
-    import onnx
     from onnx import numpy_helper
 
     from exporter import load_onnx, onnx_file_bytes
@@ -39,7 +38,6 @@ def onnx_params(onnx_path: str | os.PathLike) -> dict:
                     a = numpy_helper.to_array(at.t)
                     nbytes += a.nbytes
                     params += a.size if a.dtype.kind == "f" else 0
-    del onnx
     return {"params": int(params), "initializer_bytes": int(nbytes),
             "file_bytes": int(onnx_file_bytes(onnx_path))}
 
@@ -47,7 +45,6 @@ def onnx_params(onnx_path: str | os.PathLike) -> dict:
 def matmul_flops(onnx_path: str | os.PathLike, batch: int) -> int:
     """FLOPs (2 per multiply-add) of every MatMul, Gemm and Conv at ``batch``, from
     ONNX shape inference with the batch dimension fixed."""
-    import onnx
     from onnx import shape_inference
 
     from exporter import load_onnx
@@ -80,7 +77,6 @@ def matmul_flops(onnx_path: str | os.PathLike, batch: int) -> int:
         elif n.op_type == "Conv":
             w = shapes.get(n.input[1])
             flops += 2 * int(np.prod(out)) * int(np.prod(w[1:]))
-    del onnx
     return flops
 
 

@@ -117,11 +117,11 @@ def run_pipeline(args, log: Callable[[str], None]) -> dict:
     mfp = model_fingerprint(model)
     # calibration and evaluation data
     if args.model in (None, DIGITS):
-        from compress._demo import digits_data
+        from compress._demo import digits_calibration, digits_data
 
-        xtr, _, xte, yte = digits_data()
-        n = min(args.calib_images, len(xtr))
-        calib = [xtr[i:min(i + 64, n)] for i in range(0, n, 64)]
+        _, _, xte, yte = digits_data()
+        calib = digits_calibration(args.calib_images)
+        n = sum(len(b) for b in calib)
         eval_x, eval_y = xte, yte
         data_key = ["digits", n]
         source = {"model": "digits_vit (built-in)", "calibration": "sklearn digits, train split"}

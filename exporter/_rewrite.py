@@ -29,7 +29,6 @@ class WeightSite:
     weight: np.ndarray  # (m, n) = (out, in), in the graph's dtype
     weight_name: str  # initializer / constant name (after any Transpose)
     trans_a: bool = False
-    alpha: float = 1.0  # Gemm alpha, already folded into ``weight``
     bias: np.ndarray | None = None  # Gemm C times beta, (m,) or broadcastable
 
 
@@ -109,8 +108,7 @@ def find_weight_sites(graph) -> tuple[list[WeightSite], list[dict]]:
                     continue
                 bias = c[0] * float(node.attrs.get("beta", 1.0))
             sites.append(WeightSite(node, node.inputs[0], np.ascontiguousarray(W), name,
-                                    trans_a=bool(node.attrs.get("transA", 0)), alpha=alpha,
-                                    bias=bias))
+                                    trans_a=bool(node.attrs.get("transA", 0)), bias=bias))
     return sites, skipped
 
 
@@ -165,10 +163,6 @@ def match_sites(sites: list[WeightSite], factors: Factors) -> tuple[dict, list[d
     return matched, dense
 
 
-def _sfx(tag: str) -> str:
-    return f"/{tag}"
-
-
 def _replace(graph, site: WeightSite, layer: str, factors: Factors, tag: str) -> int:
     """Splice the low-rank-plus-sparse subgraph in place of ``site.node``; returns the
     number of values (parameters) the new constants hold."""
@@ -188,8 +182,8 @@ def _replace(graph, site: WeightSite, layer: str, factors: Factors, tag: str) ->
         xt = gs.Variable(f"{base}/x_t", dtype=x.dtype)
         new_nodes.append(gs.Node("Transpose", f"{base}/transpose_x", {"perm": [1, 0]}, [x], [xt]))
         x = xt
-    bt = gs.Constant(f"{layer}.B_t{_sfx(tag)}", np.ascontiguousarray(B.T.astype(dtype)))  # (n, r)
-    at = gs.Constant(f"{layer}.A_t{_sfx(tag)}", np.ascontiguousarray(A.T.astype(dtype)))  # (r, m)
+    bt = gs.Constant(f"{layer}.B_t/{tag}", np.ascontiguousarray(B.T.astype(dtype)))  # (n, r)
+    at = gs.Constant(f"{layer}.A_t/{tag}", np.ascontiguousarray(A.T.astype(dtype)))  # (r, m)
     h = gs.Variable(f"{base}/xb", dtype=y.dtype)
     new_nodes.append(gs.Node("MatMul", f"{base}/matmul_b", {}, [x, bt], [h]))
     values = bt.values.size + at.values.size
@@ -201,15 +195,15 @@ def _replace(graph, site: WeightSite, layer: str, factors: Factors, tag: str) ->
     if structure != "none":
         idx = factors.tensors[f"{layer}.sparse_index"].numpy().astype(np.int32)
         val = factors.tensors[f"{layer}.sparse_value"].numpy().astype(np.float32)
-        gi = gs.Constant(f"{layer}.sparse_index{_sfx(tag)}", np.ascontiguousarray(idx))
+        gi = gs.Constant(f"{layer}.sparse_index/{tag}", np.ascontiguousarray(idx))
         g = gs.Variable(f"{base}/sparse_gather", dtype=y.dtype)
         new_nodes.append(gs.Node("Gather", f"{base}/sparse_gather", {"axis": -1}, [x, gi], [g]))
         sp = gs.Variable(f"{base}/sparse", dtype=y.dtype)
         if structure == "channel":  # (..., k) @ (k, m)
-            sv = gs.Constant(f"{layer}.sparse_value_t{_sfx(tag)}", np.ascontiguousarray(val.T.astype(dtype)))
+            sv = gs.Constant(f"{layer}.sparse_value_t/{tag}", np.ascontiguousarray(val.T.astype(dtype)))
             new_nodes.append(gs.Node("MatMul", f"{base}/sparse_matmul", {}, [g, sv], [sp]))
         else:  # row: (..., m, k) * (m, k) summed over k
-            sv = gs.Constant(f"{layer}.sparse_value{_sfx(tag)}", np.ascontiguousarray(val.astype(dtype)))
+            sv = gs.Constant(f"{layer}.sparse_value/{tag}", np.ascontiguousarray(val.astype(dtype)))
             prod = gs.Variable(f"{base}/sparse_mul", dtype=y.dtype)
             new_nodes.append(gs.Node("Mul", f"{base}/sparse_mul", {}, [g, sv], [prod]))
             axes = gs.Constant(f"{base}/sparse_axes", np.array([-1], dtype=np.int64))
@@ -218,7 +212,7 @@ def _replace(graph, site: WeightSite, layer: str, factors: Factors, tag: str) ->
         values += sv.values.size
         terms.append(sp)
     if site.bias is not None:
-        terms.append(gs.Constant(f"{layer}.bias{_sfx(tag)}", np.ascontiguousarray(site.bias.astype(dtype))))
+        terms.append(gs.Constant(f"{layer}.bias/{tag}", np.ascontiguousarray(site.bias.astype(dtype))))
     # chain the Adds; the last one writes the original output tensor
     acc = terms[0]
     for i, t in enumerate(terms[1:], 1):

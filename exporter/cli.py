@@ -32,10 +32,9 @@ def _cmd_compress(args: argparse.Namespace) -> dict:
 
     model = load_model(args.model, args.pretrained, args.checkpoint, not args.quiet)
     if args.model in (None, DIGITS):
-        from compress._demo import digits_data
+        from compress._demo import digits_calibration
 
-        xtr = digits_data()[0][: args.calib_images]
-        calib, src = [xtr[i:i + 64] for i in range(0, len(xtr), 64)], "sklearn digits"
+        calib, src = digits_calibration(args.calib_images), "sklearn digits"
     else:
         if not args.images:
             raise_user("a timm model needs calibration images: pass --images DIR")
