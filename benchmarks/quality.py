@@ -36,7 +36,7 @@ METHODS = {
     "whiten": {"method": "whiten"},
     "oats": {"method": "oats"},
     "mixrank": {},
-    "mixrank-lowrank": {"sparse": "none", "sequential": False, "compensate_steps": 0},
+    "mixrank-lowrank": {"sparse": "none"},
     "mixrank-row": {"sparse": "row"},
 }
 BASELINES = ("svd", "asvd", "whiten", "oats")

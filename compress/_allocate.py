@@ -186,10 +186,11 @@ def first_tensor(out) -> torch.Tensor:
 
 
 def output_error(y: torch.Tensor, ref: torch.Tensor, metric: str) -> float:
-    """Mean error of ``y`` against ``ref``: logits KL(ref‖y), normalised MSE or 1−cos."""
+    """Mean error of ``y`` against ``ref``: logits KL(ref‖y), normalised MSE or 1−cos
+    (``"auto"`` is normalised MSE, see `CompressConfig.metric`)."""
     y, ref = y.double(), ref.double()
     if metric == "auto":
-        metric = "kl" if ref.ndim == 2 else "mse"
+        metric = "mse"
     if metric == "kl":
         lp, lq = F.log_softmax(ref, -1), F.log_softmax(y, -1)
         return float((lp.exp() * (lp - lq)).sum(-1).mean())

@@ -20,10 +20,11 @@ from ._allocate import (
 from ._baselines import asvd_spectrum, oats_fit
 from ._calibrate import Batch, batch_size, collect_stats, slice_batch
 from ._config import DTYPE_BYTES, CompressConfig
+from ._distill import distill
 from ._errors import MixrankError, close_matches
 from ._factor import Spectrum, plain_spectrum, whitened_spectrum
 from ._factors import Factors, weight_fingerprint
-from ._fit import LayerFit, compensate, fit_layer
+from ._fit import LayerFit, compensate, fit_layer, nmse
 from ._select import linear_layers, select_layers
 from ._sequential import sequential_refit
 from ._sparse import INDEX_BYTES, largest_k, sparse_cost
@@ -256,7 +257,8 @@ def compress_model(
 
                 seq = sequential_refit(model, list(base), stat_batches, refit, config.damping,
                                        progress=progress, block_steps=config.block_steps,
-                                       block_lr=config.block_lr)
+                                       block_lr=config.block_lr,
+                                       block_seconds=config.block_seconds)
                 if seq is None:
                     variants.append({"name": "sequential", "score": None,
                                      "note": "not applicable: blocks cannot be run in sequence"})
@@ -268,6 +270,20 @@ def compress_model(
                     if variants[-1]["score"] < min(v["score"] for v in variants[:-1]
                                                    if v["score"] is not None):
                         chosen_fits, chosen_name = seq, variants[-1]["name"]
+            if config.distill_steps > 0 and chosen_fits:
+                dist, rec = distill(model, chosen_fits, stat_batches, evaluator.batches,
+                                    config.metric, config.distill_steps, config.distill_lr,
+                                    config.distill_seconds, progress=progress)
+                variants.append({"name": chosen_name + "+distill",
+                                 "score": evaluator.score_fits(dist), **rec})
+                if variants[-1]["score"] < min(v["score"] for v in variants[:-1]
+                                               if v["score"] is not None):
+                    chosen_fits, chosen_name = dist, variants[-1]["name"]
+            # stages that move factors without tracking the layer error: measure it again
+            for n, f in chosen_fits.items():
+                st = calib.layers[n]
+                f.nmse = nmse(W_of[n].to(st.gram.device), f.A.to(st.gram.device),
+                              f.B.to(st.gram.device), f.sparse, st.gram, spectra[n].ref)
         final_score = next(v["score"] for v in variants if v["name"] == chosen_name)
         timings["refine_s"] = time.perf_counter() - t3
     finally:

@@ -45,7 +45,7 @@ def nmse(W: torch.Tensor, fit_A, fit_B, sparse: SparseTerm | None, G: torch.Tens
          ref: float) -> float:
     E = W.double() - fit_A.double() @ fit_B.double()
     if sparse is not None:
-        E = E - sparse.dense(W.shape[1]).double()
+        E = E - sparse.dense(W.shape[1]).to(E)
     return float(torch.einsum("ij,jk,ik->", E, G.double(), E)) / max(ref, 1e-300)
 
 

@@ -19,6 +19,7 @@ so the same closed forms (low rank, sparse, compensation) apply to ``W̃`` under
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable
 
 import torch
@@ -82,6 +83,7 @@ def sequential_refit(
     progress: bool = True,
     block_steps: int = 0,
     block_lr: float = 1e-3,
+    block_seconds: float | None = None,
 ) -> dict[str, LayerFit] | None:
     """Refit every layer block by block on compressed-path statistics.
 
@@ -98,6 +100,8 @@ def sequential_refit(
             MLP nonlinearities); a quarter of the batches is held out, the best held-out
             iterate is kept and the block is left as refit unless it improved (0: off).
         block_lr: Adam learning rate, relative to each tensor's mean magnitude.
+        block_seconds: wall-clock bound of all block reconstructions together, shared
+            equally by the blocks (``None``: none).
 
     Returns:
         Per-layer fits, or ``None`` when the model's blocks cannot be run in sequence.
@@ -166,7 +170,8 @@ def sequential_refit(
         with torch.no_grad():
             h_o = [_hidden(blk_o(h, **kw)) for h, kw in zip(h_o, kws, strict=True)]
         if group and block_steps > 0 and len(h_c) >= 2:
-            _reconstruct_block(blk_c, h_c, h_o, kws, block_steps, block_lr)
+            _reconstruct_block(blk_c, h_c, h_o, kws, block_steps, block_lr,
+                               None if block_seconds is None else block_seconds / len(groups))
             for n in group:
                 mod = comp.get_submodule(n)
                 old = fits[n]
@@ -181,7 +186,7 @@ def sequential_refit(
 
 
 def _reconstruct_block(blk: nn.Module, h_c: list, h_o_next: list, kws: list, steps: int,
-                       lr: float) -> bool:
+                       lr: float, max_seconds: float | None = None) -> bool:
     """Adam on the FactoredLinear parameters of ``blk`` (A, B, sparse values) so that
     ``blk(h_c)`` matches the original block's output ``h_o_next``; the last quarter of
     the batches is held out and the best held-out state is kept. Returns whether the
@@ -214,7 +219,10 @@ def _reconstruct_block(blk: nn.Module, h_c: list, h_o_next: list, kws: list, ste
     best = held_err()
     start = best
     best_state = [p.detach().clone() for p in params]
+    t0 = time.perf_counter()
     for step in range(steps):
+        if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
+            break
         i = train[step % len(train)]
         opt.zero_grad(set_to_none=True)
         loss = ((_hidden(blk(h_c[i], **kws[i])) - h_o_next[i]) ** 2).mean()

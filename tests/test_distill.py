@@ -1,0 +1,110 @@
+"""End-to-end distillation of the factors (the last refinement)."""
+
+import pytest
+import torch
+
+from compress import CompressConfig, MixrankError, apply_factors, compress_model
+from compress._allocate import output_error
+from compress._compress import split_holdout
+from compress._distill import distill, output_loss
+from compress._fit import LayerFit
+from compress._sparse import SparseTerm
+
+
+def _fits(f):
+    """The LayerFits stored in a Factors."""
+    out = {}
+    for n in f.factored_layers():
+        sp = f.layers[n]["sparse"]
+        term = None if sp["structure"] == "none" else SparseTerm(
+            sp["structure"], f.tensors[f"{n}.sparse_index"].long(), f.tensors[f"{n}.sparse_value"])
+        out[n] = LayerFit(f.tensors[f"{n}.A"], f.tensors[f"{n}.B"], term, f.layers[n]["nmse"], [])
+    return out
+
+
+def _held_error(model, fits, held):
+    import copy
+
+    from compress._factored import FactoredLinear, _set_module
+    small = copy.deepcopy(model)
+    for n, f in fits.items():
+        lin, sp = small.get_submodule(n), f.sparse
+        _set_module(small, n, FactoredLinear(f.A, f.B, lin.bias, "none" if sp is None else sp.structure,
+                                             None if sp is None else sp.index,
+                                             None if sp is None else sp.value))
+    with torch.no_grad():
+        errs = [output_error(small(x), model(x), "mse") * len(x) for x in held]
+    return sum(errs) / sum(len(x) for x in held)
+
+
+@pytest.fixture(scope="module")
+def closed_form(digits):
+    x = digits["xtr"][:384]
+    calib = [x[i:i + 64] for i in range(0, 384, 64)]
+    f = compress_model(digits["model"], calib,
+                       CompressConfig(keep=0.3, sparse="row", sparse_splits=1, sequential=False,
+                                      compensate_steps=0, distill_steps=0, search_evals=40),
+                       progress=False)
+    train, held = split_holdout(calib, 0.5)
+    return f, train, held
+
+
+def test_distillation_lowers_the_held_out_error(digits, closed_form):
+    f, train, held = closed_form
+    start = _fits(f)
+    out, rec = distill(digits["model"], start, train, held, "auto", 80, 1e-3, progress=False)
+    before = _held_error(digits["model"], start, held)
+    after = _held_error(digits["model"], out, held)
+    assert rec["held_start"] == pytest.approx(before, rel=1e-4)
+    assert rec["held_best"] == pytest.approx(after, rel=1e-4)  # the record is what ships
+    assert after < 0.8 * before, (before, after)
+    for n, fit in out.items():  # shapes and supports fixed; only values move
+        assert fit.A.shape == start[n].A.shape and fit.B.shape == start[n].B.shape
+        if fit.sparse is not None:
+            assert torch.equal(fit.sparse.index, start[n].sparse.index)
+
+
+def test_distillation_never_ends_worse_than_it_started(digits, closed_form):
+    f, train, held = closed_form
+    start = _fits(f)
+    # a step size that can only overshoot: nothing beats the start, so the start ships
+    out, rec = distill(digits["model"], start, train, held, "auto", 30, 50.0, progress=False,
+                       max_backoffs=0)
+    assert rec["best_step"] == 0 and rec["held_best"] == rec["held_start"]
+    for n in start:
+        assert torch.equal(out[n].A, start[n].A) and torch.equal(out[n].B, start[n].B)
+
+
+def test_output_loss_matches_the_scoring_metric():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(16, 10, generator=g)
+    y = ref + 1e-3 * torch.randn(16, 10, generator=g)
+    for metric in ("kl", "mse", "cosine", "auto"):
+        assert float(output_loss(y, ref, metric)) == pytest.approx(output_error(y, ref, metric), rel=1e-6)
+    # a tiny KL survives (float32 would drown it in rounding noise)
+    tiny = ref + 1e-5 * torch.randn(16, 10, generator=g, dtype=torch.float64)
+    kl = float(output_loss(tiny, ref.double(), "kl"))
+    assert 0 < kl < 1e-9
+
+
+def test_default_pipeline_runs_distillation_behind_the_guard(tiny_vit):
+    calib = [torch.randn(8, 3, 32, 32) for _ in range(4)]
+    f = compress_model(tiny_vit, calib, CompressConfig(keep=0.4, search_evals=20, distill_steps=40),
+                       progress=False)
+    ref = f.plan["allocation"]["refinement"]
+    dist = [v for v in ref["variants"] if v["name"].endswith("+distill")]
+    assert len(dist) == 1 and dist[0]["steps"] > 0
+    assert dist[0]["held_best"] <= dist[0]["held_start"]
+    assert ref["score"] <= ref["variants"][0]["score"]
+    small = apply_factors(tiny_vit, f)  # what ships loads and runs
+    with torch.no_grad():
+        assert torch.isfinite(small(calib[0])).all()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"distill_steps": -1}, "distill_steps"), ({"distill_lr": 0.0}, "distill_lr"),
+    ({"distill_seconds": 0}, "distill_seconds"),
+])
+def test_bad_distillation_settings_fail_before_any_work(kwargs, match):
+    with pytest.raises(MixrankError, match=match):
+        CompressConfig(**kwargs)
