@@ -127,7 +127,7 @@ def digits_artifacts(tmp_path_factory, digits):
     d = tmp_path_factory.mktemp("digits")
     x = digits["xtr"][:256]
     f = compress_model(digits["model"], [x[i:i + 64] for i in range(0, 256, 64)],
-                       CompressConfig(keep=0.4, search_evals=40, overrides={
+                       CompressConfig(keep=0.4, search_evals=40, sparse="channel", overrides={
                            "blocks.1.mlp.fc1": {"sparse_k": 5}}), progress=False)
     save_factors(f, d / "f.safetensors")
     export_onnx(digits["model"], digits["xte"][:2], d / "orig.onnx")

@@ -109,7 +109,7 @@ def test_bad_sparse_options_fail_before_any_work(tiny_vit):
 
     with pytest.raises(MixrankError, match="larger than the layer's 64 input channels"):
         compress_model(tiny_vit, Exploding(),
-                       CompressConfig(overrides={"blocks.0.attn.qkv": {"sparse_k": 65}}),
+                       CompressConfig(sparse="channel", overrides={"blocks.0.attn.qkv": {"sparse_k": 65}}),
                        progress=False)
     with pytest.raises(MixrankError, match="unknown sparse structure"):
         CompressConfig(sparse="diagonal")
