@@ -69,7 +69,7 @@ def distill(
         (fits at the best held-out iterate, a record: start and best held-out error,
         steps run, step of the best iterate, whether it stopped on time).
     """
-    from ._factored import FactoredLinear, _set_module
+    from ._factored import FactoredLinear, _set_module, factored_from_fit, fit_from_factored
 
     t0 = time.perf_counter()
     dev = next(model.parameters()).device
@@ -78,12 +78,7 @@ def distill(
         p.requires_grad_(False)
     mods: dict[str, FactoredLinear] = {}
     for name, f in fits.items():
-        lin = comp.get_submodule(name)
-        sp = f.sparse
-        fl = FactoredLinear(f.A.to(lin.weight), f.B.to(lin.weight), lin.bias,
-                            "none" if sp is None else sp.structure,
-                            None if sp is None else sp.index.to(dev),
-                            None if sp is None else sp.value.to(lin.weight))
+        fl = factored_from_fit(f, comp.get_submodule(name))
         if fl.bias is not None:
             fl.bias.requires_grad_(False)
         _set_module(comp, name, fl)
@@ -153,14 +148,7 @@ def distill(
     with torch.no_grad():
         for p, v in zip(params, best_state, strict=True):
             p.copy_(v)
-    out = {}
-    for name, f in fits.items():
-        m = mods[name]
-        sp = f.sparse
-        if sp is not None:
-            sp = type(sp)(sp.structure, sp.index, m.sparse_value.detach().cpu().float())
-        out[name] = LayerFit(m.A.detach().cpu().float(), m.B.detach().cpu().float(), sp,
-                             f.nmse, f.history)
+    out = {name: fit_from_factored(mods[name], f) for name, f in fits.items()}
     record = {"held_start": start, "held_best": best, "steps": done, "best_step": best_step,
               "stopped_on_time": timed_out, "final_lr": rate, "seconds": time.perf_counter() - t0}
     return out, record

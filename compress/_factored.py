@@ -63,6 +63,26 @@ class FactoredLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}{sp}"
 
 
+def factored_from_fit(fit, lin: nn.Module) -> FactoredLinear:
+    """A `FactoredLinear` holding a `LayerFit`'s factors, on ``lin``'s device and dtype,
+    with ``lin``'s bias."""
+    w, sp = lin.weight, fit.sparse
+    return FactoredLinear(fit.A.to(w), fit.B.to(w), lin.bias, "none" if sp is None else sp.structure,
+                          None if sp is None else sp.index.to(w.device),
+                          None if sp is None else sp.value.to(w))
+
+
+def fit_from_factored(mod: FactoredLinear, old):
+    """The `LayerFit` of ``mod``'s current values (CPU float32; the sparse support, NMSE
+    and history from ``old``)."""
+    from ._fit import LayerFit
+
+    sp = old.sparse
+    if sp is not None:
+        sp = type(sp)(sp.structure, sp.index, mod.sparse_value.detach().cpu().float())
+    return LayerFit(mod.A.detach().cpu().float(), mod.B.detach().cpu().float(), sp, old.nmse, old.history)
+
+
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model

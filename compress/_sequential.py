@@ -122,7 +122,7 @@ def sequential_refit(
     h_c = [a[0].clone() for a, _ in ins]
     kws = [kw for _, kw in ins]
     fits: dict[str, LayerFit] = {}
-    from ._factored import FactoredLinear, _set_module
+    from ._factored import _set_module, factored_from_fit, fit_from_factored
 
     for b, group in enumerate(tqdm(groups, desc="sequential", unit="block", disable=not progress)):
         blk_o, blk_c = blocks_o[b], blocks_c[b]
@@ -161,25 +161,14 @@ def sequential_refit(
                 Wt = W + torch.linalg.solve(Gd, (W @ (Goc - Gcc)).T).T
                 fit = fit_fn(n, Wt, Gcc)
                 fits[n] = fit
-                lin = comp.get_submodule(n)
-                sp = fit.sparse
-                _set_module(comp, n, FactoredLinear(
-                    fit.A.to(lin.weight), fit.B.to(lin.weight), lin.bias,
-                    "none" if sp is None else sp.structure,
-                    None if sp is None else sp.index, None if sp is None else sp.value.to(lin.weight)))
+                _set_module(comp, n, factored_from_fit(fit, comp.get_submodule(n)))
         with torch.no_grad():
             h_o = [_hidden(blk_o(h, **kw)) for h, kw in zip(h_o, kws, strict=True)]
         if group and block_steps > 0 and len(h_c) >= 2:
             _reconstruct_block(blk_c, h_c, h_o, kws, block_steps, block_lr,
                                None if block_seconds is None else block_seconds / len(groups))
             for n in group:
-                mod = comp.get_submodule(n)
-                old = fits[n]
-                sp = old.sparse
-                if sp is not None:
-                    sp = type(sp)(sp.structure, sp.index, mod.sparse_value.detach().cpu().float())
-                fits[n] = LayerFit(mod.A.detach().cpu().float(), mod.B.detach().cpu().float(), sp,
-                                   old.nmse, old.history)
+                fits[n] = fit_from_factored(comp.get_submodule(n), fits[n])
         with torch.no_grad():
             h_c = [_hidden(blk_c(h, **kw)) for h, kw in zip(h_c, kws, strict=True)]
     return fits
