@@ -25,13 +25,10 @@ def _fits(f):
 def _held_error(model, fits, held):
     import copy
 
-    from compress._factored import FactoredLinear, _set_module
+    from compress._factored import _set_module, factored_from_fit
     small = copy.deepcopy(model)
     for n, f in fits.items():
-        lin, sp = small.get_submodule(n), f.sparse
-        _set_module(small, n, FactoredLinear(f.A, f.B, lin.bias, "none" if sp is None else sp.structure,
-                                             None if sp is None else sp.index,
-                                             None if sp is None else sp.value))
+        _set_module(small, n, factored_from_fit(f, small.get_submodule(n)))
     with torch.no_grad():
         errs = [output_error(small(x), model(x), "mse") * len(x) for x in held]
     return sum(errs) / sum(len(x) for x in held)
