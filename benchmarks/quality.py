@@ -133,7 +133,7 @@ def main() -> None:
                      "budget": f.plan["budget"]["budget_params"],
                      "nmse_mean": float(np.mean(nm)), "nmse_max": float(np.max(nm)),
                      "seconds": secs, "variant": f.plan["allocation"]["refinement"]["chosen"],
-                     **evaluate(model, small, xte, yte)}
+                     **evaluate(model, small, xte, yte), **stage_record(f.plan)}
                 rows.append(r)
                 print(json.dumps(r), flush=True)
         all_rows[case] = rows
@@ -142,6 +142,18 @@ def main() -> None:
         verdicts += check_targets(case, rows)
     (out / "quality.json").write_text(json.dumps(all_rows, indent=1))
     print("\n".join(verdicts))
+
+
+def stage_record(plan: dict) -> dict:
+    """Where the compression time went, and which wall-clock bounds stopped a stage."""
+    alloc = plan["allocation"]
+    rec = {"timings": {k: round(v, 1) for k, v in plan["timings"].items()},
+           "search_stopped": alloc["stopped"]}
+    for v in alloc["refinement"]["variants"]:
+        if v["name"].endswith("+distill"):
+            rec["distill"] = {k: v[k] for k in ("steps", "best_step", "stopped_on_time",
+                                                "held_start", "held_best")}
+    return rec
 
 
 def write_table(path: Path, case: str, rows: list[dict]) -> None:
