@@ -65,7 +65,7 @@ def make_photos(folder: Path, count: int, seed: int = 0) -> None:
 def main() -> None:
     import timm
 
-    from compress import CompressConfig, compress_model, image_folder
+    from mixrank.compress import CompressConfig, compress_model, image_folder
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="deit_base_patch16_224")

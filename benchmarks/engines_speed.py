@@ -32,9 +32,9 @@ from compress_speed import make_photos  # noqa: E402
 def main() -> None:
     import timm
 
-    from compress import CompressConfig, compress_model, image_folder, save_factors
-    from engines import OrtSettings, TimingConfig, measure
-    from exporter import export_onnx, rewrite_onnx
+    from mixrank.compress import CompressConfig, compress_model, image_folder, save_factors
+    from mixrank.engines import OrtSettings, TimingConfig, measure
+    from mixrank.exporter import export_onnx, rewrite_onnx
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="deit_small_patch16_224,deit_base_patch16_224")

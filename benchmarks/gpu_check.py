@@ -55,7 +55,7 @@ def time_pair(models: dict, x: torch.Tensor, dtype, rounds: int = 20, iters: int
 def main() -> None:
     import timm
 
-    from compress import CompressConfig, apply_factors, compress_model, image_folder
+    from mixrank.compress import CompressConfig, apply_factors, compress_model, image_folder
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="deit_base_patch16_224")
@@ -74,8 +74,8 @@ def main() -> None:
         make_photos(Path(tmp), args.images)
         data = image_folder(tmp, model, count=args.images, batch_size=32)
     for method in ("whiten", "mixrank"):
-        cfg = CompressConfig(method=method, keep=args.keep, device=args.device,
-                             search_seconds=args.search_seconds)
+        search = {"search_seconds": args.search_seconds} if method == "mixrank" else {}  # whiten has no search
+        cfg = CompressConfig(method=method, keep=args.keep, device=args.device, **search)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()

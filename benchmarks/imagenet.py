@@ -33,8 +33,8 @@ PAPER_MODELS = {  # model -> keep fractions of the block Linear parameters to ev
 
 
 def main() -> int:
-    from compress import CompressConfig, MixrankError, apply_factors, compress_model, image_folder
-    from exporter._models import load_model
+    from mixrank.compress import CompressConfig, MixrankError, apply_factors, compress_model, image_folder
+    from mixrank.exporter._models import load_model
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train", help="ImageNet train folder (class-per-folder) for calibration")
@@ -66,7 +66,7 @@ def main() -> int:
             print(f"{name}: {e}", file=sys.stderr)
             return 2
         calib = image_folder(args.train, model, count=args.calib, batch_size=32)
-        from compress import image_csv
+        from mixrank.compress import image_csv
 
         val = image_csv(args.val_csv, model, count=args.val_count, batch_size=64) if args.val_csv else \
             image_folder(args.val, model, count=args.val_count, batch_size=64)

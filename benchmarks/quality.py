@@ -64,7 +64,7 @@ def photo_crops(count: int, size: int, seed: int) -> torch.Tensor:
 
 def load_case(name: str):
     """(model, calibration batches, test inputs, test labels or None)."""
-    from compress._demo import DigitsRecipe, digits_data, digits_vit
+    from mixrank._demo import DigitsRecipe, digits_data, digits_vit
 
     if name in ("digits", "wide"):
         recipe = DigitsRecipe() if name == "digits" else DigitsRecipe(embed_dim=192, depth=6,
@@ -103,7 +103,7 @@ def evaluate(model, small, x, y):
 
 
 def main() -> None:
-    from compress import CompressConfig, apply_factors, compress_model
+    from mixrank.compress import CompressConfig, apply_factors, compress_model
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")

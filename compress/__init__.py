@@ -5,22 +5,33 @@ Public API::
     factors = compress_model(model, batches, CompressConfig(keep=0.4))
     save_factors(factors, "model.mixrank.safetensors")
     small = apply_factors(model, load_factors("model.mixrank.safetensors"))
+
+Extension points (docs/design.md, "Extension points"): `METHODS`, `FACTORIZERS`,
+`ALLOCATORS`, `REFINEMENTS`, `SPARSE`; each interface module imports its built-in
+implementations at its end (their registration).
+
+Names are imported on first use (PEP 562), so that ``from mixrank.compress import
+MixrankError`` or the file-writing helpers do not import torch: an engine process
+that only needs those stays small (the peak-memory probe relies on it).
 """
 
-from ._calibrate import Calibration, LayerStats, collect_stats
-from ._compress import compress_model, model_fingerprint
-from ._config import FORMAT_VERSION, CompressConfig
-from ._data import ImageBatches, image_csv, image_folder, model_transform
-from ._errors import MixrankError, close_matches
-from ._factor import Spectrum, activation_error, plain_spectrum, whitened_spectrum
-from ._factored import FactoredLinear, apply_factors
-from ._factors import Factors, load_factors, save_factors, weight_fingerprint
-from ._select import select_layers
+from ._lazy import lazy_exports
 
-__all__ = [
-    "FORMAT_VERSION", "Calibration", "CompressConfig", "FactoredLinear", "Factors",
-    "ImageBatches", "LayerStats", "MixrankError", "Spectrum", "activation_error",
-    "apply_factors", "close_matches", "collect_stats", "compress_model", "image_csv",
-    "image_folder", "load_factors", "model_fingerprint", "model_transform", "plain_spectrum",
-    "save_factors", "select_layers", "weight_fingerprint", "whitened_spectrum",
-]
+lazy_exports(globals(), {
+    "._allocate": ("ALLOCATORS", "Allocator"),
+    "._calibrate": ("Calibration", "LayerStats", "collect_stats"),
+    "._compress": ("compress_model", "model_fingerprint"),
+    "._config": ("Budget", "CompressConfig", "Refine", "Search", "Selection"),
+    "._data": ("ImageBatches", "image_csv", "image_folder", "model_transform"),
+    "._errors": ("MixrankError", "WriteError", "close_matches"),
+    "._factor": ("Spectrum", "activation_error", "plain_spectrum", "whitened_spectrum"),
+    "._factored": ("FactoredLinear", "apply_factors"),
+    "._factorizers": ("FACTORIZERS", "Factorizer"),
+    "._factors": ("FORMAT_VERSION", "Factors", "load_factors", "save_factors", "weight_fingerprint"),
+    "._io": ("atomic_write", "atomic_write_bytes", "atomic_write_text", "check_writable_path", "sha256_file"),
+    "._methods": ("METHODS", "Method"),
+    "._plan": ("LayerPlan", "Plan"),
+    "._refine": ("REFINEMENTS", "Refinement"),
+    "._select": ("select_layers",),
+    "._sparse": ("SPARSE", "SparseStructure", "SparseTerm"),
+})

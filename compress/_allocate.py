@@ -5,25 +5,23 @@ A layer is either dense (rank ``None``, cost ``m·n``) or factored at rank ``r``
 its parameters. The search starts there and moves rank between layers; each
 candidate is scored by the whole model's output error against the original on
 held-out calibration batches, and only a measured improvement is accepted, so the
-result is never worse than uniform (DESIGN.md, "Mixed-rank allocation").
+result is never worse than uniform (docs/design.md, "Mixed-rank allocation").
+
+Allocators are registered in `ALLOCATORS` (``uniform``, ``search``); adding one:
+docs/design.md, "Adding an allocator".
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ._calibrate import move_batch, run_model
 from ._errors import MixrankError
-from ._factor import Spectrum
+from ._registry import Registry
 
 Alloc = dict[str, "int | None"]  # layer -> rank, None = dense
 
@@ -166,151 +164,6 @@ def uniform_allocation(spaces: dict[str, LayerSpace], budget: int, step: int) ->
     return _fill(spaces, alloc, budget, order)
 
 
-# ---------------------------------------------------------------- end-to-end scoring
-
-
-def first_tensor(out) -> torch.Tensor:
-    """The main output tensor of a model call (``logits`` of a dict/ModelOutput,
-    the first element of a tuple)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, dict):
-        if "logits" in out:
-            return out["logits"]
-        out = list(out.values())
-    if isinstance(out, (tuple, list)):
-        for o in out:
-            if isinstance(o, torch.Tensor):
-                return o
-    raise MixrankError(f"cannot find an output tensor in a {type(out).__name__}")
-
-
-def output_error(y: torch.Tensor, ref: torch.Tensor, metric: str) -> float:
-    """Mean error of ``y`` against ``ref``: logits KL(ref‖y), normalised MSE or 1−cos
-    (``"auto"`` is normalised MSE, see `CompressConfig.metric`)."""
-    y, ref = y.double(), ref.double()
-    if metric == "auto":
-        metric = "mse"
-    if metric == "kl":
-        lp, lq = F.log_softmax(ref, -1), F.log_softmax(y, -1)
-        return float((lp.exp() * (lp - lq)).sum(-1).mean())
-    if metric == "mse":
-        return float(((y - ref) ** 2).sum() / (ref**2).sum().clamp_min(1e-300))
-    return float(1.0 - F.cosine_similarity(y.flatten(1), ref.flatten(1), dim=-1).mean())
-
-
-class _SwitchLinear(nn.Module):
-    """A Linear whose rank can be switched without rebuilding: ``rank=None`` is the
-    dense weight, otherwise the first ``rank`` columns/rows of the cached factors."""
-
-    def __init__(self, lin: nn.Linear, spec: Spectrum, cap: int):
-        super().__init__()
-        dev, dt = lin.weight.device, lin.weight.dtype
-        self.weight = lin.weight
-        self.bias = lin.bias
-        self.us = spec.us[:, :cap].to(dev, dt)
-        self.vt = spec.vt[:cap].to(dev, dt)
-        self.rank: int | None = None
-        self.fit: tuple | None = None  # (A, B, sparse) overriding the rank switch when set
-
-    def set_fit(self, fit) -> None:
-        """Use a `LayerFit`'s factors (``None`` returns to the rank switch)."""
-        if fit is None:
-            self.fit = None
-            return
-        dev, dt = self.weight.device, self.weight.dtype
-        sp = fit.sparse
-        if sp is not None:
-            sp = type(sp)(sp.structure, sp.index.to(dev), sp.value.to(dev, dt))
-        self.fit = (fit.A.to(dev, dt), fit.B.to(dev, dt), sp)
-
-    def forward(self, x):
-        if self.fit is not None:
-            A, B, sp = self.fit
-            y = F.linear(F.linear(x, B), A)
-            if sp is not None:
-                y = y + sp.apply(x)
-            return y if self.bias is None else y + self.bias
-        if self.rank is None:
-            return F.linear(x, self.weight, self.bias)
-        y = F.linear(F.linear(x, self.vt[: self.rank]), self.us[:, : self.rank])
-        return y if self.bias is None else y + self.bias
-
-
-def _limit_samples(batches: list, max_samples: int | None) -> list:
-    """The first ``max_samples`` samples of ``batches`` (the last batch cut short)."""
-    from ._calibrate import batch_size, slice_batch
-
-    if max_samples is None:
-        return list(batches)
-    out, left = [], max_samples
-    for b in batches:
-        if left <= 0:
-            break
-        n = batch_size(b)
-        out.append(b if n <= left else slice_batch(b, 0, left, n))
-        left -= n
-    return out
-
-
-class Evaluator:
-    """Scores allocations by the whole model's output error on held-out batches.
-
-    Holds one copy of the model whose selected Linear layers switch rank in place,
-    and the original outputs of the held-out batches.
-    """
-
-    def __init__(self, model: nn.Module, spectra: dict[str, Spectrum],
-                 spaces: dict[str, LayerSpace], batches: list, metric: str,
-                 max_samples: int | None = None):
-        self.model = copy.deepcopy(model).eval()
-        self.device = next(self.model.parameters()).device
-        self.batches = [move_batch(b, self.device) for b in _limit_samples(batches, max_samples)]
-        self.metric = metric
-        self.switches: dict[str, _SwitchLinear] = {}
-        with torch.no_grad():
-            self.refs = [first_tensor(run_model(self.model, b)).detach() for b in self.batches]
-        for name, spec in spectra.items():
-            cap = max(spaces[name].cap, spaces[name].fixed or 0)
-            sw = _SwitchLinear(self.model.get_submodule(name), spec, cap)
-            parent, _, child = name.rpartition(".")
-            setattr(self.model.get_submodule(parent) if parent else self.model, child, sw)
-            self.switches[name] = sw
-        self.cache: dict[tuple, float] = {}
-        self.evals = 0
-
-    def __call__(self, alloc: Alloc) -> float:
-        key = tuple(sorted(alloc.items(), key=lambda kv: kv[0]))
-        if key in self.cache:
-            return self.cache[key]
-        for name, r in alloc.items():
-            self.switches[name].rank = r
-        score = self._score()
-        self.cache[key] = score
-        self.evals += 1
-        return score
-
-    def score_fits(self, fits: dict) -> float:
-        """Score explicit per-layer fits (layers absent from ``fits`` stay dense)."""
-        for name, sw in self.switches.items():
-            sw.rank = None
-            sw.set_fit(fits.get(name))
-        try:
-            return self._score()
-        finally:
-            for sw in self.switches.values():
-                sw.set_fit(None)
-
-    def _score(self) -> float:
-        errs, weights = [], []
-        with torch.no_grad():
-            for b, ref in zip(self.batches, self.refs, strict=True):
-                y = first_tensor(run_model(self.model, b))
-                errs.append(output_error(y, ref, self.metric))
-                weights.append(ref.shape[0] if ref.ndim else 1)
-        return sum(e * w for e, w in zip(errs, weights, strict=True)) / sum(weights)
-
-
 def search_allocation(
     spaces: dict[str, LayerSpace],
     budget: int,
@@ -426,3 +279,47 @@ def search_allocation(
                       "ranks": dict(alloc)})
     bar.close()
     return alloc, cands, stop
+
+
+class Allocator:
+    """Interface: choose a rank (or dense) per layer under the budget.
+
+    Attributes:
+        settings: the `CompressConfig` settings it reads (``"search.rounds"``, ...).
+    """
+
+    name: str = ""
+    settings: tuple[str, ...] = ()
+
+    def allocate(self, spaces: dict[str, LayerSpace], budget: int, config, score: Callable[[Alloc], float],
+                 progress: bool = True) -> tuple[Alloc, list[dict], str]:
+        """Returns (allocation, candidates scored, stop reason); the first candidate is
+        the uniform allocation."""
+        raise NotImplementedError
+
+
+ALLOCATORS: Registry[Allocator] = Registry("allocator")
+
+
+@ALLOCATORS.register("uniform")
+class UniformAllocator(Allocator):
+    """Every layer keeps the same fraction of its parameters (`uniform_allocation`)."""
+
+    def allocate(self, spaces, budget, config, score, progress=True):
+        alloc = uniform_allocation(spaces, budget, config.selection.rank_step)
+        cands = [{"name": "uniform", "score": score(alloc), "params": alloc_cost(spaces, alloc),
+                  "ranks": dict(alloc)}]
+        return alloc, cands, "uniform"
+
+
+@ALLOCATORS.register("search")
+class SearchAllocator(Allocator):
+    """Rank moved between layers from the uniform start, judged end to end
+    (`search_allocation`)."""
+
+    settings = ("search.rounds", "search.evals", "search.seconds")
+
+    def allocate(self, spaces, budget, config, score, progress=True):
+        s = config.search
+        return search_allocation(spaces, budget, config.selection.rank_step, score, s.rounds, s.evals,
+                                 s.seconds, progress=progress)

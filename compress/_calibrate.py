@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ._batches import Batch, batch_size, move_batch, run_model
 from ._errors import MixrankError
-
-Batch = Any  # a tensor, a tuple/list of tensors (positional args), or a dict of kwargs
 
 
 @dataclass
@@ -41,48 +39,6 @@ class Calibration:
     layers: dict[str, LayerStats] = field(default_factory=dict)
     batches: int = 0
     samples: int = 0
-
-
-def move_batch(batch: Batch, device: torch.device) -> Batch:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: move_batch(v, device) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(move_batch(v, device) for v in batch)
-    return batch
-
-
-def run_model(model: nn.Module, batch: Batch):
-    """Call ``model`` on a batch: tensor → ``model(x)``, tuple → ``model(*b)``,
-    dict → ``model(**b)``."""
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
-
-
-def batch_size(batch: Batch) -> int:
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.ndim else 1
-    values = batch.values() if isinstance(batch, Mapping) else batch
-    for v in values:
-        if isinstance(v, torch.Tensor) and v.ndim:
-            return int(v.shape[0])
-    raise MixrankError("a calibration batch holds no tensor")
-
-
-def slice_batch(batch: Batch, lo: int, hi: int, size: int) -> Batch:
-    """Samples ``lo:hi`` of a batch of ``size`` samples (tensors whose first dimension
-    is ``size`` are sliced; anything else is passed through)."""
-    if isinstance(batch, torch.Tensor):
-        return batch[lo:hi] if batch.ndim and batch.shape[0] == size else batch
-    if isinstance(batch, Mapping):
-        return {k: slice_batch(v, lo, hi, size) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(slice_batch(v, lo, hi, size) for v in batch)
-    return batch
 
 
 def _token_mask(batch: Batch, key: str | None) -> torch.Tensor | None:

@@ -1,116 +1,183 @@
-"""`CompressConfig`: what to compress, to which budget, and how."""
+"""`CompressConfig`: what to compress, to which budget, and how.
+
+A configuration has a few general settings (method, metric, damping, holdout,
+token_mask, device, seed) and four sections:
+
+- `Budget`: how much the selected layers may keep.
+- `Selection`: which layers, the per-layer overrides, and the rank grid.
+- `Search`: the end-to-end allocation search (method ``mixrank``).
+- `Refine`: the refinements after the closed form (method ``mixrank``).
+
+Each section validates itself. The configuration as a whole is checked against the
+method: a setting that the method's components never read is an error that names it
+(each component declares what it reads, `mixrank.compress._methods`). Flat keyword
+arguments are accepted and routed to their section (``CompressConfig(keep=0.4,
+search_evals=40)`` is ``CompressConfig(budget=Budget(keep=0.4), search=Search(evals=40))``),
+and so are flat dicts (factors files of format 1). TOML files use the sections as
+tables (docs/design.md, "Configuration").
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from ._errors import MixrankError
+from ._errors import MixrankError, close_matches
 
-FORMAT_VERSION = 1
-
-METHODS = ("mixrank", "whiten", "svd", "asvd", "oats")
-SPARSE = ("none", "channel", "row")
 METRICS = ("auto", "kl", "mse", "cosine")
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
 OVERRIDE_KEYS = ("dense", "rank", "min_rank", "sparse_k")
 
 
+def _fraction(name: str, value) -> None:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise MixrankError(f"{name} must be a number, got {value!r}") from None
+    if not (math.isfinite(v) and 0.0 < v < 1.0):
+        raise MixrankError(f"{name} must be a fraction in (0, 1), got {value}")
+
+
 @dataclass
-class CompressConfig:
-    """How to compress a model.
+class Budget:
+    """How much the selected layers keep: one of ``keep`` (fraction of their weight
+    parameters; ``keep=0.4`` removes 60 %), ``params`` (absolute parameter count) or
+    ``bytes`` (storage at ``dtype``). With none of them, ``keep=0.5``."""
 
-    The budget is one of ``keep`` (fraction of the selected layers' weight
-    parameters kept; ``keep=0.4`` removes 60 %), ``params`` (absolute number of
-    weight parameters the selected layers may use after compression) or
-    ``bytes`` (storage of the selected layers' weights at ``dtype``). With none of
-    them, ``keep=0.5``.
-
-    Attributes:
-        method: ``"mixrank"`` (activation-aware low-rank, ranks allocated per layer
-            by end-to-end measurement), ``"whiten"`` (activation-aware low-rank at a
-            uniform parameter fraction, SVD-LLM-like) or ``"svd"`` (plain truncated
-            SVD of the weight at a uniform parameter fraction).
-        include: glob patterns over qualified module names selecting Linear layers;
-            ``None`` selects every Linear inside the model's repeated blocks.
-        exclude: glob patterns removed from the selection; ``None`` excludes the
-            classifier head and patch embedding when ``include`` is ``None``.
-        overrides: per-layer settings by qualified name, each a dict with one or
-            more of ``dense`` (bool), ``rank`` (int, fixed) and ``min_rank`` (int).
-        rank_step: ranks move in multiples of this (8 suits tensor cores).
-        min_rank: rank floor of every compressed layer.
-        damping: ``λ = damping · mean(diag G)`` added to the Gram matrix.
-        holdout: fraction of the calibration batches held out to score
-            allocations end to end (never used for statistics).
-        metric: end-to-end output error that scores allocations, picks refinements
-            and drives distillation: ``"kl"`` (logits), ``"mse"`` (normalised),
-            ``"cosine"`` (1 − cosine) or ``"auto"`` (normalised MSE, for classifier
-            logits too: on the digits ViT at keep 0.4, a search scored by logits KL
-            cut the held-out KL 3x yet raised the test-split KL, 6.5e-6 -> 7.0e-6,
-            because a handful of ambiguous samples dominate KL; scored by logits MSE
-            the test-split KL fell to 3.5e-6).
-        sparse: structure of the sparse term of ``mixrank``: ``"channel"`` (whole
-            input columns), ``"row"`` (k entries per output row) or ``"none"`` (the
-            default: in `benchmarks/quality.py`, 2026-11-28, with every other default
-            on, channel-sparse was never better than pure low rank at equal
-            parameters: identical on the digits ViTs, where the per-layer split gives
-            the sparse term nothing, and worse on deit_tiny at keep 0.4, KL 1.575e-3
-            vs 1.529e-3).
-        sparse_splits: per layer, up to this many rank steps of its allocated
-            budget may be given to the sparse term instead; the split with the lowest
-            layer error wins (0 disables the sparse term).
-        alternate: rounds of alternating refits (``AB`` to ``W − S``, ``S`` to
-            ``W − AB``); a round is kept only if it lowers the layer error.
-        compensate_steps: Adam steps refining ``A``, ``B`` and the sparse values on
-            the layer's output loss (0 disables).
-        compensate_lr: Adam learning rate, relative to each tensor's mean magnitude.
-        sequential: also refit block by block on the compressed model's own
-            activations (later layers compensate earlier errors); kept only if it
-            lowers the held-out output error.
-        block_steps: Adam steps of block reconstruction in the sequential refit
-            (all factors of a block optimised jointly on the block's output; 0: off).
-            Each block keeps its best iterate on a quarter of the batches held out; like
-            every refinement it ships only when it beats the closed form on the held-out
-            calibration data. On the wider digits ViT at keep 0.4, 300 steps instead of
-            100 lowered the test-split KL from 8.6e-7 to 7.1e-7.
-        block_lr: its learning rate, relative to each tensor's mean magnitude.
-        block_seconds: wall-clock bound of all block reconstructions together
-            (``None``: no limit).
-        distill_steps: Adam steps of end-to-end distillation, the last refinement: all
-            factors move jointly so that the compressed model's output matches the
-            original's on the statistics batches (in ``metric``); the held-out
-            batches pick the iterate kept, and the step size is cut to a third (back
-            at the best iterate) whenever they stop improving (0: off).
-        distill_lr: its starting learning rate, relative to each tensor's mean magnitude.
-        distill_seconds: wall-clock bound of the distillation (``None``: no limit).
-        search_rounds: maximum rounds of the allocation search.
-        search_evals: maximum number of whole-model evaluations in the search.
-        search_seconds: wall-clock limit of the search (``None``: no limit); the
-            plan records whether the search stopped on it.
-        search_samples: at most this many held-out samples are used to score an
-            allocation (one whole-model forward pass over them per candidate).
-        token_mask: key of a dict batch holding a (batch, tokens) mask of the
-            tokens to count (for example ``"attention_mask"``); ``None`` counts all.
-        device: torch device for statistics and factorization (``None``: the
-            model's device).
-        seed: seed for anything random.
-    """
-
-    method: str = "mixrank"
     keep: float | None = None
     params: int | None = None
     bytes: int | None = None
     dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("keep", "params", "bytes") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise MixrankError(f"give one budget, not {' and '.join(given)}")
+        if not given:
+            self.keep = 0.5
+        if self.keep is not None:
+            _fraction("keep", self.keep)
+        for name in ("params", "bytes"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                  or not math.isfinite(v) or int(v) <= 0):
+                what = "parameter" if name == "params" else "byte"
+                raise MixrankError(f"{name} must be a positive {what} count, got {v}")
+        if self.dtype not in DTYPE_BYTES:
+            raise MixrankError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPE_BYTES)}")
+
+    def params_for(self, total_params: int) -> int:
+        """The parameter budget of the selected layers, given their dense total."""
+        if self.keep is not None:
+            return int(math.floor(self.keep * total_params))
+        if self.params is not None:
+            return int(self.params)
+        return int(self.bytes) // DTYPE_BYTES[self.dtype]
+
+
+@dataclass
+class Selection:
+    """Which Linear layers, per-layer overrides, and the rank grid.
+
+    Attributes:
+        include: glob patterns over qualified module names; ``None`` selects every
+            Linear inside the model's repeated blocks.
+        exclude: glob patterns removed; ``None`` excludes heads and patch embeddings
+            when ``include`` is ``None``.
+        overrides: per-layer settings by qualified name, each a dict with one or more
+            of ``dense`` (bool), ``rank`` (int, fixed), ``min_rank`` (int) and
+            ``sparse_k`` (int).
+        rank_step: ranks move in multiples of this (8 suits tensor cores).
+        min_rank: rank floor of every compressed layer.
+    """
+
     include: list[str] | None = None
     exclude: list[str] | None = None
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     rank_step: int = 8
     min_rank: int = 8
-    damping: float = 1e-2
-    holdout: float = 0.5
-    metric: str = "auto"
+
+    def __post_init__(self) -> None:
+        for pats in (self.include, self.exclude):
+            if pats is not None and (isinstance(pats, str) or not all(isinstance(p, str) for p in pats)):
+                raise MixrankError("include/exclude must be lists of glob patterns")
+        if not isinstance(self.overrides, dict):
+            raise MixrankError("overrides must be a table of layer name = settings")
+        for name, ov in self.overrides.items():
+            if not isinstance(ov, dict) or not ov:
+                raise MixrankError(f"override for {name!r} must be a non-empty dict of {OVERRIDE_KEYS}")
+            bad = set(ov) - set(OVERRIDE_KEYS)
+            if bad:
+                raise MixrankError(
+                    f"override for {name!r} has unknown key(s) {sorted(bad)}; allowed: {OVERRIDE_KEYS}")
+            if "dense" in ov and not isinstance(ov["dense"], bool):
+                raise MixrankError(f"override {name!r}: dense must be true or false, got {ov['dense']!r}")
+            if "sparse_k" in ov and (isinstance(ov["sparse_k"], bool) or not isinstance(ov["sparse_k"], int)
+                                     or ov["sparse_k"] < 0):
+                raise MixrankError(f"override {name!r}: sparse_k must be an int >= 0, got {ov['sparse_k']!r}")
+            for key in ("rank", "min_rank"):
+                if key in ov and (isinstance(ov[key], bool) or not isinstance(ov[key], int) or ov[key] < 1):
+                    raise MixrankError(f"override {name!r}: {key} must be a positive int, got {ov[key]!r}")
+        for name in ("rank_step", "min_rank"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise MixrankError(f"{name} must be >= 1, got {v}")
+
+
+@dataclass
+class Search:
+    """The end-to-end allocation search of method ``mixrank``.
+
+    Attributes:
+        rounds: maximum rounds (each probes every free layer one rank step down and up,
+            then tries a few moves of rank between layers).
+        evals: maximum number of whole-model evaluations.
+        seconds: wall-clock bound (``None``: none); the plan records a stop on it.
+        samples: at most this many held-out samples score an allocation (one forward
+            pass over them per candidate). Every method scores its allocation on them.
+    """
+
+    rounds: int = 6
+    evals: int = 200
+    seconds: float | None = 300.0
+    samples: int = 128
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 0:
+            raise MixrankError(f"search_rounds must be >= 0, got {self.rounds}")
+        for name in ("evals", "samples"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise MixrankError(f"search_{name} must be >= 1, got {v}")
+        _check_seconds("search_seconds", self.seconds)
+
+
+@dataclass
+class Refine:
+    """Refinements of method ``mixrank`` after the closed form; each ships only when it
+    lowers the held-out output error (docs/design.md, "Refinements").
+
+    Attributes:
+        sparse: structure of the sparse term (``"none"``, ``"channel"``, ``"row"``).
+        sparse_splits: per layer, up to this many rank steps of its budget may go to the
+            sparse term; the split with the lowest layer error wins.
+        alternate: rounds of alternating refits (``AB`` to ``W − S``, ``S`` to ``W − AB``).
+        compensate_steps: Adam steps refining each layer on its own output loss (0: off).
+        compensate_lr: its learning rate, relative to each tensor's mean magnitude.
+        sequential: refit block by block on the compressed model's own activations.
+        block_steps: Adam steps of block reconstruction in the sequential refit (0: off).
+        block_lr: its learning rate, relative to each tensor's mean magnitude.
+        block_seconds: wall-clock bound of all block reconstructions (``None``: none).
+        distill_steps: Adam steps of end-to-end distillation of all factors (0: off).
+        distill_lr: its starting learning rate, relative to each tensor's magnitude.
+        distill_seconds: wall-clock bound of the distillation (``None``: none).
+    """
+
     sparse: str = "none"
     sparse_splits: int = 3
     alternate: int = 2
@@ -123,90 +190,244 @@ class CompressConfig:
     distill_steps: int = 300
     distill_lr: float = 1e-3
     distill_seconds: float | None = 300.0
-    search_rounds: int = 6
-    search_evals: int = 200
-    search_seconds: float | None = 300.0
-    search_samples: int = 128
-    token_mask: str | None = None
-    device: str | None = None
-    seed: int = 0
-    format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise MixrankError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        given = [k for k in ("keep", "params", "bytes") if getattr(self, k) is not None]
-        if len(given) > 1:
-            raise MixrankError(f"give one budget, not {' and '.join(given)}")
-        if not given:
-            self.keep = 0.5
-        if self.keep is not None and not (0.0 < float(self.keep) < 1.0 and math.isfinite(self.keep)):
-            raise MixrankError(f"keep must be a fraction in (0, 1), got {self.keep}")
-        if self.params is not None and int(self.params) <= 0:
-            raise MixrankError(f"params must be a positive parameter count, got {self.params}")
-        if self.bytes is not None and int(self.bytes) <= 0:
-            raise MixrankError(f"bytes must be a positive byte count, got {self.bytes}")
-        if self.dtype not in DTYPE_BYTES:
-            raise MixrankError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPE_BYTES)}")
-        for name in ("search_seconds", "block_seconds", "distill_seconds"):
+        from ._sparse import SPARSE
+
+        if self.sparse != "none" and self.sparse not in SPARSE:
+            raise MixrankError(f"unknown sparse structure {self.sparse!r}; choose one of "
+                               f"{', '.join(('none', *SPARSE.names()))}")
+        for name in ("sparse_splits", "alternate", "compensate_steps", "block_steps", "distill_steps"):
             v = getattr(self, name)
-            if v is not None and not float(v) > 0:
-                raise MixrankError(f"{name} must be > 0 or None, got {v}")
-        if self.sparse not in SPARSE:
-            raise MixrankError(f"unknown sparse structure {self.sparse!r}; choose one of {', '.join(SPARSE)}")
-        if self.sparse == "none" and any(ov.get("sparse_k") for ov in self.overrides.values()):
-            raise MixrankError("a sparse_k override needs sparse='channel' or sparse='row'")
-        for name in ("sparse_splits", "alternate", "compensate_steps", "block_steps",
-                     "distill_steps"):
-            if int(getattr(self, name)) < 0:
-                raise MixrankError(f"{name} must be >= 0, got {getattr(self, name)}")
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise MixrankError(f"{name} must be >= 0, got {v}")
         for name in ("compensate_lr", "block_lr", "distill_lr"):
-            v = float(getattr(self, name))
-            if not (v > 0 and math.isfinite(v)):
-                raise MixrankError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("rank_step", "min_rank", "search_evals", "search_samples"):
-            if int(getattr(self, name)) < 1:
-                raise MixrankError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if int(self.search_rounds) < 0:
-            raise MixrankError(f"search_rounds must be >= 0, got {self.search_rounds}")
-        if not (0.0 <= float(self.damping) and math.isfinite(self.damping)):
-            raise MixrankError(f"damping must be >= 0, got {self.damping}")
-        if not 0.0 < float(self.holdout) < 1.0:
-            raise MixrankError(f"holdout must be a fraction in (0, 1), got {self.holdout}")
+            v = getattr(self, name)
+            try:
+                ok = float(v) > 0 and math.isfinite(float(v))
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise MixrankError(f"{name} must be > 0, got {v}")
+        if not isinstance(self.sequential, bool):
+            raise MixrankError(f"sequential must be true or false, got {self.sequential!r}")
+        for name in ("block_seconds", "distill_seconds"):
+            _check_seconds(name, getattr(self, name))
+
+
+def _check_seconds(name: str, v) -> None:
+    if v is None:
+        return
+    try:
+        ok = float(v) > 0 and not isinstance(v, bool)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise MixrankError(f"{name} must be > 0 or None, got {v}")
+
+
+SECTIONS = {"budget": Budget, "selection": Selection, "search": Search, "refine": Refine}
+GENERAL = ("method", "metric", "damping", "holdout", "token_mask", "device", "seed")
+# flat names of section fields (the keyword arguments of CompressConfig and format-1 plans)
+FLAT: dict[str, tuple[str, str]] = {
+    **{k: ("budget", k) for k in ("keep", "params", "bytes", "dtype")},
+    **{k: ("selection", k) for k in ("include", "exclude", "overrides", "rank_step", "min_rank")},
+    **{f"search_{k}": ("search", k) for k in ("rounds", "evals", "seconds", "samples")},
+    **{f.name: ("refine", f.name) for f in dataclasses.fields(Refine)},
+}
+
+
+def flat_name(section: str, name: str) -> str:
+    """The flat (keyword-argument, command-line) name of a section field."""
+    return f"search_{name}" if section == "search" else name
+
+
+class CompressConfig:
+    """How to compress a model: general settings plus the `Budget`, `Selection`,
+    `Search` and `Refine` sections.
+
+    Args:
+        method: a registered method (``"mixrank"``, ``"whiten"``, ``"svd"``, ``"asvd"``,
+            ``"oats"``; see `mixrank.compress.METHODS`).
+        metric: end-to-end output error that scores allocations and refinements:
+            ``"kl"`` (logits), ``"mse"`` (normalised), ``"cosine"`` (1 − cosine) or
+            ``"auto"`` (normalised MSE: a KL-scored search overfits the few ambiguous
+            held-out samples that dominate KL; docs/design.md, "Scoring").
+        damping: ``λ = damping · mean(diag G)`` added to the Gram matrix.
+        holdout: fraction of the calibration batches held out to score allocations and
+            refinements end to end (never used for statistics).
+        token_mask: key of a dict batch holding a (batch, tokens) mask of the tokens to
+            count (for example ``"attention_mask"``); ``None`` counts all.
+        device: torch device for statistics and factorization (``None``: the model's).
+        seed: seed for anything random.
+        budget, selection, search, refine: the sections (``None``: defaults).
+        **flat: section fields by flat name (``keep=0.4``, ``search_evals=40``,
+            ``sparse="row"``, ...), routed to their section.
+
+    Raises:
+        MixrankError: an unknown or malformed setting, or one the method ignores.
+    """
+
+    def __init__(self, method: str = "mixrank", *, metric: str = "auto", damping: float = 1e-2,
+                 holdout: float = 0.5, token_mask: str | None = None, device: str | None = None,
+                 seed: int = 0, budget: Budget | dict | None = None,
+                 selection: Selection | dict | None = None, search: Search | dict | None = None,
+                 refine: Refine | dict | None = None, **flat: Any):
+        self.method = method
+        self.metric = metric
+        self.damping = damping
+        self.holdout = holdout
+        self.token_mask = token_mask
+        self.device = device
+        self.seed = seed
+        given = {"budget": budget, "selection": selection, "search": search, "refine": refine}
+        parts: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+        for s, v in given.items():
+            if isinstance(v, dict):
+                parts[s].update(v)
+            elif v is not None:
+                if not isinstance(v, SECTIONS[s]):
+                    raise MixrankError(f"{s} must be a {SECTIONS[s].__name__} or a dict")
+                parts[s].update(dataclasses.asdict(v))
+        for key, value in flat.items():
+            if key not in FLAT:
+                raise MixrankError(f"unknown setting {key!r}{close_matches(key, [*FLAT, *GENERAL])}")
+            s, name = FLAT[key]
+            parts[s][name] = value
+        for s, cls in SECTIONS.items():
+            known = {f.name for f in dataclasses.fields(cls)}
+            bad = set(parts[s]) - known
+            if bad:
+                raise MixrankError(f"unknown [{s}] setting(s) {sorted(bad)}; known: {sorted(known)}")
+            setattr(self, s, cls(**parts[s]))
+        self._validate()
+
+    # ------------------------------------------------------------------ checks
+
+    def _validate(self) -> None:
+        from ._methods import METHODS, check_settings
+
+        method = METHODS[self.method]
         if self.metric not in METRICS:
             raise MixrankError(f"unknown metric {self.metric!r}; choose one of {', '.join(METRICS)}")
-        for pats in (self.include, self.exclude):
-            if pats is not None and (isinstance(pats, str) or not all(isinstance(p, str) for p in pats)):
-                raise MixrankError("include/exclude must be lists of glob patterns")
-        for name, ov in self.overrides.items():
-            if not isinstance(ov, dict) or not ov:
-                raise MixrankError(f"override for {name!r} must be a non-empty dict of {OVERRIDE_KEYS}")
-            bad = set(ov) - set(OVERRIDE_KEYS)
-            if bad:
-                raise MixrankError(
-                    f"override for {name!r} has unknown key(s) {sorted(bad)}; allowed: {OVERRIDE_KEYS}"
-                )
-            if "sparse_k" in ov and (not isinstance(ov["sparse_k"], int) or ov["sparse_k"] < 0):
-                raise MixrankError(f"override {name!r}: sparse_k must be an int >= 0, got {ov['sparse_k']!r}")
-            for key in ("rank", "min_rank"):
-                if key in ov and (not isinstance(ov[key], int) or ov[key] < 1):
-                    raise MixrankError(f"override {name!r}: {key} must be a positive int, got {ov[key]!r}")
+        try:
+            ok = 0.0 <= float(self.damping) and math.isfinite(float(self.damping))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise MixrankError(f"damping must be >= 0, got {self.damping}")
+        _fraction("holdout", self.holdout)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise MixrankError(f"seed must be an integer, got {self.seed!r}")
+        if self.token_mask is not None and not isinstance(self.token_mask, str):
+            raise MixrankError(f"token_mask must be a key name, got {self.token_mask!r}")
+        if self.refine.sparse == "none" and any(ov.get("sparse_k") for ov in self.selection.overrides.values()):
+            raise MixrankError("a sparse_k override needs sparse='channel' or sparse='row'")
+        check_settings(self, method)
+
+    # ------------------------------------------------------------------ views
 
     def budget_params(self, total_params: int) -> int:
         """The parameter budget of the selected layers, given their dense total."""
-        if self.keep is not None:
-            return int(math.floor(self.keep * total_params))
-        if self.params is not None:
-            return int(self.params)
-        return int(self.bytes) // DTYPE_BYTES[self.dtype]
+        return self.budget.params_for(total_params)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Nested dict: the general settings, then one dict per section."""
+        d: dict[str, Any] = {k: getattr(self, k) for k in GENERAL}
+        for s in SECTIONS:
+            d[s] = dataclasses.asdict(getattr(self, s))
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CompressConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        bad = set(d) - known
-        if bad:
-            raise MixrankError(f"unknown config key(s) {sorted(bad)}")
-        return cls(**d)
+        """The inverse of `to_dict`; flat keys (format-1 factors files) are accepted too,
+        and ``format_version`` (which format 1 stored here) is ignored."""
+        if not isinstance(d, dict):
+            raise MixrankError(f"a configuration must be a table, got {type(d).__name__}")
+        d = {k: v for k, v in d.items() if k != "format_version"}
+        general = {k: d.pop(k) for k in GENERAL if k in d}
+        sections = {s: d.pop(s) for s in SECTIONS if s in d and isinstance(d[s], dict)}
+        unknown = [k for k in d if k not in FLAT]
+        if unknown:
+            raise MixrankError(f"unknown config key(s) {sorted(unknown)}"
+                               f"{close_matches(unknown[0], [*FLAT, *GENERAL, *SECTIONS])}")
+        return cls(**general, **sections, **d)
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> CompressConfig:
+        """Read a TOML configuration (general keys at the top, sections as tables), with
+        ``overrides`` (flat or general names, e.g. from the command line) on top."""
+        raw = read_toml(path)
+        merged = merge_settings(raw, overrides or {})
+        try:
+            return cls.from_dict(merged)
+        except MixrankError as e:
+            raise MixrankError(f"{path}: {e}") from None
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CompressConfig) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"CompressConfig({self.to_dict()!r})"
+
+
+def merge_settings(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``base`` (nested or flat) with ``changes`` (general or flat names) on top. A budget
+    given in ``changes`` replaces the base's budget kind (``keep`` drops ``params``)."""
+    out = {k: (dict(v) if isinstance(v, dict) and k in SECTIONS else v) for k, v in base.items()}
+    for key, value in changes.items():
+        if key in GENERAL:
+            out[key] = value
+            continue
+        if key not in FLAT:
+            raise MixrankError(f"unknown setting {key!r}{close_matches(key, [*FLAT, *GENERAL])}")
+        s, name = FLAT[key]
+        sec = out.setdefault(s, {})
+        if not isinstance(sec, dict):
+            raise MixrankError(f"[{s}] must be a table")
+        for flat_key in list(out):  # a flat copy of the same setting in the base loses
+            if FLAT.get(flat_key) == (s, name):
+                del out[flat_key]
+        if s == "budget" and name in ("keep", "params", "bytes"):
+            for other in ("keep", "params", "bytes"):
+                sec.pop(other, None)
+                out.pop(other, None)
+        sec[name] = value
+    return out
+
+
+def nest_settings(d: dict[str, Any]) -> dict[str, Any]:
+    """A flat settings dict (format 1) in the nested form, without validating it: a
+    file written by an older mixrank loads even where this one would refuse a setting."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if key == "format_version":
+            continue
+        if key in FLAT:
+            s, name = FLAT[key]
+            out.setdefault(s, {})[name] = value
+        else:
+            out[key] = value
+    return out
+
+
+def read_toml(path: str | os.PathLike) -> dict[str, Any]:
+    """A TOML file as a dict, or a `MixrankError` naming the file and the problem."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+
+    p = Path(path)
+    if not p.is_file():
+        raise MixrankError(f"{p} does not exist" if not p.exists() else f"{p} is not a file")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MixrankError(f"{p}: not a UTF-8 text file (byte {e.start})") from None
+    except OSError as e:
+        raise MixrankError(f"cannot read {p}: {e.strerror}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise MixrankError(f"{p}: not valid TOML: {e}") from None

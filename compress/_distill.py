@@ -1,4 +1,4 @@
-"""End-to-end distillation of the factors: the last refinement.
+"""End-to-end distillation of the factors: the last refinement (``distill``).
 
 All factors of the compressed model (``A``, ``B`` and the sparse values; supports,
 ranks, biases and every other weight fixed) move jointly by Adam so that the
@@ -17,27 +17,13 @@ import time
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ._allocate import first_tensor
-from ._calibrate import batch_size, move_batch, run_model
+from ._batches import batch_size, first_tensor, move_batch, run_model
 from ._fit import LayerFit
-
-
-def output_loss(y: torch.Tensor, ref: torch.Tensor, metric: str) -> torch.Tensor:
-    """Differentiable twin of `output_error` (mean over the batch). In float64: a
-    well-compressed model's KL (1e-6 and below) is under float32's rounding noise
-    of ``Σ p (log p − log q)``."""
-    y, ref = y.double(), ref.double()
-    if metric == "auto":
-        metric = "mse"
-    if metric == "kl":
-        lp, lq = F.log_softmax(ref, -1), F.log_softmax(y, -1)
-        return (lp.exp() * (lp - lq)).sum(-1).mean()
-    if metric == "mse":
-        return ((y - ref) ** 2).sum() / (ref**2).sum().clamp_min(1e-30)
-    return 1.0 - F.cosine_similarity(y.flatten(1), ref.flatten(1), dim=-1).mean()
+from ._optim import Schedule, descend
+from ._refine import REFINEMENTS, Outcome, Refinement
+from ._scoring import output_loss
 
 
 def distill(
@@ -64,6 +50,8 @@ def distill(
         steps: Adam steps (one batch each, cycling through ``train``).
         lr: learning rate relative to each tensor's mean magnitude.
         max_seconds: wall-clock bound (``None``: none).
+        patience, max_backoffs: scores without improvement before the step size is cut
+            to a third (back at the best iterate), and how often that may happen.
 
     Returns:
         (fits at the best held-out iterate, a record: start and best held-out error,
@@ -91,64 +79,38 @@ def distill(
         ref_held = [first_tensor(run_model(model, b)).detach() for b in held]
     sizes = [batch_size(b) for b in held]
 
+    def loss(step: int) -> torch.Tensor:
+        i = step % len(train)
+        return output_loss(first_tensor(run_model(comp, train[i])), ref_train[i], metric)
+
     def held_error() -> float:
         with torch.no_grad():
             errs = [float(output_loss(first_tensor(run_model(comp, b)), r, metric)) * s
                     for b, r, s in zip(held, ref_held, sizes, strict=True)]
         return sum(errs) / sum(sizes)
 
-    scale = [float(p.detach().abs().mean() + 1e-12) for p in params]
-    warm = 2 * max(1, min(10, steps // 10))  # steps of linear warm-up after every (re)start
-
-    def make_opt(rate: float) -> torch.optim.Adam:
-        opt = torch.optim.Adam([{"params": [p], "lr": rate * s} for p, s in zip(params, scale, strict=True)])
-        for g in opt.param_groups:
-            g["base_lr"] = g["lr"]
-        return opt
-
-    rate = lr
-    opt = make_opt(rate)
-    start = best = held_error()
-    best_state = [p.detach().clone() for p in params]
-    best_step, done, timed_out, bad, backoffs, since = 0, 0, False, 0, 0, 0
     every = max(1, min(10, steps // 10))
+    sched = Schedule(steps=steps, lr=lr, every=every, warmup=2 * every, patience=patience,
+                     max_backoffs=max_backoffs, max_seconds=max_seconds)
     bar = tqdm(total=steps, desc="distill", unit="step", disable=not progress)
-    for step in range(steps):
-        if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
-            timed_out = True
-            break
-        i = step % len(train)
-        since += 1
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * min(1.0, since / warm)
-        opt.zero_grad(set_to_none=True)
-        loss = output_loss(first_tensor(run_model(comp, train[i])), ref_train[i], metric)
-        loss.backward()
-        opt.step()
-        done = step + 1
-        bar.update(1)
-        if done % every and done != steps:
-            continue
-        e = held_error()
-        if e < best:
-            best, best_step, bad = e, done, 0
-            best_state = [p.detach().clone() for p in params]
-        else:
-            bad += 1
-        bar.set_postfix(held=f"{best:.3g}", lr=f"{rate:.1e}")
-        if bad >= patience:  # back to the best iterate with a smaller step
-            if backoffs == max_backoffs:
-                break
-            with torch.no_grad():
-                for p, v in zip(params, best_state, strict=True):
-                    p.copy_(v)
-            rate, bad, backoffs, since = rate / 3, 0, backoffs + 1, 0
-            opt = make_opt(rate)
+    rec = descend(params, loss, held_error, sched, bar)
     bar.close()
-    with torch.no_grad():
-        for p, v in zip(params, best_state, strict=True):
-            p.copy_(v)
     out = {name: fit_from_factored(mods[name], f) for name, f in fits.items()}
-    record = {"held_start": start, "held_best": best, "steps": done, "best_step": best_step,
-              "stopped_on_time": timed_out, "final_lr": rate, "seconds": time.perf_counter() - t0}
+    record = {"held_start": rec["start"], "held_best": rec["best"], "steps": rec["steps"],
+              "best_step": rec["best_step"], "stopped_on_time": rec["stopped_on_time"],
+              "final_lr": rec["final_lr"], "seconds": time.perf_counter() - t0}
     return out, record
+
+
+@REFINEMENTS.register("distill")
+class Distill(Refinement):
+    """All factors tuned jointly on the model's output (`distill`)."""
+
+    settings = ("refine.distill_steps", "refine.distill_lr", "refine.distill_seconds")
+    switch = "distill_steps"
+
+    def run(self, ctx, fits, chosen):
+        cfg = ctx.config
+        out, rec = distill(ctx.model, fits, ctx.train, ctx.held, cfg.metric, cfg.refine.distill_steps,
+                           cfg.refine.distill_lr, cfg.refine.distill_seconds, progress=ctx.progress)
+        return Outcome(chosen + "+distill", out, rec)

@@ -14,6 +14,11 @@ class MixrankError(Exception):
     """
 
 
+class WriteError(MixrankError, OSError):
+    """The environment refused a write (full disk, permissions, read-only folder): a
+    `MixrankError` (exit 2, one line) that is also an ``OSError``."""
+
+
 def close_matches(name: str, choices: Iterable[str], n: int = 3) -> str:
     """Return ``" (did you mean: a, b?)"`` for the closest names, or ``""``."""
     choices = list(choices)

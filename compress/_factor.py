@@ -1,6 +1,6 @@
 """Factorization math: activation-aware low-rank in closed form, and plain SVD.
 
-Notation (DESIGN.md): ``W`` is (m, n) = (out, in); ``G = XᵀX`` is (n, n). For an
+Notation (docs/design.md, "The compression math"): ``W`` is (m, n) = (out, in); ``G = XᵀX`` is (n, n). For an
 approximation ``Ŵ`` the activation-aware error is ``tr((W − Ŵ) G (W − Ŵ)ᵀ)``.
 """
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ._errors import MixrankError
 from ._factors import Factors, load_factors, weight_fingerprint
+from ._sparse import SPARSE
 
 
 class FactoredLinear(nn.Module):
@@ -21,9 +22,8 @@ class FactoredLinear(nn.Module):
         A: (out, rank) factor.
         B: (rank, in) factor.
         bias: (out,) or ``None``.
-        sparse_structure: ``"none"``, ``"channel"`` (``sparse_index`` (k,) input
-            columns, ``sparse_value`` (out, k)) or ``"row"`` (``sparse_index`` and
-            ``sparse_value`` (out, k): k input columns per output row).
+        sparse_structure: ``"none"`` or a registered structure (`SPARSE`) whose
+            ``sparse_index`` and ``sparse_value`` (out, k) are given.
     """
 
     def __init__(self, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None = None,
@@ -51,10 +51,8 @@ class FactoredLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(F.linear(x, self.B), self.A)  # (..., r) -> (..., m)
-        if self.sparse_structure == "channel":
-            y = y + F.linear(x[..., self.sparse_index.long()], self.sparse_value)  # (..., k) -> (..., m)
-        elif self.sparse_structure == "row":
-            y = y + (x[..., self.sparse_index.long()] * self.sparse_value).sum(-1)  # (..., m, k) -> (..., m)
+        if self.sparse_structure != "none":
+            y = y + SPARSE[self.sparse_structure].apply(x, self.sparse_index.long(), self.sparse_value)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
@@ -115,9 +113,9 @@ def apply_factors(
         mod = modules.get(name)
         if not isinstance(mod, nn.Linear):
             problems.append(f"{name}: no such nn.Linear in {type(model).__name__}")
-        elif list(mod.weight.shape) != list(info["shape"]):
-            problems.append(f"{name}: weight shape {list(mod.weight.shape)} != {info['shape']}")
-        elif weight_fingerprint(mod.weight) != info["sha256"]:
+        elif list(mod.weight.shape) != list(info.shape):
+            problems.append(f"{name}: weight shape {list(mod.weight.shape)} != {info.shape}")
+        elif weight_fingerprint(mod.weight) != info.sha256:
             problems.append(f"{name}: weight differs from the one the factors were computed from")
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
@@ -130,7 +128,7 @@ def apply_factors(
         dev, dt = lin.weight.device, lin.weight.dtype
         A = factors.tensors[f"{name}.A"].to(dev, dt)
         B = factors.tensors[f"{name}.B"].to(dev, dt)
-        structure = factors.layers[name]["sparse"]["structure"]
+        structure = factors.layers[name].sparse.structure
         if structure != "none":
             idx = factors.tensors[f"{name}.sparse_index"].to(dev)
             val = factors.tensors[f"{name}.sparse_value"].to(dev, dt)

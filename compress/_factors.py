@@ -1,22 +1,28 @@
-"""The factors file: safetensors tensors plus a JSON plan in the metadata."""
+"""The factors file: safetensors tensors plus the JSON plan in the metadata.
+
+The format version (`FORMAT_VERSION`) belongs to this file format, not to a
+configuration; docs/design.md, "The factors file", lists every key.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from ._config import FORMAT_VERSION
 from ._errors import MixrankError
+from ._io import atomic_write
+from ._plan import FORMAT_VERSION, READABLE_VERSIONS, LayerPlan, Plan
 
 PLAN_KEY = "mixrank.plan"
 DIGEST_KEY = "mixrank.digest"
+
+__all__ = ["DIGEST_KEY", "FORMAT_VERSION", "PLAN_KEY", "READABLE_VERSIONS", "Factors", "load_factors",
+           "save_factors", "weight_fingerprint"]
 
 
 def weight_fingerprint(weight: torch.Tensor) -> str:
@@ -30,31 +36,32 @@ class Factors:
     """Factors of the compressed layers and the plan that describes them.
 
     Attributes:
-        tensors: ``"<layer>.A"`` (m, r) and ``"<layer>.B"`` (r, n), float32.
-        plan: JSON-serialisable dict: ``format_version``, ``source``, ``budget``,
-            ``calibration``, ``config``, ``layers`` (per layer: shape, rank, sparse,
-            nmse, params_before/after, sha256, dense), ``allocation`` (candidates
-            tried with their measured output error), ``totals``.
+        tensors: ``"<layer>.A"`` (m, r) and ``"<layer>.B"`` (r, n), float32, and for a
+            sparse term ``"<layer>.sparse_index"`` (int32) and ``"<layer>.sparse_value"``.
+        plan: the typed `Plan` (a dict given here is read with `Plan.read`).
     """
 
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-    plan: dict[str, Any] = field(default_factory=dict)
+    plan: Plan = field(default_factory=Plan.empty)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.plan, Plan):
+            self.plan = Plan.read(self.plan)
 
     @property
-    def layers(self) -> dict[str, dict[str, Any]]:
-        return self.plan.get("layers", {})
+    def layers(self) -> dict[str, LayerPlan]:
+        return self.plan.layers
 
     def factored_layers(self) -> list[str]:
-        return [n for n, info in self.layers.items() if not info.get("dense")]
+        return self.plan.factored_layers()
 
     def summary(self) -> str:
-        t = self.plan.get("totals", {})
+        t = self.plan.totals
         return (
             f"{len(self.factored_layers())}/{len(self.layers)} layers factored, "
-            f"selected params {t.get('params_before', 0):,} -> {t.get('params_after', 0):,} "
-            f"({t.get('params_after', 0) / max(t.get('params_before', 1), 1):.3f}), "
-            f"model params {t.get('model_params_before', 0):,} -> "
-            f"{t.get('model_params_after', 0):,}"
+            f"selected params {t.params_before:,} -> {t.params_after:,} "
+            f"({t.params_after / max(t.params_before, 1):.3f}), "
+            f"model params {t.model_params_before:,} -> {t.model_params_after:,}"
         )
 
 
@@ -70,34 +77,27 @@ def _digest(plan_json: str, tensors: dict[str, torch.Tensor]) -> str:
 
 
 def save_factors(factors: Factors, path: str | os.PathLike) -> Path:
-    """Write ``factors`` to a safetensors file atomically (temporary name, then rename).
+    """Write ``factors`` to a safetensors file atomically (`atomic_write`).
 
     Returns the path written.
+
+    Raises:
+        MixrankError: the path is a directory or not writable.
     """
     from safetensors.torch import save_file
 
     path = Path(path)
-    if path.exists() and path.is_dir():
+    if path.is_dir():
         raise MixrankError(f"{path} is a directory; give a file path such as model.mixrank.safetensors")
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in factors.tensors.items()}
-    plan = dict(factors.plan)
-    plan.setdefault("format_version", FORMAT_VERSION)
-    plan_json = json.dumps(plan, sort_keys=True, separators=(",", ":"))
+    plan_json = json.dumps(factors.plan, sort_keys=True, separators=(",", ":"))
     meta = {PLAN_KEY: plan_json, DIGEST_KEY: _digest(plan_json, tensors)}
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def load_factors(path: str | os.PathLike) -> Factors:
-    """Read a factors file (no pickle: safetensors only) and check its integrity.
+    """Read a factors file (no pickle: safetensors only) and check its integrity; plans
+    of older formats are upgraded (`Plan.read`).
 
     Raises:
         MixrankError: missing, not a factors file, unsupported version, or tampered
@@ -120,11 +120,8 @@ def load_factors(path: str | os.PathLike) -> Factors:
         raise MixrankError(
             f"{path} has been modified since mixrank wrote it (digest mismatch); recompress the model"
         )
-    plan = json.loads(meta[PLAN_KEY])
-    version = plan.get("format_version")
-    if version != FORMAT_VERSION:
-        raise MixrankError(
-            f"{path} has factors format version {version}; this mixrank reads version "
-            f"{FORMAT_VERSION}"
-        )
-    return Factors(tensors=tensors, plan=plan)
+    try:
+        raw = json.loads(meta[PLAN_KEY])
+    except json.JSONDecodeError as e:
+        raise MixrankError(f"{path}: its plan is not JSON ({e})") from None
+    return Factors(tensors=tensors, plan=Plan.read(raw, where=str(path)))

@@ -1,7 +1,8 @@
 """One layer's low-rank-plus-sparse fit: closed form, alternation, compensation.
 
 Every routine here minimises the activation-aware error ``tr(E G Eᵀ)`` with
-``E = W − A B − S``, reported relative to ``tr(W G Wᵀ)`` (the layer NMSE).
+``E = W − A B − S``, reported relative to ``tr(W G Wᵀ)`` (the layer NMSE;
+docs/design.md, "The compression math").
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ._factor import Spectrum, damped_sqrt, whitened_spectrum
+from ._optim import Schedule, descend
 from ._sparse import SparseTerm, fit_sparse, fit_values
 
 
@@ -39,6 +41,13 @@ class LayerFit:
         if self.sparse is not None:
             W = W + self.sparse.dense(self.B.shape[1]).double()
         return W
+
+
+def closed_form_fit(spec: Spectrum, rank: int) -> LayerFit:
+    """The rank-``rank`` factors of a spectrum as a `LayerFit`."""
+    A, B = spec.factors(rank)
+    e = spec.nmse(rank)
+    return LayerFit(A, B, None, e, [e])
 
 
 def nmse(W: torch.Tensor, fit_A, fit_B, sparse: SparseTerm | None, G: torch.Tensor,
@@ -107,7 +116,7 @@ def compensate(
     ``tr(E (G+λI) Eᵀ) = ‖W L − A (B L) − S L‖²``; ``B̃ = B L`` is optimised directly,
     which both costs ``O(m n (r + k))`` a step instead of ``O(m n²)`` and makes the
     problem well conditioned for Adam. ``lr`` is relative to each tensor's mean
-    magnitude.
+    magnitude (`descend`).
     """
     if steps <= 0:
         return fit
@@ -117,47 +126,26 @@ def compensate(
     WL = (W.double().to(dev) @ L).float()  # (m, n)
     A = fit.A.to(dev).clone().requires_grad_(True)
     Bt = (fit.B.double().to(dev) @ L).float().requires_grad_(True)  # (r, n) = B L
-    params = [{"params": [A], "lr": lr * float(A.detach().abs().mean() + 1e-12)},
-              {"params": [Bt], "lr": lr * float(Bt.detach().abs().mean() + 1e-12)}]
-    sv = None
+    params = [A, Bt]
+    sv = idx = None
     if fit.sparse is not None:
         sv = fit.sparse.value.to(dev).clone().requires_grad_(True)
-        params.append({"params": [sv], "lr": lr * float(sv.detach().abs().mean() + 1e-12)})
+        params.append(sv)
         idx = fit.sparse.index.long().to(dev)
-        LC = L32[idx] if fit.sparse.structure == "channel" else None  # (k, n)
-    opt = torch.optim.Adam(params)
+        kind = fit.sparse.kind
 
-    def loss_fn() -> torch.Tensor:
+    def loss(_step: int) -> torch.Tensor:
         E = WL - A @ Bt
         if sv is not None:
-            if fit.sparse.structure == "channel":
-                E = E - sv @ LC
-            else:  # row: S L = Σ_j s_ij L[J_ij, :]
-                E = E - torch.einsum("mk,mkn->mn", sv, L32[idx])
+            E = E - kind.times(idx, sv, L32)  # S L
         return (E * E).sum()
 
-    best = float("inf")
-    best_state = None
-    for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn()
-        val = float(loss.detach())
-        if val < best:
-            best = val
-            best_state = (A.detach().clone(), Bt.detach().clone(),
-                          None if sv is None else sv.detach().clone())
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        val = float(loss_fn())
-        if val < best:
-            best_state = (A.detach().clone(), Bt.detach().clone(),
-                          None if sv is None else sv.detach().clone())
-    A1, Bt1, sv1 = best_state
+    descend(params, loss, None, Schedule(steps=steps, lr=lr))  # full-batch: the loss scores itself
+    A1, Bt1 = A.detach(), Bt.detach()
     B1 = torch.linalg.solve_triangular(L.T, Bt1.double().T, upper=True).T \
         if torch.equal(L, torch.tril(L)) else torch.linalg.solve(L.T, Bt1.double().T).T
     S1 = None if fit.sparse is None else SparseTerm(fit.sparse.structure, fit.sparse.index.to(dev),
-                                                      sv1.float())
+                                                      sv.detach().float())
     e = nmse(W.to(dev), A1, B1, S1, G, ref)  # everything on G's device
     if e >= fit.nmse:
         return fit

@@ -13,21 +13,23 @@ two paths agree, so damping adds no bias there),
 
 so the same closed forms (low rank, sparse, compensation) apply to ``W̃`` under
 ``G_cc``. Needs a model whose repeated blocks are called in sequence (timm ViTs:
-``blocks``); other models fall back to the independent fit.
+``blocks``); for other models the refinement records that it did not apply.
+Registered as the refinement ``sequential`` (docs/design.md, "Refinements").
 """
 
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ._calibrate import move_batch, run_model
-from ._fit import LayerFit
+from ._batches import move_batch, run_model
+from ._fit import LayerFit, compensate, fit_layer
+from ._optim import Schedule, descend
+from ._refine import REFINEMENTS, Outcome, Refinement
 from ._select import _block_containers
 
 
@@ -178,8 +180,8 @@ def _reconstruct_block(blk: nn.Module, h_c: list, h_o_next: list, kws: list, ste
                        lr: float, max_seconds: float | None = None) -> bool:
     """Adam on the FactoredLinear parameters of ``blk`` (A, B, sparse values) so that
     ``blk(h_c)`` matches the original block's output ``h_o_next``; the last quarter of
-    the batches is held out and the best held-out state is kept. Returns whether the
-    held-out error improved."""
+    the batches is held out and the best held-out state is kept (`descend`). Returns
+    whether the held-out error improved."""
     from ._factored import FactoredLinear
 
     params = []
@@ -198,32 +200,47 @@ def _reconstruct_block(blk: nn.Module, h_c: list, h_o_next: list, kws: list, ste
         p.requires_grad_(True)
     cut = max(1, len(h_c) * 3 // 4)
     train, held = list(range(cut)), list(range(cut, len(h_c)))
-    opt = torch.optim.Adam([{"params": [p], "lr": lr * float(p.detach().abs().mean() + 1e-12)}
-                            for p in params])
+
+    def loss(step: int) -> torch.Tensor:
+        i = train[step % len(train)]
+        return ((_hidden(blk(h_c[i], **kws[i])) - h_o_next[i]) ** 2).mean()
 
     def held_err() -> float:
         with torch.no_grad():
             return sum(float(((_hidden(blk(h_c[i], **kws[i])) - h_o_next[i]) ** 2).mean()) for i in held)
 
-    best = held_err()
-    start = best
-    best_state = [p.detach().clone() for p in params]
-    t0 = time.perf_counter()
-    for step in range(steps):
-        if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
-            break
-        i = train[step % len(train)]
-        opt.zero_grad(set_to_none=True)
-        loss = ((_hidden(blk(h_c[i], **kws[i])) - h_o_next[i]) ** 2).mean()
-        loss.backward()
-        opt.step()
-        if (step + 1) % 10 == 0 or step == steps - 1:
-            e = held_err()
-            if e < best:
-                best, best_state = e, [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p, v in zip(params, best_state, strict=True):
-            p.copy_(v)
+    rec = descend(params, loss, held_err, Schedule(steps=steps, lr=lr, every=10, max_seconds=max_seconds))
     for p, f in zip(frozen, saved_flags, strict=True):
         p.requires_grad_(f)
-    return best < start
+    return rec["best"] < rec["start"]
+
+
+@REFINEMENTS.register("sequential")
+class Sequential(Refinement):
+    """Every layer refit block by block on the compressed model's own activations, then
+    (``block_steps``) each block's factors tuned jointly on the block's output."""
+
+    settings = ("refine.sequential", "refine.block_steps", "refine.block_lr", "refine.block_seconds",
+                "refine.alternate", "damping")
+    switch = "sequential"
+
+    def run(self, ctx, fits, chosen):
+        cfg, r = ctx.config, ctx.config.refine
+        with_compensation = r.compensate_steps > 0 and chosen.endswith("compensate")
+
+        def refit(name: str, Wt: torch.Tensor, Gcc: torch.Tensor) -> LayerFit:
+            b = fits[name]
+            sp = b.sparse
+            f = fit_layer(Wt, Gcc, b.rank, "none" if sp is None else sp.structure,
+                          0 if sp is None else sp.k, cfg.damping, r.alternate)
+            if with_compensation:
+                ref = float(torch.einsum("ij,jk,ik->", Wt, Gcc, Wt))
+                f = compensate(f, Wt, Gcc, ref, r.compensate_steps, r.compensate_lr, cfg.damping)
+            return f
+
+        seq = sequential_refit(ctx.model, list(fits), ctx.train, refit, cfg.damping, progress=ctx.progress,
+                               block_steps=r.block_steps, block_lr=r.block_lr, block_seconds=r.block_seconds)
+        if seq is None:
+            return Outcome("sequential", None, note="not applicable: blocks cannot be run in sequence")
+        tag = "+sequential" + ("+block" if r.block_steps else "")
+        return Outcome(chosen + tag, {**fits, **seq})

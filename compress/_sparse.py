@@ -1,12 +1,10 @@
 """The sparse term: a residual correction ``S`` with a structure an engine can run.
 
-``channel``: whole input columns ``C`` (k of them). ``S x = S_C x_C``; for a fixed
-support the values minimising ``tr((R − S) G (R − S)ᵀ)`` are
-``S_C = R G[:, C] G[C, C]⁻¹``. At run time: Gather on the last axis + MatMul.
-
-``row``: k entries per output row (row-balanced), chosen by ``|R_ij|·sqrt(G_jj)``,
-values per row ``s_i = G[J_i, J_i]⁻¹ (R G)[i, J_i]``. At run time: Gather, Mul,
-ReduceSum.
+A structure is a `SparseStructure` registered in `SPARSE` under the name users give
+(``sparse="channel"``). It owns everything that depends on its shape: cost, support
+choice, closed-form values, dense form, the PyTorch forward and the ONNX subgraph the
+rewriter emits. Adding one touches its own module plus one import line in
+``compress/__init__.py`` (docs/design.md, "Adding a sparse structure").
 """
 
 from __future__ import annotations
@@ -17,19 +15,80 @@ from dataclasses import dataclass
 import torch
 
 from ._errors import MixrankError
+from ._registry import Registry
 
-STRUCTURES = ("none", "channel", "row")
 INDEX_BYTES = 4  # indices are stored as int32
+
+
+class SparseStructure:
+    """Interface of a sparse structure. ``index`` and ``value`` shapes are the
+    structure's own; ``value`` always has ``m`` rows and ``k`` columns."""
+
+    name: str = ""
+
+    def index_count(self, k: int, m: int) -> int:
+        """Number of stored int32 indices for size ``k`` on an ``m``-row layer."""
+        raise NotImplementedError
+
+    def cost(self, k: int, m: int, n: int, value_bytes: int = 4) -> int:
+        """Parameter-equivalent cost: ``m·k`` values plus the index storage expressed in
+        values of ``value_bytes``."""
+        return m * k + math.ceil(self.index_count(k, m) * INDEX_BYTES / value_bytes)
+
+    def support(self, R: torch.Tensor, G: torch.Tensor, k: int) -> torch.Tensor:
+        """Choose the support of size ``k`` for the residual ``R`` (m, n) under ``G``."""
+        raise NotImplementedError
+
+    def fit_values(self, index: torch.Tensor, R: torch.Tensor, G: torch.Tensor, lam: float) -> torch.Tensor:
+        """Closed-form values (float64, (m, k)) minimising ``tr((R−S) G (R−S)ᵀ)`` for a
+        fixed support, ridge ``lam``."""
+        raise NotImplementedError
+
+    def dense(self, index: torch.Tensor, value: torch.Tensor, n: int) -> torch.Tensor:
+        """The (m, n) matrix ``S``."""
+        raise NotImplementedError
+
+    def apply(self, x: torch.Tensor, index: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """``x Sᵀ`` for x (..., n) → (..., m), touching only the support."""
+        raise NotImplementedError
+
+    def times(self, index: torch.Tensor, value: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+        """``S M`` for M (n, p), differentiable in ``value`` (compensation works in
+        whitened coordinates, ``M = L``)."""
+        return self.dense(index, value, M.shape[0]) @ M
+
+    def emit_onnx(self, x, index, value, dtype, base: str, const_name, out_dtype):
+        """The ONNX subgraph computing ``x Sᵀ`` (onnx-graphsurgeon objects).
+
+        Args:
+            x: the activation tensor (gs.Variable, (..., n)).
+            index, value: numpy arrays of the factors file.
+            dtype: numpy float dtype of the graph's weights.
+            base: node-name prefix; const_name: ``const_name("sparse_value")`` names a
+                constant uniquely in the graph.
+            out_dtype: the output tensor's dtype.
+
+        Returns:
+            (nodes, output gs.Variable, number of weight values the constants hold).
+        """
+        raise NotImplementedError
+
+
+SPARSE: Registry[SparseStructure] = Registry("sparse structure")
 
 
 @dataclass
 class SparseTerm:
-    """``structure`` ``"channel"``: ``index`` (k,) columns, ``value`` (m, k).
-    ``structure`` ``"row"``: ``index`` (m, k) columns per row, ``value`` (m, k)."""
+    """A layer's sparse term: a registered ``structure`` with its ``index`` and ``value``
+    (``value`` (m, k))."""
 
     structure: str
     index: torch.Tensor
     value: torch.Tensor
+
+    @property
+    def kind(self) -> SparseStructure:
+        return SPARSE[self.structure]
 
     @property
     def k(self) -> int:
@@ -42,36 +101,17 @@ class SparseTerm:
         return self.index.numel()
 
     def dense(self, n: int) -> torch.Tensor:
-        """The (m, n) matrix ``S``."""
-        m = self.value.shape[0]
-        S = self.value.new_zeros(m, n)
-        idx = self.index.long().to(self.value.device)
-        if self.structure == "channel":
-            S[:, idx] = self.value
-        else:
-            S.scatter_(1, idx, self.value)
-        return S
+        return self.kind.dense(self.index.long().to(self.value.device), self.value, n)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """``x Sᵀ`` for x (..., n) → (..., m), using only the support."""
-        idx = self.index.long().to(x.device)
-        if self.structure == "channel":
-            return torch.nn.functional.linear(x[..., idx], self.value)
-        g = x[..., idx]  # (..., m, k)
-        return (g * self.value).sum(-1)
+        return self.kind.apply(x, self.index.long().to(x.device), self.value)
 
 
 def sparse_cost(structure: str, k: int, m: int, n: int, value_bytes: int = 4) -> int:
-    """Parameter-equivalent cost of a sparse term: its values plus its int32 index
-    storage expressed in values of ``value_bytes``."""
+    """Parameter-equivalent cost of a sparse term (0 for ``"none"`` or ``k == 0``)."""
     if structure == "none" or k == 0:
         return 0
-    ratio = INDEX_BYTES / value_bytes
-    if structure == "channel":
-        return m * k + math.ceil(k * ratio)
-    if structure == "row":
-        return m * k + math.ceil(m * k * ratio)
-    raise MixrankError(f"unknown sparse structure {structure!r}; choose one of {', '.join(STRUCTURES)}")
+    return SPARSE[structure].cost(k, m, n, value_bytes)
 
 
 def largest_k(structure: str, budget: int, m: int, n: int, value_bytes: int = 4) -> int:
@@ -84,7 +124,8 @@ def largest_k(structure: str, budget: int, m: int, n: int, value_bytes: int = 4)
     return k
 
 
-def _damped(Gs: torch.Tensor, lam: float) -> torch.Tensor:
+def damped(Gs: torch.Tensor, lam: float) -> torch.Tensor:
+    """``Gs + λI`` on the last two dimensions."""
     eye = torch.eye(Gs.shape[-1], dtype=Gs.dtype, device=Gs.device)
     return Gs + lam * eye
 
@@ -92,15 +133,7 @@ def _damped(Gs: torch.Tensor, lam: float) -> torch.Tensor:
 def fit_values(structure: str, index: torch.Tensor, R: torch.Tensor, G: torch.Tensor,
                lam: float) -> torch.Tensor:
     """Closed-form values for a fixed support (float64)."""
-    R, G = R.double(), G.double()
-    idx = index.long()
-    if structure == "channel":
-        rhs = R @ G[:, idx]  # (m, k)
-        return torch.linalg.solve(_damped(G[idx][:, idx], lam), rhs.T).T
-    RG = R @ G  # (m, n)
-    rhs = torch.gather(RG, 1, idx)  # (m, k)
-    Gjj = G[idx.unsqueeze(-1), idx.unsqueeze(-2)]  # (m, k, k)
-    return torch.linalg.solve(_damped(Gjj, lam), rhs.unsqueeze(-1)).squeeze(-1)
+    return SPARSE[structure].fit_values(index.long(), R.double(), G.double(), lam)
 
 
 def fit_sparse(structure: str, k: int, R: torch.Tensor, G: torch.Tensor,
@@ -108,18 +141,15 @@ def fit_sparse(structure: str, k: int, R: torch.Tensor, G: torch.Tensor,
     """Choose a support of size ``k`` for the residual ``R`` (m, n) and fit its values."""
     if structure == "none" or k == 0:
         return None
-    m, n = R.shape
+    kind = SPARSE[structure]
+    n = R.shape[1]
     if k > n:
         raise MixrankError(f"sparse size {k} is larger than the layer's {n} input channels")
     R, G = R.double(), G.double()
-    d = torch.diagonal(G).clamp_min(0)
-    if structure == "channel":
-        score = (R * R).sum(0) * d  # activation-weighted column energy, (n,)
-        index = torch.topk(score, k).indices.sort().values
-    elif structure == "row":
-        score = R.abs() * d.sqrt()  # (m, n)
-        index = torch.topk(score, k, dim=1).indices.sort(dim=1).values
-    else:
-        raise MixrankError(f"unknown sparse structure {structure!r}; choose one of {', '.join(STRUCTURES)}")
-    value = fit_values(structure, index, R, G, lam)
+    index = kind.support(R, G, k)
+    value = kind.fit_values(index.long(), R, G, lam)
     return SparseTerm(structure, index.to(torch.int32), value)
+
+
+# registration: the built-in structures
+from . import _sparse_channel, _sparse_row  # noqa: E402, F401

@@ -5,26 +5,20 @@
     write_report(rep, "out/")
     verdict = check_report(rep, load_budget("budget.toml"))
 
-TensorRT lives in `engines._tensorrt` and is imported only when used.
+Engines are `Runner` implementations registered in `RUNNERS` (``onnxruntime``,
+``tensorrt``); ``measure`` and the peak-memory probe take any of them. The tensorrt
+package is imported only when a TensorRT engine is built or loaded, and names are
+imported on first use, so that the peak-memory probe's process loads only its engine.
 """
 
-from ._errors import EXIT_LIMIT_FAILED, EXIT_NOT_MEASURED, EXIT_OK, NotInstalledError
-from ._gate import check_report, format_results, junit_xml, load_budget
-from ._measure import (
-    TimingConfig,
-    fidelity,
-    matmul_flops,
-    measure,
-    onnx_params,
-    peak_rss,
-    throughput,
-)
-from ._ort import OrtSettings, available_providers, ort_session
-from ._report import build_report, report_markdown, write_report
+from mixrank.compress._lazy import lazy_exports
 
-__all__ = [
-    "EXIT_LIMIT_FAILED", "EXIT_NOT_MEASURED", "EXIT_OK", "NotInstalledError", "OrtSettings",
-    "TimingConfig", "available_providers", "build_report", "check_report", "fidelity",
-    "format_results", "junit_xml", "load_budget", "matmul_flops", "measure", "onnx_params",
-    "ort_session", "peak_rss", "report_markdown", "throughput", "write_report",
-]
+lazy_exports(globals(), {
+    "._errors": ("EXIT_LIMIT_FAILED", "EXIT_NOT_MEASURED", "EXIT_OK", "NotInstalledError"),
+    "._gate": ("check_report", "format_results", "junit_xml", "load_budget"),
+    "._measure": ("TimingConfig", "fidelity", "matmul_flops", "measure", "onnx_params", "peak_rss", "throughput"),
+    "._ort": ("OrtRunner", "OrtSettings", "available_providers", "build_ort", "ort_session"),
+    "._report": ("build_report", "report_markdown", "write_report"),
+    "._runner": ("RUNNERS", "Runner", "TensorSpec", "make_runner"),
+    "._tensorrt": ("TrtRunner", "TrtSettings", "build_engine"),
+})

@@ -14,15 +14,15 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from mixrank.exporter import load_onnx, onnx_file_bytes, output_agreement, topk_accuracy
+
 from ._errors import MixrankError
-from ._ort import OrtSettings, ort_session
+from ._runner import RUNNERS, Runner, make_runner, random_feeds, run_all
 
 
 def onnx_params(onnx_path: str | os.PathLike) -> dict:
     """Parameters (float initializer elements), initializer bytes, file bytes."""
     from onnx import numpy_helper
-
-    from exporter import load_onnx, onnx_file_bytes
 
     model = load_onnx(onnx_path)
     params = nbytes = 0
@@ -46,8 +46,6 @@ def matmul_flops(onnx_path: str | os.PathLike, batch: int) -> int:
     """FLOPs (2 per multiply-add) of every MatMul, Gemm and Conv at ``batch``, from
     ONNX shape inference with the batch dimension fixed."""
     from onnx import shape_inference
-
-    from exporter import load_onnx
 
     model = load_onnx(onnx_path)
     for inp in model.graph.input:
@@ -80,49 +78,18 @@ def matmul_flops(onnx_path: str | os.PathLike, batch: int) -> int:
     return flops
 
 
-def input_spec(sess, batch: int) -> tuple[str, list[int], type]:
-    inp = sess.get_inputs()[0]
-    shape = [batch if (i == 0 and not isinstance(d, int)) else d for i, d in enumerate(inp.shape)]
-    if any(not isinstance(d, int) for d in shape):
-        raise MixrankError(f"input {inp.name} has symbolic dimensions {inp.shape} beyond the batch")
-    if inp.shape and isinstance(inp.shape[0], int) and inp.shape[0] != batch:
-        raise MixrankError(f"{inp.name} has a fixed batch of {inp.shape[0]}; cannot run batch {batch}")
-    dtype = np.float16 if "float16" in inp.type else np.float32
-    return inp.name, shape, dtype
-
-
-_RSS_CHILD = r"""
-import json, sys, numpy as np, onnxruntime as ort
-def status(key):  # VmHWM is this process image's peak (ru_maxrss survives exec from the parent)
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-path, batch, threads, opt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-base = status("VmRSS")
-so = ort.SessionOptions(); so.intra_op_num_threads = threads; so.log_severity_level = 3
-so.graph_optimization_level = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[opt]
-s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-i = s.get_inputs()[0]
-shape = [batch if not isinstance(d, int) else d for d in i.shape]
-x = np.random.default_rng(0).standard_normal(shape).astype(np.float16 if "float16" in i.type else np.float32)
-s.run(None, {i.name: x})
-print(json.dumps({"peak_rss_bytes": status("VmHWM"), "baseline_rss_bytes": base}))
-"""
-
-
-def peak_rss(onnx_path: str | os.PathLike, batch: int = 1,
-             settings: OrtSettings | None = None) -> dict:
-    """Peak resident memory of a fresh process that loads the model in onnxruntime and
-    runs one batch (measured in a child process so runs do not contaminate each other);
-    also the process's resident memory before loading the model."""
-    s = settings or OrtSettings()
-    out = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(onnx_path), str(batch),
-                          str(s.threads), s.optimization], capture_output=True, text=True)
+def peak_rss(artifact: str | os.PathLike, batch: int = 1, settings=None, engine: str = "onnxruntime") -> dict:
+    """Peak resident memory of a fresh process that loads ``artifact`` with the
+    ``engine`` runner and runs one batch (`mixrank.engines._memprobe`; a child process
+    so runs do not contaminate each other), the process's resident memory before
+    loading, and what the engine reports about its own memory."""
+    cls = RUNNERS[engine]
+    s = settings or cls.settings_type()
+    out = subprocess.run([sys.executable, "-m", "mixrank.engines._memprobe", engine, str(artifact), str(batch),
+                          json.dumps(s.to_dict())], capture_output=True, text=True)
     if out.returncode != 0:
-        raise MixrankError(f"measuring memory of {onnx_path} failed: {out.stderr.strip()[-500:]}")
+        lines = out.stderr.strip().splitlines()
+        raise MixrankError(f"measuring memory of {artifact} failed: {lines[-1] if lines else out.returncode}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -136,24 +103,22 @@ class TimingConfig:
     stable_rel: float = 0.02
 
 
-def throughput(sessions: dict, batch: int, cfg: TimingConfig | None = None,
+def throughput(runners: dict[str, Runner], batch: int, cfg: TimingConfig | None = None,
                progress: bool = True) -> dict:
-    """Latency of each session at ``batch``, interleaved in rounds (the order of the
-    sessions alternates every round), until the medians are stable or the time
-    limit is hit. CPU timing uses ``time.perf_counter`` (monotonic).
+    """Latency of each runner at ``batch``, interleaved in rounds (the order of the
+    runners alternates every round), until the medians are stable or the time
+    limit is hit. Each runner times itself (`Runner.time`: the wall clock on the CPU,
+    device timers on a GPU).
 
-    Returns per session p50/p90/p99 (ms) and images/s, and for the first two
-    sessions the speedup (p50 ratio) with the spread of the per-round ratios.
+    Returns per runner p50/p90/p99 (ms) and images/s, and for the first two
+    runners the speedup (p50 ratio) with the spread of the per-round ratios.
     """
     cfg = cfg or TimingConfig()
-    names = list(sessions)
+    names = list(runners)
     feeds = {}
     for n in names:
-        iname, shape, dtype = input_spec(sessions[n], batch)
-        x = np.random.default_rng(0).standard_normal(shape).astype(dtype)
-        feeds[n] = {iname: x}
-        for _ in range(cfg.warmup):
-            sessions[n].run(None, feeds[n])
+        feeds[n] = random_feeds(runners[n], batch)
+        runners[n].time(feeds[n], cfg.warmup)
     lat = {n: [] for n in names}
     round_medians = {n: [] for n in names}
     t0 = time.perf_counter()
@@ -163,11 +128,7 @@ def throughput(sessions: dict, batch: int, cfg: TimingConfig | None = None,
     for r in range(cfg.max_rounds):
         order = names if r % 2 == 0 else names[::-1]
         for n in order:
-            times = []
-            for _ in range(cfg.iters_per_round):
-                t = time.perf_counter()
-                sessions[n].run(None, feeds[n])
-                times.append(time.perf_counter() - t)
+            times = runners[n].time(feeds[n], cfg.iters_per_round)
             lat[n] += times
             round_medians[n].append(statistics.median(times))
         bar.update(1)
@@ -201,63 +162,56 @@ def throughput(sessions: dict, batch: int, cfg: TimingConfig | None = None,
     return res
 
 
-def _run_all(sess, x: np.ndarray, batch: int) -> np.ndarray:
-    inp = sess.get_inputs()[0]
-    dtype = np.float16 if "float16" in inp.type else np.float32
-    fixed = inp.shape[0] if inp.shape and isinstance(inp.shape[0], int) else None
-    batch = fixed or batch
-    outs = []
-    for i in range(0, len(x), batch):
-        chunk = x[i:i + batch].astype(dtype)
-        n = len(chunk)
-        if fixed and n < fixed:  # a fixed-batch model: pad the last chunk, keep n rows
-            chunk = np.concatenate([chunk, np.zeros((fixed - n, *chunk.shape[1:]), dtype)])
-        outs.append(sess.run(None, {inp.name: chunk})[0][:n])
-    return np.concatenate(outs).astype(np.float32)
-
-
-def fidelity(orig, comp, inputs: np.ndarray, labels: np.ndarray | None = None,
+def fidelity(orig: Runner, comp: Runner, inputs: np.ndarray, labels: np.ndarray | None = None,
              batch: int = 32) -> dict:
     """Compressed vs original on the same inputs: max abs/rel error, mean cosine of the
-    logits, top-1 agreement; top-1/top-5 accuracy of both when labels are given."""
-    a, b = _run_all(orig, inputs, batch), _run_all(comp, inputs, batch)
-    a2, b2 = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
-    diff = np.abs(a2 - b2)
-    cos = (a2 * b2).sum(1) / np.maximum(np.linalg.norm(a2, axis=1) * np.linalg.norm(b2, axis=1), 1e-300)
-    res = {"samples": int(len(a)), "max_abs": float(diff.max()),
-           "max_rel": float(diff.max() / max(np.abs(a2).max(), 1e-12)),
-           "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
-           "top1_agreement": float((a2.argmax(1) == b2.argmax(1)).mean())}
+    outputs, top-1 agreement; top-1/top-5 accuracy of both when labels are given."""
+    a, b = run_all(orig, inputs, batch), run_all(comp, inputs, batch)
+    res = output_agreement(a, b)
     if labels is not None:
-        labels = np.asarray(labels)
-        for tag, out in (("original", a2), ("compressed", b2)):
-            top5 = np.argsort(-out, axis=1)[:, :5]
-            res[f"top1_{tag}"] = float((top5[:, 0] == labels).mean())
-            res[f"top5_{tag}"] = float((top5 == labels[:, None]).any(1).mean())
+        for tag, out in (("original", a), ("compressed", b)):
+            acc = topk_accuracy(out, labels)
+            res[f"top1_{tag}"], res[f"top5_{tag}"] = acc["top1"], acc["top5"]
         res["top1_drop"] = res["top1_original"] - res["top1_compressed"]
     return res
 
 
 def measure(original: str | os.PathLike, compressed: str | os.PathLike,
-            batches: tuple[int, ...] = (1, 32), settings: OrtSettings | None = None,
+            batches: tuple[int, ...] = (1, 32), settings=None,
             inputs: np.ndarray | None = None, labels: np.ndarray | None = None,
-            timing: TimingConfig | None = None, progress: bool = True) -> dict:
-    """Everything about two ONNX models on onnxruntime in one run: footprint (with peak
-    RSS from child processes), throughput per batch size (interleaved), fidelity."""
-    s = settings or OrtSettings()
-    res = {"engine": "onnxruntime", "settings": s.to_dict(), "footprint": {}, "throughput": [],
-           "flops": {}}
-    for tag, p in (("original", original), ("compressed", compressed)):
+            timing: TimingConfig | None = None, progress: bool = True,
+            engine: str = "onnxruntime", graphs: tuple | None = None) -> dict:
+    """Everything about two artifacts on one engine in one run: footprint (with peak
+    RSS from child processes), throughput per batch size (interleaved), fidelity.
+
+    Args:
+        original, compressed: the artifacts the ``engine`` runner loads (ONNX files for
+            onnxruntime, engine files for TensorRT).
+        settings: the engine's settings (`OrtSettings`, `TrtSettings`; ``None``: defaults).
+        graphs: the ONNX files the artifacts were built from, for parameter counts and
+            FLOPs (default: the artifacts themselves, which onnxruntime loads directly).
+    """
+    cls = RUNNERS[engine]
+    s = settings or cls.settings_type()
+    for p in (original, compressed):
         if not Path(p).is_file():
-            raise MixrankError(f"ONNX file {p} does not exist")
-        res["footprint"][tag] = {**onnx_params(p), **peak_rss(p, 1, s)}
-        res["flops"][tag] = {str(b): matmul_flops(p, b) for b in batches}
-    sessions = {"original": ort_session(original, s), "compressed": ort_session(compressed, s)}
-    for b in batches:
-        res["throughput"].append(throughput(sessions, b, timing, progress))
-    for t in res["throughput"]:
-        b = str(t["batch"])
-        t["ideal_speedup"] = res["flops"]["original"][b] / res["flops"]["compressed"][b]
-    if inputs is not None:
-        res["fidelity"] = fidelity(sessions["original"], sessions["compressed"], inputs, labels)
+            raise MixrankError(f"{'ONNX' if engine == 'onnxruntime' else engine} file {p} does not exist")
+    graphs = graphs or (original, compressed)
+    res = {"engine": engine, "settings": s.to_dict(), "footprint": {}, "throughput": [], "flops": {}}
+    for tag, p, g in (("original", original, graphs[0]), ("compressed", compressed, graphs[1])):
+        res["footprint"][tag] = {**onnx_params(g), **peak_rss(p, 1, s, engine)}
+        res["flops"][tag] = {str(b): matmul_flops(g, b) for b in batches}
+    runners = {"original": make_runner(engine, original, s), "compressed": make_runner(engine, compressed, s)}
+    try:
+        res["runner"] = runners["compressed"].describe()
+        for b in batches:
+            res["throughput"].append(throughput(runners, b, timing, progress))
+        for t in res["throughput"]:
+            b = str(t["batch"])
+            t["ideal_speedup"] = res["flops"]["original"][b] / res["flops"]["compressed"][b]
+        if inputs is not None:
+            res["fidelity"] = fidelity(runners["original"], runners["compressed"], inputs, labels)
+    finally:
+        for r in runners.values():
+            r.close()
     return res

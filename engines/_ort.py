@@ -1,15 +1,34 @@
-"""onnxruntime "engines": a session with explicit, recorded settings."""
+"""onnxruntime: sessions with explicit, recorded settings, the onnxruntime `Runner`, and
+the onnxruntime "engine build" (the graph onnxruntime optimises, saved)."""
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
+from mixrank.compress import atomic_write, atomic_write_text
+
 from ._errors import MixrankError, NotInstalledError
+from ._runner import RUNNERS, Runner, TensorSpec
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "tensorrt": "TensorrtExecutionProvider"}
+OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+
+
+def optimization_level(name: str):
+    """onnxruntime's ``GraphOptimizationLevel`` for ``"disable"``/``"basic"``/``"extended"``/``"all"``."""
+    import onnxruntime as ort
+
+    return {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[name]
 
 
 @dataclass
@@ -36,7 +55,7 @@ class OrtSettings:
         if self.provider not in PROVIDERS:
             raise MixrankError(f"unknown onnxruntime provider {self.provider!r}; choose one of "
                                f"{', '.join(PROVIDERS)}")
-        if self.optimization not in ("disable", "basic", "extended", "all"):
+        if self.optimization not in OPTIMIZATION_LEVELS:
             raise MixrankError(f"unknown optimization level {self.optimization!r}")
         if self.threads < 0:
             raise MixrankError(f"threads must be >= 0, got {self.threads}")
@@ -76,12 +95,7 @@ def ort_session(onnx_path: str | os.PathLike, settings: OrtSettings | None = Non
     so.intra_op_num_threads = s.threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[s.optimization]
+    so.graph_optimization_level = optimization_level(s.optimization)
     so.log_severity_level = 3
     if optimized_model is not None:
         so.optimized_model_filepath = str(optimized_model)
@@ -98,37 +112,56 @@ def ort_session(onnx_path: str | os.PathLike, settings: OrtSettings | None = Non
         raise MixrankError(f"onnxruntime cannot load {onnx_path}: {e}") from None
 
 
+@RUNNERS.register("onnxruntime")
+class OrtRunner(Runner):
+    """An onnxruntime session as a `Runner` (settings: `OrtSettings`)."""
+
+    engine = "onnxruntime"
+    settings_type = OrtSettings
+
+    def load(self) -> OrtRunner:
+        self.settings = self.settings or OrtSettings()
+        self.session = ort_session(self.path, self.settings)
+        return self
+
+    def inputs(self) -> list[TensorSpec]:
+        return [TensorSpec(i.name, tuple(d if isinstance(d, int) else None for d in i.shape),
+                           np.float16 if "float16" in i.type else np.float32)
+                for i in self.session.get_inputs()]
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(None, feeds)
+
+    def describe(self) -> dict:
+        import onnxruntime as ort
+
+        return {"engine": self.engine, "onnxruntime": ort.__version__, **self.settings.to_dict()}
+
+    def close(self) -> None:
+        self.session = None
+
+
 def build_ort(onnx_path: str | os.PathLike, out_path: str | os.PathLike,
               settings: OrtSettings | None = None) -> dict:
     """"Build" an onnxruntime engine: load the model with ``settings`` and save the
     graph onnxruntime optimised (``SessionOptions.optimized_model_filepath``), written
     atomically; a model that fails to load leaves no file. Returns the build record."""
-    import json
-    import tempfile
-    import time
-
     import onnxruntime as ort
 
     s = settings or OrtSettings()
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        tmp = tmpdir / out.name
+    secs = [0.0]
+
+    def write(tmp: Path) -> None:
         t0 = time.perf_counter()
         ort_session(onnx_path, s, optimized_model=tmp)
-        secs = time.perf_counter() - t0
+        secs[0] = time.perf_counter() - t0
         if not tmp.is_file():
             raise MixrankError(f"onnxruntime wrote no optimized model for {onnx_path}")
-        os.replace(tmp, out)
-        for extra in tmpdir.iterdir():  # external data of a large optimized model
-            os.replace(extra, out.parent / extra.name)
-    finally:
-        for p in tmpdir.glob("*"):
-            p.unlink()
-        tmpdir.rmdir()
+
+    atomic_write(out, write)  # external data of a large optimized model moves along
     record = {"engine": "onnxruntime", "onnxruntime": ort.__version__, "settings": s.to_dict(),
               "onnx": str(onnx_path), "engine_path": str(out), "engine_bytes": out.stat().st_size,
-              "build_seconds": secs}
-    out.with_name(out.name + ".json").write_text(json.dumps(record, indent=1))
+              "build_seconds": secs[0]}
+    atomic_write_text(out.with_name(out.name + ".json"), json.dumps(record, indent=1))
     return record

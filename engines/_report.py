@@ -6,8 +6,9 @@ import json
 import os
 import platform
 import sys
-import tempfile
 from pathlib import Path
+
+from mixrank.compress import atomic_write, atomic_write_text
 
 
 def _versions() -> dict:
@@ -32,10 +33,9 @@ def machine() -> dict:
             "cpus": os.cpu_count(), "hostname": platform.node()}
 
 
-def build_report(measurement: dict, factors_plan: dict | None = None,
-                 rewrite: dict | None = None) -> dict:
+def build_report(measurement: dict, factors_plan=None, rewrite: dict | None = None) -> dict:
     """Assemble the report: measurement + versions + machine + (optional) the factors
-    plan's per-layer table and the rewrite report; adds the headline ratios."""
+    plan's per-layer table (a `Plan`) and the rewrite report; adds the headline ratios."""
     fp = measurement["footprint"]
     o, c = fp["original"], fp["compressed"]
     summary = {
@@ -61,12 +61,11 @@ def build_report(measurement: dict, factors_plan: dict | None = None,
     rep = {"summary": summary, "measurement": measurement, "versions": _versions(),
            "machine": machine()}
     if factors_plan:
-        rep["layers"] = {n: {k: i[k] for k in ("shape", "rank", "dense", "sparse", "nmse",
-                                                 "params_before", "params_after") if k in i}
-                         for n, i in factors_plan["layers"].items()}
-        rep["compression"] = {"method": factors_plan.get("method"),
-                              "budget": factors_plan.get("budget"),
-                              "totals": factors_plan.get("totals")}
+        rep["layers"] = {n: {"shape": i.shape, "rank": i.rank, "dense": i.dense, "sparse": i.sparse,
+                             "nmse": i.nmse, "params_before": i.params_before, "params_after": i.params_after}
+                         for n, i in factors_plan.layers.items()}
+        rep["compression"] = {"method": factors_plan.method, "budget": factors_plan.budget,
+                              "totals": factors_plan.totals}
     if rewrite:
         rep["rewrite"] = rewrite
     return rep
@@ -111,27 +110,28 @@ def report_markdown(rep: dict) -> str:
                      f"{fid['cosine_mean']:.5f}", f"{fid['samples']} images"))
     lines = ["# mixrank report", "", "| | original | compressed | change |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c_} | {d} |" for a, b, c_, d in rows]
-    s = m["settings"]
-    lines += ["", f"Engine: {m['engine']} ({s['provider']}, threads={s['threads'] or 'default'}, "
-              f"optimization={s['optimization']}); {rep['machine']['cpus']} CPUs; "
-              f"onnxruntime {rep['versions']['onnxruntime']}."]
+    lines += ["", engine_line(m, rep)]
     return "\n".join(lines) + "\n"
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def engine_line(m: dict, rep: dict) -> str:
+    """Which engine, with which settings, on which machine produced the numbers."""
+    s = m["settings"]
+    if m["engine"] == "onnxruntime":
+        return (f"Engine: {m['engine']} ({s['provider']}, threads={s['threads'] or 'default'}, "
+                f"optimization={s['optimization']}); {rep['machine']['cpus']} CPUs; "
+                f"onnxruntime {rep['versions']['onnxruntime']}.")
+    settings = ", ".join(f"{k}={v}" for k, v in s.items() if v is not None)
+    version = m.get("runner", {}).get(m["engine"], "unknown version")
+    return f"Engine: {m['engine']} {version} ({settings}); {rep['machine']['cpus']} CPUs."
 
 
 def write_report(rep: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
     """Write report.json, report.md, and plots (layers.png, latency.png) into ``out_dir``."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "report.json", "md": out / "report.md"}
-    _write_text_atomic(paths["json"], json.dumps(rep, indent=1))
-    _write_text_atomic(paths["md"], report_markdown(rep))
+    atomic_write_text(paths["json"], json.dumps(rep, indent=1))
+    atomic_write_text(paths["md"], report_markdown(rep))
     paths.update(write_plots(rep, out))
     return paths
 
@@ -157,8 +157,7 @@ def write_plots(rep: dict, out: Path) -> dict[str, Path]:
         ax2.set_xticks(list(x), [n.replace("blocks.", "b") for n in names], rotation=90, fontsize=6)
         fig.suptitle("per-layer rank and parameters")
         fig.tight_layout()
-        paths["layers_png"] = out / "layers.png"
-        fig.savefig(paths["layers_png"], dpi=110)
+        paths["layers_png"] = atomic_write(out / "layers.png", lambda tmp: fig.savefig(tmp, dpi=110))
         plt.close(fig)
     th = rep["measurement"]["throughput"]
     fig, axes = plt.subplots(1, len(th), figsize=(4.5 * len(th), 3.5), squeeze=False)
@@ -169,7 +168,6 @@ def write_plots(rep: dict, out: Path) -> dict[str, Path]:
         ax.set_ylabel("latency (ms)")
         ax.set_title(f"batch {t['batch']}: {t['speedup']:.2f}x")
     fig.tight_layout()
-    paths["latency_png"] = out / "latency.png"
-    fig.savefig(paths["latency_png"], dpi=110)
+    paths["latency_png"] = atomic_write(out / "latency.png", lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
     return paths

@@ -1,7 +1,8 @@
 """TensorRT engines through TensorRT's Python API (TensorRT 10 and 11).
 
 Kept thin on purpose: it cannot run where ``tensorrt`` is not installed, and its
-tests carry the ``tensorrt`` marker. ``import engines`` does not import tensorrt.
+tests carry the ``tensorrt`` marker. ``import mixrank.engines`` does not import
+tensorrt: the package is imported when an engine is built or loaded.
 
 - TensorRT 10 (JetPack 6 on Orin, x86): precision from builder flags
   (``BuilderFlag.FP16``; ``BuilderFlag.INT8`` with an entropy calibrator fed from the
@@ -15,14 +16,16 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from mixrank.compress import atomic_write_bytes
+
 from ._errors import MixrankError, NotInstalledError
+from ._runner import RUNNERS, Runner, TensorSpec
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -53,20 +56,12 @@ class TrtSettings:
         if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
             raise MixrankError("batch sizes must satisfy 1 <= min_batch <= opt_batch <= max_batch")
 
+    def to_dict(self) -> dict:
+        return asdict(self)
+
 
 def _major(trt) -> int:
     return int(trt.__version__.split(".")[0])
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _int8_calibrator(trt, batches: list[np.ndarray], cache_path: Path):
@@ -94,7 +89,7 @@ def _int8_calibrator(trt, batches: list[np.ndarray], cache_path: Path):
             return cache_path.read_bytes() if cache_path.is_file() else None
 
         def write_calibration_cache(self, cache):
-            _write_atomic(cache_path, bytes(cache))
+            atomic_write_bytes(cache_path, bytes(cache))
 
     return Calibrator()
 
@@ -112,7 +107,6 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike,
     trt = import_tensorrt()
     s = settings or TrtSettings()
     engine_path = Path(engine_path)
-    engine_path.parent.mkdir(parents=True, exist_ok=True)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     major = _major(trt)
@@ -156,7 +150,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike,
     if serialized is None:
         raise MixrankError(f"TensorRT failed to build an engine from {onnx_path} (see the log above)")
     build_s = time.perf_counter() - t0
-    _write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
+    atomic_write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
     runtime = trt.Runtime(logger)
     engine = runtime.deserialize_cuda_engine(serialized)
     info = json.loads(engine.create_engine_inspector().get_engine_information(
@@ -164,14 +158,117 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike,
     dev_mem = getattr(engine, "device_memory_size_v2", None)
     if dev_mem is None:
         dev_mem = engine.device_memory_size
-    _write_atomic(engine_path, bytes(serialized))
+    atomic_write_bytes(engine_path, bytes(serialized))
     sidecar = {"settings": asdict(s), "tensorrt": trt.__version__, "strongly_typed": major >= 11,
                "onnx": str(onnx_path), "engine_bytes": engine_path.stat().st_size,
                "device_memory_bytes": int(dev_mem), "build_seconds": build_s,
                "machine": platform.node(), "layers": info.get("Layers", [])}
-    _write_atomic(engine_path.with_name(engine_path.name + ".json"),
+    atomic_write_bytes(engine_path.with_name(engine_path.name + ".json"),
                   json.dumps(sidecar, indent=1, default=str).encode())
     return sidecar
+
+
+def _torch_dtype(trt, dt):
+    import torch
+
+    return {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32,
+            trt.int64: torch.int64, trt.int8: torch.int8, trt.bool: torch.bool}[dt]
+
+
+@RUNNERS.register("tensorrt")
+class TrtRunner(Runner):
+    """A serialized TensorRT engine as a `Runner`.
+
+    I/O tensors are found by name (``num_io_tensors``, ``get_tensor_name``,
+    ``get_tensor_mode``); inputs are shaped per call with ``set_input_shape``; every
+    buffer is a torch CUDA tensor whose address is bound with ``set_tensor_address``;
+    inference is ``execute_async_v3`` on a torch CUDA stream, timed with CUDA events.
+    """
+
+    engine = "tensorrt"
+    settings_type = TrtSettings
+
+    def load(self) -> TrtRunner:
+        trt = import_tensorrt()
+        import torch
+
+        if not torch.cuda.is_available():
+            raise MixrankError("the TensorRT engine needs an NVIDIA GPU, and torch sees none")
+        self.settings = self.settings or TrtSettings()
+        self.trt, self.torch = trt, torch
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.engine_obj = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
+        if self.engine_obj is None:
+            raise MixrankError(f"TensorRT cannot deserialize {self.path} (built by another TensorRT "
+                               "version or for another GPU?)")
+        self.context = self.engine_obj.create_execution_context()
+        self.stream = torch.cuda.Stream()
+        names = [self.engine_obj.get_tensor_name(i) for i in range(self.engine_obj.num_io_tensors)]
+        self.input_names = [n for n in names if self.engine_obj.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.output_names = [n for n in names if n not in self.input_names]
+        return self
+
+    def inputs(self) -> list[TensorSpec]:
+        e, trt = self.engine_obj, self.trt
+        return [TensorSpec(n, tuple(None if d < 0 else int(d) for d in e.get_tensor_shape(n)),
+                           np.dtype(trt.nptype(e.get_tensor_dtype(n))).type) for n in self.input_names]
+
+    def _bind(self, feeds: dict[str, np.ndarray]) -> list:
+        torch, e = self.torch, self.engine_obj
+        self._keep = []
+        for n in self.input_names:
+            x = torch.from_numpy(np.ascontiguousarray(feeds[n])).cuda()
+            self.context.set_input_shape(n, tuple(x.shape))
+            self.context.set_tensor_address(n, x.data_ptr())
+            self._keep.append(x)
+        outs = []
+        for n in self.output_names:
+            shape = tuple(self.context.get_tensor_shape(n))
+            y = torch.empty(shape, dtype=_torch_dtype(self.trt, e.get_tensor_dtype(n)), device="cuda")
+            self.context.set_tensor_address(n, y.data_ptr())
+            outs.append(y)
+        return outs
+
+    def _run(self) -> None:
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise MixrankError(f"TensorRT failed to run {self.path}")
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        outs = self._bind(feeds)
+        self._run()
+        self.stream.synchronize()
+        return [y.float().cpu().numpy() for y in outs]
+
+    def synchronize(self) -> None:
+        self.stream.synchronize()
+
+    def time(self, feeds: dict[str, np.ndarray], iters: int) -> list[float]:
+        """Per-run seconds from CUDA events around ``execute_async_v3`` (inputs bound once,
+        host transfers excluded)."""
+        torch = self.torch
+        self._bind(feeds)
+        out = []
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(self.stream)
+            self._run()
+            end.record(self.stream)
+            end.synchronize()
+            out.append(start.elapsed_time(end) / 1e3)
+        return out
+
+    def memory(self) -> dict:
+        e = self.engine_obj
+        dev = getattr(e, "device_memory_size_v2", None)
+        return {"device_memory_bytes": int(dev if dev is not None else e.device_memory_size),
+                "engine_bytes": self.path.stat().st_size}
+
+    def describe(self) -> dict:
+        return {"engine": self.engine, "tensorrt": self.trt.__version__, **self.settings.to_dict()}
+
+    def close(self) -> None:
+        self.context = self.engine_obj = self.runtime = None
 
 
 def check_two_gemms(sidecar: dict, rewritten: list[dict]) -> list[dict]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from compress import MixrankError
+from mixrank.compress import MixrankError
 
 from ._verify import Tolerance, compare_outputs, run_onnxruntime
 
@@ -60,9 +61,8 @@ def export_onnx(
     device = next(model.parameters()).device
     export_model = model if not fp16 else _half_copy(model)
     example = example.to(device, dtype)
-    tmp = path.parent / f".{path.name}.export.onnx"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    with tempfile.TemporaryDirectory(prefix="mixrank-export-") as tmpdir:
+        tmp = Path(tmpdir) / "export.onnx"
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(
@@ -72,10 +72,6 @@ def export_onnx(
                 if dynamic_batch else None,
             )
         proto = onnx.load(str(tmp))
-    finally:
-        tmp.unlink(missing_ok=True)
-        for p in path.parent.glob(f".{path.name}.export.onnx*"):
-            p.unlink()
     proto.producer_name = "mixrank"
     check_and_save(proto, path, external_data)
     x = (check_inputs if check_inputs is not None else example).to(device, dtype)

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
-from compress import MixrankError
+from mixrank.compress import MixrankError, atomic_write
 
 TWO_GB = 2**31 - 1
 # Protobuf cannot serialise a message over 2 GB; leave headroom for the graph itself.
@@ -68,32 +67,28 @@ def model_bytes(model) -> int:
 
 
 def save_onnx(model, path: str | os.PathLike, external_data: bool | None = None) -> Path:
-    """Save atomically; weights go to ``<name>.data`` when ``external_data`` is true, or
-    when ``None`` and the model is too large for one protobuf (over ~1.8 GB)."""
+    """Save atomically (`atomic_write`); weights go to ``<name>.data`` when
+    ``external_data`` is true, or when ``None`` and the model is too large for one
+    protobuf (over ~1.8 GB). A stale ``<name>.data`` of an earlier save is removed."""
     import onnx
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if external_data is None:
         external_data = model_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        tmp = tmpdir / path.name
-        data_name = path.name + ".data"
+    data_name = path.name + ".data"
+
+    def write(tmp: Path) -> None:
         if external_data:
             copy = onnx.ModelProto()
             copy.CopyFrom(model)  # saving with external data strips the tensors it moves out
-            onnx.save_model(copy, str(tmp), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=data_name, size_threshold=0)
-            os.replace(tmpdir / data_name, path.parent / data_name)
+            onnx.save_model(copy, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=0)
         else:
             onnx.save_model(model, str(tmp))
-            (path.parent / data_name).unlink(missing_ok=True)
-        os.replace(tmp, path)
-    finally:
-        for p in tmpdir.glob("*"):
-            p.unlink()
-        tmpdir.rmdir()
+
+    atomic_write(path, write)
+    if not external_data:
+        (path.parent / data_name).unlink(missing_ok=True)
     return path
 
 

@@ -3,7 +3,7 @@
     Y = MatMul(MatMul(X, Bᵀ), Aᵀ)  [+ sparse path]  [+ bias]
 
 The factors are never multiplied together and nothing is constant-folded, so the
-graph keeps the two thin GEMMs of inner size r (DESIGN.md, "The graph rewrite").
+graph keeps the two thin GEMMs of inner size r (docs/design.md, "The graph rewrite").
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compress import Factors, MixrankError, load_factors
+from mixrank.compress import SPARSE, Factors, MixrankError, load_factors
 
 from ._onnxio import load_onnx, save_onnx
 
@@ -124,21 +124,21 @@ def match_sites(sites: list[WeightSite], factors: Factors) -> tuple[dict, list[d
     Raises:
         MixrankError: a node matches two layers, or a name matches with another shape.
     """
-    layers = {n: i for n, i in factors.layers.items() if not i.get("dense")}
+    layers = {n: i for n, i in factors.layers.items() if not i.dense}
     by_fp: dict[str, list[tuple[str, bool]]] = {}
     for name, info in layers.items():
-        for key in ("sha256", "sha256_fp16"):
-            if info.get(key):
-                by_fp.setdefault(info[key], []).append((name, False))
+        for fp in (info.sha256, info.sha256_fp16):
+            if fp:
+                by_fp.setdefault(fp, []).append((name, False))
     matched, dense = [], []
     for s in sites:
         m, n = s.weight.shape
         base = s.weight_name[:-len(".weight")] if s.weight_name.endswith(".weight") else None
         if base in layers:
-            if list(layers[base]["shape"]) != [m, n]:
+            if list(layers[base].shape) != [m, n]:
                 raise MixrankError(
                     f"node {s.node.name!r}: initializer {s.weight_name!r} has shape {[m, n]} (out, in) "
-                    f"but the factors of {base!r} are for {layers[base]['shape']}")
+                    f"but the factors of {base!r} are for {layers[base].shape}")
             matched.append((s, base, "name"))
             continue
         hits = {name for name, _ in by_fp.get(_fp(s.weight), [])}
@@ -191,25 +191,14 @@ def _replace(graph, site: WeightSite, layer: str, factors: Factors, tag: str) ->
     low = gs.Variable(f"{base}/low_rank", dtype=y.dtype)
     new_nodes.append(gs.Node("MatMul", f"{base}/matmul_a", {}, [h, at], [low]))
     terms.append(low)
-    structure = info["sparse"]["structure"]
+    structure = info.sparse.structure
     if structure != "none":
-        idx = factors.tensors[f"{layer}.sparse_index"].numpy().astype(np.int32)
+        idx = factors.tensors[f"{layer}.sparse_index"].numpy()
         val = factors.tensors[f"{layer}.sparse_value"].numpy().astype(np.float32)
-        gi = gs.Constant(f"{layer}.sparse_index/{tag}", np.ascontiguousarray(idx))
-        g = gs.Variable(f"{base}/sparse_gather", dtype=y.dtype)
-        new_nodes.append(gs.Node("Gather", f"{base}/sparse_gather", {"axis": -1}, [x, gi], [g]))
-        sp = gs.Variable(f"{base}/sparse", dtype=y.dtype)
-        if structure == "channel":  # (..., k) @ (k, m)
-            sv = gs.Constant(f"{layer}.sparse_value_t/{tag}", np.ascontiguousarray(val.T.astype(dtype)))
-            new_nodes.append(gs.Node("MatMul", f"{base}/sparse_matmul", {}, [g, sv], [sp]))
-        else:  # row: (..., m, k) * (m, k) summed over k
-            sv = gs.Constant(f"{layer}.sparse_value/{tag}", np.ascontiguousarray(val.astype(dtype)))
-            prod = gs.Variable(f"{base}/sparse_mul", dtype=y.dtype)
-            new_nodes.append(gs.Node("Mul", f"{base}/sparse_mul", {}, [g, sv], [prod]))
-            axes = gs.Constant(f"{base}/sparse_axes", np.array([-1], dtype=np.int64))
-            new_nodes.append(gs.Node("ReduceSum", f"{base}/sparse_reduce", {"keepdims": 0},
-                                     [prod, axes], [sp]))
-        values += sv.values.size
+        nodes, sp, n_values = SPARSE[structure].emit_onnx(
+            x, idx, val, dtype, base, lambda what: f"{layer}.{what}/{tag}", y.dtype)
+        new_nodes += nodes
+        values += n_values
         terms.append(sp)
     if site.bias is not None:
         terms.append(gs.Constant(f"{layer}.bias/{tag}", np.ascontiguousarray(site.bias.astype(dtype))))
@@ -276,8 +265,8 @@ def rewrite_onnx(
         node_name = site.node.name or f"<unnamed {site.node.op} #{i}>"
         after = _replace(graph, site, layer, factors, tag=str(i))
         report.rewritten.append({
-            "node": node_name, "layer": layer, "matched_by": how, "rank": info["rank"],
-            "sparse": info["sparse"]["structure"], "sparse_k": info["sparse"]["k"],
+            "node": node_name, "layer": layer, "matched_by": how, "rank": info.rank,
+            "sparse": info.sparse.structure, "sparse_k": info.sparse.k,
             "params_before": before, "params_after": after, "shared": len(used[layer]) > 1,
         })
         report.params_before += before

@@ -1,4 +1,6 @@
-"""Output verification: PyTorch vs onnxruntime vs engines, with named tolerances."""
+"""Output verification: PyTorch vs onnxruntime vs engines, with named tolerances, and
+the one copy of the output metrics (top-k accuracy, agreement, cosine) that the
+verifier, the engines' fidelity measurement and ``mixrank eval`` share."""
 
 from __future__ import annotations
 
@@ -26,6 +28,28 @@ class Tolerance:
     @classmethod
     def fp16(cls) -> Tolerance:
         return cls(atol=1e-2, rtol=1e-2, min_cosine=0.999, max_rel=2e-2)
+
+
+def topk_accuracy(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Top-1 and top-5 accuracy of (N, classes) ``logits`` against integer ``labels``."""
+    out = np.asarray(logits).reshape(len(logits), -1)
+    labels = np.asarray(labels)
+    top5 = np.argsort(-out, axis=1)[:, :5]
+    return {"top1": float((top5[:, 0] == labels).mean()),
+            "top5": float((top5 == labels[:, None]).any(1).mean())}
+
+
+def output_agreement(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
+    """Per-sample comparison of two (N, ...) outputs: max abs/rel error, mean and min
+    cosine, and top-1 agreement (argmax over the flattened sample)."""
+    a = np.asarray(ref, np.float64).reshape(len(ref), -1)
+    b = np.asarray(got, np.float64).reshape(len(got), -1)
+    diff = np.abs(a - b)
+    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-300)
+    return {"samples": int(len(a)), "max_abs": float(diff.max()),
+            "max_rel": float(diff.max() / max(np.abs(a).max(), 1e-12)),
+            "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
+            "top1_agreement": float((a.argmax(1) == b.argmax(1)).mean())}
 
 
 def run_onnxruntime(path: str | os.PathLike, feeds: dict, threads: int | None = None) -> list:
@@ -88,7 +112,7 @@ def verify_rewrite(onnx_path, model, factors, inputs, tolerance: Tolerance | Non
     import onnxruntime as ort
     import torch
 
-    from compress import MixrankError, apply_factors
+    from mixrank.compress import MixrankError, apply_factors
 
     small = apply_factors(model, factors).eval()
     x = inputs if isinstance(inputs, torch.Tensor) else torch.as_tensor(inputs)

@@ -5,7 +5,7 @@ import torch
 @pytest.fixture(scope="session")
 def digits():
     """The trained digits ViT (trained once, cached under MIXRANK_CACHE) and its data."""
-    from compress._demo import accuracy, digits_data, digits_vit
+    from mixrank._demo import accuracy, digits_data, digits_vit
 
     torch.manual_seed(0)
     model = digits_vit(progress=False)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from compress import Factors, weight_fingerprint
-from compress._config import FORMAT_VERSION
-from compress._sparse import fit_sparse
+from mixrank.compress import Factors, weight_fingerprint
+from mixrank.compress._factors import FORMAT_VERSION
+from mixrank.compress._sparse import fit_sparse
 
 
 def factors_from_weights(model: torch.nn.Module, layers: list[str], rank: int | None = None,

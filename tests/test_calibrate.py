@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from compress import MixrankError, collect_stats, select_layers
+from mixrank.compress import MixrankError, collect_stats, select_layers
 
 
 def _inputs_of(model, name, run):

@@ -4,9 +4,11 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the real CLI in subprocesses, on the trained digits model
+
 
 def _mixrank(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "exporter", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "mixrank", *args], capture_output=True,
                           text=True, cwd=cwd)
 
 
@@ -106,7 +108,7 @@ def test_rewrite_command_and_its_errors(tmp_path):
     from exporter_helpers import factors_from_weights
     from test_rewrite import build_graph, mlp
 
-    from compress import save_factors
+    from mixrank.compress import save_factors
 
     model = mlp([8, 12, 4], 0)
     onnx.save(build_graph(model, ["matmul", "gemm"], [1.0, 1.0], 2), str(tmp_path / "m.onnx"))

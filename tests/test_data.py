@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from compress import MixrankError, image_folder
+from mixrank.compress import MixrankError, image_folder
 
 
 @pytest.fixture

@@ -4,8 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compress import CompressConfig, apply_factors, compress_model
-from compress._demo import accuracy
+from mixrank._demo import accuracy
+from mixrank.compress import CompressConfig, apply_factors, compress_model
+
+pytestmark = pytest.mark.slow  # trains (or loads) the digits ViT and compresses it six times
 
 
 def _kl(model, ref_model, x):
@@ -67,10 +69,10 @@ def test_parameter_count_matches_plan(digits, compressed):
 
 
 def test_default_refinements_beat_the_closed_form_on_held_out_data(digits, compressed, calib):
-    from compress import collect_stats
-    from compress._compress import split_holdout
-    from compress._fit import nmse
-    from compress._sparse import SparseTerm
+    from mixrank.compress import collect_stats
+    from mixrank.compress._batches import split_holdout
+    from mixrank.compress._fit import nmse
+    from mixrank.compress._sparse import SparseTerm
 
     f, small = compressed[0.3, "mixrank"]
     ref = f.plan["allocation"]["refinement"]

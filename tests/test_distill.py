@@ -3,12 +3,14 @@
 import pytest
 import torch
 
-from compress import CompressConfig, MixrankError, apply_factors, compress_model
-from compress._allocate import output_error
-from compress._compress import split_holdout
-from compress._distill import distill, output_loss
-from compress._fit import LayerFit
-from compress._sparse import SparseTerm
+from mixrank.compress import CompressConfig, MixrankError, apply_factors, compress_model
+from mixrank.compress._batches import split_holdout
+from mixrank.compress._distill import distill
+from mixrank.compress._fit import LayerFit
+from mixrank.compress._scoring import output_error, output_loss
+from mixrank.compress._sparse import SparseTerm
+
+pytestmark = pytest.mark.slow  # distillation on the trained digits model
 
 
 def _fits(f):
@@ -25,7 +27,7 @@ def _fits(f):
 def _held_error(model, fits, held):
     import copy
 
-    from compress._factored import _set_module, factored_from_fit
+    from mixrank.compress._factored import _set_module, factored_from_fit
     small = copy.deepcopy(model)
     for n, f in fits.items():
         _set_module(small, n, factored_from_fit(f, small.get_submodule(n)))

@@ -8,8 +8,8 @@ import torch
 from exporter_helpers import factors_from_weights
 from test_rewrite import build_graph, mlp
 
-from compress import MixrankError, save_factors
-from engines import (
+from mixrank.compress import MixrankError, save_factors
+from mixrank.engines import (
     EXIT_LIMIT_FAILED,
     EXIT_NOT_MEASURED,
     EXIT_OK,
@@ -25,7 +25,7 @@ from engines import (
     ort_session,
     write_report,
 )
-from exporter import rewrite_onnx
+from mixrank.exporter import rewrite_onnx
 
 FAST = TimingConfig(warmup=1, min_rounds=2, max_rounds=4, iters_per_round=2, max_seconds=5)
 
@@ -70,7 +70,7 @@ def test_measure_and_report(pair, tmp_path):
 def test_flops_of_a_timm_export(tmp_path):
     from timm.models.vision_transformer import VisionTransformer
 
-    from exporter import export_onnx
+    from mixrank.exporter import export_onnx
 
     m = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2,
                           num_classes=10).eval()
@@ -127,7 +127,7 @@ def test_engine_not_installed_names_the_package(pair):
     try:
         import tensorrt  # noqa: F401
     except ImportError:
-        from engines._tensorrt import build_engine
+        from mixrank.engines._tensorrt import build_engine
 
         with pytest.raises(NotInstalledError, match="'tensorrt' Python package"):
             build_engine(d / "c.onnx", d / "c.engine")
@@ -135,7 +135,7 @@ def test_engine_not_installed_names_the_package(pair):
 
 
 def test_failed_build_leaves_nothing(tmp_path):
-    from engines._ort import build_ort
+    from mixrank.engines._ort import build_ort
 
     g = onnx.helper.make_graph([onnx.helper.make_node("NoSuchOp", ["x"], ["y"])], "g",
                                [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
@@ -147,7 +147,7 @@ def test_failed_build_leaves_nothing(tmp_path):
 
 
 def test_ort_build_writes_engine_and_sidecar(pair, tmp_path):
-    from engines._ort import build_ort
+    from mixrank.engines._ort import build_ort
 
     d, _, _ = pair
     rec = build_ort(d / "c.onnx", tmp_path / "c.ort.onnx", OrtSettings(threads=1))
@@ -158,7 +158,7 @@ def test_ort_build_writes_engine_and_sidecar(pair, tmp_path):
 @pytest.mark.tensorrt
 def test_tensorrt_engine_keeps_two_gemms(pair, tmp_path):
     pytest.importorskip("tensorrt")
-    from engines._tensorrt import TrtSettings, build_engine, check_two_gemms
+    from mixrank.engines._tensorrt import TrtSettings, build_engine, check_two_gemms
 
     d, _, f = pair
     rep = rewrite_onnx(d / "o.onnx", f, tmp_path / "c.onnx")

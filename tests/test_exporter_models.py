@@ -5,8 +5,10 @@ import pytest
 import torch
 from exporter_helpers import factors_from_weights
 
-from compress import select_layers
-from exporter import check_tensorrt_compat, export_onnx, rewrite_onnx, run_onnxruntime
+from mixrank.compress import select_layers
+from mixrank.exporter import check_tensorrt_compat, export_onnx, rewrite_onnx, run_onnxruntime
+
+pytestmark = pytest.mark.slow  # full-size timm models at 224 px
 
 MODELS = [
     ("deit_tiny_patch16_224", {}),

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from compress import activation_error, plain_spectrum, whitened_spectrum
+from mixrank.compress import activation_error, plain_spectrum, whitened_spectrum
 
 
 def _problem(m=48, n=40, tokens=300, seed=0):

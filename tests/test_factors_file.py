@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from compress import (
+from mixrank.compress import (
     CompressConfig,
     FactoredLinear,
     MixrankError,

@@ -4,7 +4,7 @@ import sys
 
 def test_import_touches_neither_tensorrt_nor_cuda():
     code = (
-        "import sys, compress, exporter, engines, torch\n"
+        "import sys, mixrank.compress, mixrank.exporter, mixrank.engines, torch\n"
         "assert 'tensorrt' not in sys.modules, 'tensorrt imported'\n"
         "assert not torch.cuda.is_initialized(), 'CUDA initialised'\n"
         "print('ok')\n"
@@ -15,7 +15,7 @@ def test_import_touches_neither_tensorrt_nor_cuda():
 
 
 def test_public_api():
-    import compress
+    import mixrank.compress as compress
 
     for name in ("compress_model", "CompressConfig", "apply_factors", "save_factors",
                  "load_factors", "FactoredLinear", "MixrankError"):

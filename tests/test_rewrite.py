@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from compress import CompressConfig, MixrankError, apply_factors, compress_model, save_factors
-from exporter import (
+from mixrank.compress import CompressConfig, MixrankError, apply_factors, compress_model, save_factors
+from mixrank.exporter import (
     export_onnx,
     load_onnx,
     model_bytes,
@@ -134,6 +134,7 @@ def digits_artifacts(tmp_path_factory, digits):
     return d, f
 
 
+@pytest.mark.slow
 def test_initializer_bytes_match_the_plan_exactly(digits_artifacts, digits):
     d, f = digits_artifacts
     rewrite_onnx(d / "orig.onnx", d / "f.safetensors", d / "comp.onnx")
@@ -146,6 +147,7 @@ def test_initializer_bytes_match_the_plan_exactly(digits_artifacts, digits):
     assert rep["outputs"]["output"]["cosine"] > 0.99999
 
 
+@pytest.mark.slow
 def test_fingerprint_matching_after_renaming(digits_artifacts, digits, tmp_path):
     d, f = digits_artifacts
     proto = onnx.load(str(d / "orig.onnx"))
@@ -242,6 +244,7 @@ def test_polygraphy_comparison_of_original_and_compressed(tmp_path):
     assert bool(ok)
 
 
+@pytest.mark.slow
 def test_fp16_graph_gets_fp16_factors(digits_artifacts, digits, tmp_path):
     d, f = digits_artifacts
     export_onnx(digits["model"], digits["xte"][:2], tmp_path / "o16.onnx", fp16=True,

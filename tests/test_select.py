@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from compress import MixrankError, select_layers
+from mixrank.compress import MixrankError, select_layers
 
 
 def test_default_selection_on_timm_vit(tiny_vit):

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from compress import CompressConfig, MixrankError, apply_factors, compress_model
-from compress._factor import activation_error, whitened_spectrum
-from compress._fit import compensate, fit_layer
-from compress._sparse import SparseTerm, fit_sparse, fit_values, sparse_cost
+from mixrank.compress import CompressConfig, MixrankError, apply_factors, compress_model
+from mixrank.compress._factor import activation_error, whitened_spectrum
+from mixrank.compress._fit import compensate, fit_layer
+from mixrank.compress._sparse import SparseTerm, fit_sparse, fit_values, sparse_cost
 
 
 def _problem(m=40, n=32, tokens=400, seed=0):
@@ -47,7 +47,7 @@ def test_alternation_and_compensation_never_increase_the_loss(structure):
     # from a deliberately spoiled start compensation must make real progress
     spoiled = fit_layer(W, G, 8, structure, 3, spectrum=spec)
     spoiled.A = spoiled.A * 1.2
-    from compress._fit import nmse
+    from mixrank.compress._fit import nmse
     spoiled.nmse = nmse(W, spoiled.A, spoiled.B, spoiled.sparse, G, spec.ref)
     fixed = compensate(spoiled, W, G, spec.ref, steps=300, lr=1e-2)
     assert fixed.nmse < 0.5 * spoiled.nmse
@@ -129,6 +129,7 @@ def test_baselines_meet_the_budget(tiny_vit, method):
     assert cos > 0.5
 
 
+@pytest.mark.slow
 def test_sequential_and_block_reconstruction_are_guarded(digits):
     x = digits["xtr"][:256]
     calib = [x[i:i + 32] for i in range(0, 256, 32)]

@@ -1,7 +1,7 @@
-"""The ``mixrank`` command line.
+"""The ``mixrank`` command line: one subcommand per stage, and ``run`` for all of them.
 
-For now one stage exists end to end (compress); ``mixrank run`` with no argument
-runs it on the built-in default, the ViT trained on scikit-learn's digits.
+A user mistake raises `MixrankError`, printed as one line, exit 2; anything else is a
+bug in mixrank, exit 70 with the traceback.
 """
 
 from __future__ import annotations
@@ -11,63 +11,81 @@ import json
 import sys
 from pathlib import Path
 
+from mixrank.compress import MixrankError
+
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL = 70
+DEFAULT_KEEP = 0.4  # the command line's default budget (the API's is 0.5)
 
 
 def _log(args):
     return (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
 
 
+def compress_config(args: argparse.Namespace):
+    """The `CompressConfig` of ``--config FILE`` with every flag given on the command line
+    on top; without a budget from either, ``keep=0.4``."""
+    from mixrank.compress import CompressConfig
+    from mixrank.compress._config import merge_settings, read_toml
+
+    flags = {k: v for k, v in (("method", args.method), ("keep", args.keep), ("seed", args.seed))
+             if v is not None}
+    raw = read_toml(args.config) if args.config else {}
+    budget_keys = ("keep", "params", "bytes")
+    has_budget = any(k in raw for k in budget_keys) or any(
+        k in (raw.get("budget") or {}) for k in budget_keys)
+    if not has_budget:
+        flags.setdefault("keep", DEFAULT_KEEP)
+    try:
+        return CompressConfig.from_dict(merge_settings(raw, flags))
+    except MixrankError:
+        if args.config:  # name the file when the file alone is wrong
+            try:
+                CompressConfig.from_dict(merge_settings(raw, {} if has_budget else {"keep": DEFAULT_KEEP}))
+            except MixrankError as e:
+                raise MixrankError(f"{args.config}: {e}") from None
+        raise
+
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise MixrankError(f"--batches must be comma-separated integers, got {text!r}") from None
+    if any(b < 1 for b in sizes):
+        raise MixrankError(f"--batches must be positive batch sizes, got {text!r}")
+    return sizes
+
+
 def _cmd_run(args: argparse.Namespace) -> dict:
     from ._pipeline import run_pipeline
 
-    return run_pipeline(args, _log(args))
+    args.batch_sizes = _batch_sizes(args.batches)
+    return run_pipeline(args, compress_config(args), _log(args))
 
 
 def _cmd_compress(args: argparse.Namespace) -> dict:
-    from compress import CompressConfig, compress_model, image_folder, save_factors
+    from mixrank.compress import check_writable_path, compress_model, save_factors
 
-    from ._models import DIGITS, load_model
+    from ._sources import ModelSource
 
-    model = load_model(args.model, args.pretrained, args.checkpoint, not args.quiet)
-    if args.model in (None, DIGITS):
-        from compress._demo import digits_calibration
-
-        calib, src = digits_calibration(args.calib_images), "sklearn digits"
-    else:
-        if not args.images:
-            raise_user("a timm model needs calibration images: pass --images DIR")
-        calib, src = image_folder(args.images, model, count=args.calib_images, seed=args.seed), args.images
-    f = compress_model(model, calib, CompressConfig(method=args.method, keep=args.keep, seed=args.seed),
-                       source={"model": args.model or "digits", "calibration": str(src)},
+    cfg = compress_config(args)
+    check_writable_path(args.output)  # before the work, not after it
+    src = ModelSource(args.model, args.pretrained, args.checkpoint, not args.quiet)
+    calib = src.calibration(args.images, args.calib_images, cfg.seed)
+    f = compress_model(src.model, calib.batches, cfg, source={"model": src.label, "calibration": calib.source},
                        progress=not args.quiet)
     path = save_factors(f, args.output)
-    return {"factors": str(path), "summary": f.summary(), "totals": f.plan["totals"]}
-
-
-def raise_user(msg: str):
-    from compress import MixrankError
-
-    raise MixrankError(msg)
+    return {"factors": str(path), "summary": f.summary(), "totals": f.plan.totals}
 
 
 def _cmd_export(args: argparse.Namespace) -> dict:
-    import torch
+    from mixrank.exporter import export_onnx
 
-    from ._export import export_onnx
-    from ._models import DIGITS, load_model
+    from ._sources import ModelSource
 
-    model = load_model(args.model, args.pretrained, args.checkpoint, not args.quiet)
-    if args.model in (None, DIGITS):
-        from compress._demo import digits_data
-
-        x = digits_data()[2][:4]
-    else:
-        from timm.data import resolve_data_config
-
-        x = torch.randn(2, *resolve_data_config({}, model=model)["input_size"])
-    rep = export_onnx(model, x, args.output, opset=args.opset, fp16=args.fp16,
+    src = ModelSource(args.model, args.pretrained, args.checkpoint, not args.quiet)
+    rep = export_onnx(src.model, src.example(), args.output, opset=args.opset, fp16=args.fp16,
                       dynamic_batch=not args.static_batch)
     return {"onnx": args.output, "verify": rep["outputs"]}
 
@@ -76,41 +94,30 @@ def _cmd_eval(args: argparse.Namespace) -> dict:
     import numpy as np
     import torch
 
-    from compress import apply_factors, image_csv, image_folder, load_factors
+    from mixrank.compress import apply_factors, load_factors
+    from mixrank.exporter import run_onnxruntime, topk_accuracy
 
-    from ._models import DIGITS, load_model
-    from ._verify import run_onnxruntime
+    from ._sources import ModelSource
 
-    model = load_model(args.model, args.pretrained, args.checkpoint, not args.quiet)
-    if args.model in (None, DIGITS) and not (args.images or args.csv):
-        from compress._demo import digits_data
-
-        _, _, x, y = digits_data()
-    else:
-        if not (args.images or args.csv):
-            raise_user("give a labelled image folder (--images DIR, one sub-folder per class) or "
-                       "--csv FILE of file,label rows")
-        data = image_csv(args.csv, model) if args.csv else image_folder(args.images, model)
-        if data.labels is None:
-            raise_user(f"{args.images} is a flat folder: labels need one sub-folder per class or --csv")
-        x, y = torch.cat(data.batches), torch.tensor(data.labels)
+    src = ModelSource(args.model, args.pretrained, args.checkpoint, not args.quiet)
+    data = src.evaluation(args.images, args.csv)
+    if data.labels is None:
+        raise MixrankError(f"{args.images} is a flat folder: labels need one sub-folder per class or --csv")
+    x, y = data.x, data.labels.numpy()
     results = {}
 
     def score(name, logits):
-        top5 = np.argsort(-np.asarray(logits), axis=1)[:, :5]
-        yy = y.numpy()
-        results[name] = {"top1": float((top5[:, 0] == yy).mean()),
-                         "top5": float((top5 == yy[:, None]).any(1).mean()), "images": int(len(yy))}
+        results[name] = {**topk_accuracy(logits, y), "images": int(len(y))}
 
     with torch.no_grad():
-        score("pytorch original", torch.cat([model(x[i:i + 64]) for i in range(0, len(x), 64)]).numpy())
+        score("pytorch original", torch.cat([src.model(x[i:i + 64]) for i in range(0, len(x), 64)]).numpy())
         if args.factors:
-            small = apply_factors(model, load_factors(args.factors)).eval()
+            small = apply_factors(src.model, load_factors(args.factors)).eval()
             score("pytorch factored", torch.cat([small(x[i:i + 64]) for i in range(0, len(x), 64)]).numpy())
     for path in args.onnx or []:
         outs = [run_onnxruntime(path, {"input": x[i:i + 64].numpy()})[0] for i in range(0, len(x), 64)]
         score(f"onnx {path}", np.concatenate(outs))
-    return {"results": results}
+    return {"results": results, "data": data.source}
 
 
 def _print_eval(r: dict) -> None:
@@ -120,22 +127,20 @@ def _print_eval(r: dict) -> None:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> dict:
-    from compress import load_factors
+    from mixrank.compress import load_factors
 
     p = Path(args.file)
     if not p.is_file():
-        raise_user(f"{p} does not exist")
+        raise MixrankError(f"{p} does not exist")
     if p.suffix == ".safetensors":
         f = load_factors(p)
-        return {"kind": "factors", "summary": f.summary(), "method": f.plan.get("method"),
-                "budget": f.plan.get("budget"), "totals": f.plan.get("totals"),
-                "layers": {n: {"rank": i["rank"], "sparse": i["sparse"]["structure"],
-                               "k": i["sparse"]["k"], "nmse": i["nmse"]} for n, i in f.layers.items()}}
+        return {"kind": "factors", "summary": f.summary(), "method": f.plan.method,
+                "budget": f.plan.budget, "totals": f.plan.totals,
+                "layers": {n: {"rank": i.rank, "sparse": i.sparse.structure, "k": i.sparse.k, "nmse": i.nmse}
+                           for n, i in f.layers.items()}}
     if p.suffix == ".onnx":
-        from engines import onnx_params
-
-        from ._onnxio import load_onnx
-        from ._trt_check import check_tensorrt_compat
+        from mixrank.engines import onnx_params
+        from mixrank.exporter import check_tensorrt_compat, load_onnx
 
         m = load_onnx(p)
         ops = {}
@@ -148,12 +153,12 @@ def _cmd_inspect(args: argparse.Namespace) -> dict:
         try:
             rep = json.loads(p.read_text())
         except json.JSONDecodeError as e:
-            raise_user(f"{p} is not JSON: {e}")
+            raise MixrankError(f"{p} is not JSON: {e}") from None
         if "summary" not in rep:
-            raise_user(f"{p} is not a mixrank report (no summary)")
+            raise MixrankError(f"{p} is not a mixrank report (no summary)")
         return {"kind": "report", "summary": rep["summary"]}
-    raise_user(f"cannot inspect {p}: expected a factors file (.safetensors), an ONNX file or a "
-               "report (.json)")
+    raise MixrankError(f"cannot inspect {p}: expected a factors file (.safetensors), an ONNX file or a "
+                       "report (.json)")
 
 
 def _print_inspect(r: dict) -> None:
@@ -177,8 +182,7 @@ def _print_simple(r: dict) -> None:
 
 
 def _cmd_rewrite(args: argparse.Namespace) -> dict:
-    from ._rewrite import rewrite_onnx
-    from ._trt_check import check_tensorrt_compat
+    from mixrank.exporter import check_tensorrt_compat, rewrite_onnx
 
     rep = rewrite_onnx(args.onnx, args.factors, args.output, allow_partial=args.allow_partial)
     out = rep.to_dict()
@@ -201,18 +205,16 @@ def _print_rewrite(r: dict) -> None:
 
 def _cmd_build(args: argparse.Namespace) -> dict:
     if args.engine == "tensorrt":
-        from engines._tensorrt import TrtSettings, build_engine
+        from mixrank.engines import TrtSettings, build_engine
 
         st = TrtSettings(precision=args.precision, workspace_mb=args.workspace_mb,
                          max_batch=args.max_batch, opt_batch=min(8, args.max_batch))
         rec = build_engine(args.onnx, args.output, st)
         rec.pop("layers", None)
         return rec
-    from engines import OrtSettings
-    from engines._ort import build_ort
+    from mixrank.engines import OrtSettings, build_ort
 
-    return build_ort(args.onnx, args.output, OrtSettings(provider=args.provider,
-                                                        threads=args.threads))
+    return build_ort(args.onnx, args.output, OrtSettings(provider=args.provider, threads=args.threads))
 
 
 def _print_build(r: dict) -> None:
@@ -223,8 +225,6 @@ def _print_build(r: dict) -> None:
 def _load_array(path: str | None):
     import numpy as np
 
-    from compress import MixrankError
-
     if path is None:
         return None
     try:
@@ -234,8 +234,8 @@ def _load_array(path: str | None):
 
 
 def _cmd_bench(args: argparse.Namespace) -> dict:
-    from compress import MixrankError, load_factors
-    from engines import (
+    from mixrank.compress import load_factors
+    from mixrank.engines import (
         OrtSettings,
         TimingConfig,
         build_report,
@@ -245,10 +245,7 @@ def _cmd_bench(args: argparse.Namespace) -> dict:
         write_report,
     )
 
-    try:
-        batches = tuple(int(b) for b in args.batches.split(","))
-    except ValueError:
-        raise MixrankError(f"--batches must be comma-separated integers, got {args.batches!r}") from None
+    batches = _batch_sizes(args.batches)
     limits = load_budget(args.budget) if args.budget else None  # fail early on a bad budget
     plan = load_factors(args.factors).plan if args.factors else None
     res = measure(args.original, args.compressed, batches,
@@ -267,23 +264,23 @@ def _cmd_bench(args: argparse.Namespace) -> dict:
 
 def _write_junit(path, verdict) -> None:
     if path:
-        from engines import junit_xml
+        from mixrank.compress import atomic_write_text
+        from mixrank.engines import junit_xml
 
-        Path(path).write_text(junit_xml(verdict))
+        atomic_write_text(path, junit_xml(verdict))
 
 
 def _print_bench(r: dict) -> None:
     print(Path(r["report"]["md"]).read_text())
     if "check" in r:
-        from engines import format_results
+        from mixrank.engines import format_results
 
         print(format_results(r["check"]))
     print("report: " + ", ".join(r["report"].values()))
 
 
 def _cmd_check(args: argparse.Namespace) -> dict:
-    from compress import MixrankError
-    from engines import check_report, load_budget
+    from mixrank.engines import check_report, load_budget
 
     p = Path(args.report)
     if not p.is_file():
@@ -298,11 +295,17 @@ def _cmd_check(args: argparse.Namespace) -> dict:
 
 
 def _print_check(r: dict) -> None:
-    from engines import format_results
+    from mixrank.engines import format_results
 
     print(format_results(r))
     print({0: "all limits pass", 1: "a limit failed", 3: "something could not be measured"}[
         r["exit_code"]])
+
+
+def _budget_text(s: dict) -> str:
+    b = s.get("budget") or {"keep": s.get("keep")}
+    kind = next((k for k in ("keep", "params", "bytes") if b.get(k) is not None), "keep")
+    return f"{kind}={b.get(kind)}"
 
 
 def _print_summary(s: dict) -> None:
@@ -323,50 +326,64 @@ def _print_summary(s: dict) -> None:
         rows.append(("top-1 agreement %", "", f"{100 * s['top1_agreement']:.2f}", ""))
     head = ("", "original", "compressed", "change")
     w = [max(len(r[i]) for r in [*rows, head]) for i in range(4)]
-    print(f"{s['model']}: {s['method']}, keep={s['keep']}")
+    print(f"{s['model']}: {s['method']}, {_budget_text(s)}")
     for r in [head, *rows]:
         print(f"{r[0]:<{w[0]}}  {r[1]:>{w[1]}}  {r[2]:>{w[2]}}  {r[3]:<{w[3]}}")
+    ev = s.get("evaluation") or {}
+    if ev and not ev.get("held_out", True):
+        print(f"note: accuracy and agreement were measured on the {ev['samples']} calibration images "
+              f"({ev['source']}), not on held-out data; pass --eval-images or --eval-csv")
     if "check" in s:
-        from engines import format_results
+        from mixrank.engines import format_results
 
         print(format_results(s["check"]))
     print(f"artifacts in {s['out']}/ (manifest: {s['manifest']})")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: ...)`` except where the default is ``None`` ("not given")."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="mixrank",
-        description="Activation-aware mixed-rank compression of Vision Transformers.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    fmt = _HelpFormatter
+    p = argparse.ArgumentParser(prog="mixrank", formatter_class=fmt,
+                                description="Activation-aware mixed-rank compression of Vision Transformers.")
     sub = p.add_subparsers(dest="command")
     _add = sub.add_parser
 
-    def add_parser(*a, **k):  # every subcommand takes -v
-        sp = _add(*a, **k)
+    def add_parser(*a, **k):  # every subcommand takes -v and the same help format
+        sp = _add(*a, formatter_class=fmt, **k)
         sp.add_argument("-v", "--verbose", action="store_true",
                         help="more output; tracebacks for errors too")
         return sp
 
     sub.add_parser = add_parser
-    def model_args(sp):
+
+    def model_args(sp, compress: bool = True):
         sp.add_argument("--model", default=None,
                         help="timm model name; default: the built-in ViT trained on sklearn digits")
         sp.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights")
         sp.add_argument("--checkpoint", help="weights: .safetensors, or .pth (weights_only)")
         sp.add_argument("--images", help="calibration image folder (flat or one sub-folder per class)")
         sp.add_argument("--calib-images", type=int, default=512, help="calibration images used")
-        sp.add_argument("--keep", type=float, default=0.4,
-                        help="fraction of the block Linear parameters kept")
-        sp.add_argument("--method", default="mixrank",
-                        choices=["mixrank", "whiten", "svd", "asvd", "oats"], help="compression method")
-        sp.add_argument("--seed", type=int, default=0, help="random seed")
+        if compress:
+            sp.add_argument("--config", help="TOML configuration (docs/design.md, 'Configuration'); "
+                                             "flags given here override its values")
+            sp.add_argument("--keep", type=float, default=None,
+                            help=f"fraction of the block Linear parameters kept (default: {DEFAULT_KEEP})")
+            sp.add_argument("--method", default=None, help="compression method (default: mixrank; also "
+                                                           "whiten, svd, asvd, oats)")
+            sp.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
         sp.add_argument("--json", action="store_true", help="print the result as JSON")
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
     run = sub.add_parser(
         "run", help="the main job: compress, export, rewrite, build, measure, report, check",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="All stages in one output folder. With no arguments: the built-in ViT "
                     "trained on scikit-learn's digits (trained once, cached). Finished stages "
                     "are reused when their inputs are unchanged; --force redoes them.",
@@ -383,31 +400,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="redo every stage")
     run.set_defaults(func=_cmd_run, show=_print_summary)
 
-    cp = sub.add_parser("compress", help="compress a model into a factors file",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cp = sub.add_parser("compress", help="compress a model into a factors file")
     model_args(cp)
     cp.add_argument("-o", "--output", default="model.mixrank.safetensors", help="factors file")
     cp.set_defaults(func=_cmd_compress, show=_print_simple)
 
-    ex = sub.add_parser("export", help="export the original model to ONNX (checked against PyTorch)",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    model_args(ex)
+    ex = sub.add_parser("export", help="export the original model to ONNX (checked against PyTorch)")
+    model_args(ex, compress=False)
     ex.add_argument("-o", "--output", default="original.onnx", help="ONNX file")
     ex.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
     ex.add_argument("--fp16", action="store_true", help="float16 model (TensorRT 11)")
     ex.add_argument("--static-batch", action="store_true", help="fixed batch dimension")
     ex.set_defaults(func=_cmd_export, show=_print_simple)
 
-    ev = sub.add_parser("eval", help="top-1/top-5 of the original, factored and ONNX models",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    model_args(ev)
+    ev = sub.add_parser("eval", help="top-1/top-5 of the original, factored and ONNX models")
+    model_args(ev, compress=False)
     ev.add_argument("--csv", help="CSV of file,label rows")
     ev.add_argument("--factors", help="factors file: also evaluate the factored PyTorch model")
     ev.add_argument("--onnx", nargs="*", help="ONNX files to evaluate too")
     ev.set_defaults(func=_cmd_eval, show=_print_eval)
 
-    ins = sub.add_parser("inspect", help="summarise a factors file, an ONNX file or a report",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ins = sub.add_parser("inspect", help="summarise a factors file, an ONNX file or a report")
     ins.add_argument("file", help="model.mixrank.safetensors, *.onnx or report.json")
     ins.add_argument("--json", action="store_true", help="print as JSON")
     ins.add_argument("-q", "--quiet", action="store_true")
@@ -415,7 +428,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     rw = sub.add_parser(
         "rewrite", help="rewrite an ONNX model's MatMuls with a factors file (no PyTorch model needed)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Replace every constant-weight MatMul/Gemm that has factors by its "
                     "low-rank-plus-sparse subgraph; matches by initializer name, else by weight "
                     "fingerprint, so ONNX files from other exporters work too.",
@@ -429,8 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     rw.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     rw.set_defaults(func=_cmd_rewrite, show=_print_rewrite)
 
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    bd = sub.add_parser("build", help="build an engine from an ONNX file", formatter_class=fmt,
+    bd = sub.add_parser("build", help="build an engine from an ONNX file",
                         description="onnxruntime: save the graph onnxruntime optimises for these "
                                     "settings; tensorrt: build and serialize a TensorRT engine "
                                     "(needs the tensorrt package and an NVIDIA GPU).")
@@ -449,7 +460,6 @@ def build_parser() -> argparse.ArgumentParser:
     bd.set_defaults(func=_cmd_build, show=_print_build)
 
     be = sub.add_parser("bench", help="measure original vs compressed side by side, write the report",
-                        formatter_class=fmt,
                         description="Footprint (parameters, bytes, peak RSS in child processes), "
                                     "throughput per batch size (interleaved rounds) and fidelity "
                                     "of two ONNX models on onnxruntime; writes report.json, "
@@ -471,7 +481,6 @@ def build_parser() -> argparse.ArgumentParser:
     be.set_defaults(func=_cmd_bench, show=_print_bench)
 
     ck = sub.add_parser("check", help="check a report against a budget file (the CI gate)",
-                        formatter_class=fmt,
                         description="Exit 0 when every limit passes, 1 when a limit fails, 3 when "
                                     "a limit could not be measured, 2 on a usage error.")
     ck.add_argument("report", help="report.json from mixrank bench / run")
@@ -484,8 +493,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from compress import MixrankError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -1,11 +1,15 @@
 """``mixrank run``: every stage in one output folder, each stage reused when its inputs
-have not changed (keyed by a hash of its inputs), with a manifest of every artifact."""
+have not changed (keyed by a hash of its inputs), with a manifest of every artifact.
+
+Data flows one way through files (docs/design.md, "Architecture"): the model and the
+calibration images give the factors file; the model gives original.onnx; the two give
+compressed.onnx; each ONNX file gives an engine; the engines give the report.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -13,15 +17,29 @@ from pathlib import Path
 
 import torch
 
-from compress import MixrankError
+from mixrank.compress import (
+    CompressConfig,
+    atomic_write_text,
+    compress_model,
+    load_factors,
+    model_fingerprint,
+    save_factors,
+    sha256_file,
+)
+from mixrank.engines import (
+    OrtSettings,
+    TimingConfig,
+    build_ort,
+    build_report,
+    check_report,
+    junit_xml,
+    load_budget,
+    measure,
+    write_report,
+)
+from mixrank.exporter import export_onnx, rewrite_onnx, verify_rewrite
 
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from ._sources import ModelSource
 
 
 def _key(*parts) -> str:
@@ -40,7 +58,7 @@ class Manifest:
         if self.path.is_file() and not force:
             try:
                 self.data = json.loads(self.path.read_text())
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 pass
         self.command = " ".join(["mixrank", *sys.argv[1:]]) if sys.argv else "mixrank"
 
@@ -61,9 +79,7 @@ class Manifest:
             self.data["artifacts"][f] = {"sha256": sha256_file(self.out / f), "stage": stage,
                                          "bytes": (self.out / f).stat().st_size,
                                          "command": self.command}
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, json.dumps(self.data, indent=1))
 
     def stage(self, name: str, key: str, files: list[str], fn: Callable[[], dict | None],
               log: Callable[[str], None]) -> tuple[dict, bool]:
@@ -78,73 +94,29 @@ class Manifest:
         return self.data["stages"][name], False
 
 
-def run_pipeline(args, log: Callable[[str], None]) -> dict:
+def run_pipeline(args, cfg: CompressConfig, log: Callable[[str], None]) -> dict:
     """The main job: model → calibration → compress → export → rewrite → engines →
     measure → report → check. Returns the summary."""
-    from compress import (
-        CompressConfig,
-        compress_model,
-        image_csv,
-        image_folder,
-        load_factors,
-        model_fingerprint,
-        save_factors,
-    )
-    from engines import (
-        OrtSettings,
-        TimingConfig,
-        build_report,
-        check_report,
-        load_budget,
-        measure,
-        write_report,
-    )
-    from engines._ort import build_ort
-
-    from ._export import export_onnx
-    from ._models import DIGITS, load_model
-    from ._rewrite import rewrite_onnx
-    from ._verify import verify_rewrite
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     man = Manifest(out, args.force)
     progress = not args.quiet
     limits = load_budget(args.budget) if args.budget else None  # a bad budget fails first
-    batches = tuple(int(b) for b in args.batches.split(","))
-    torch.manual_seed(args.seed)
-    model = load_model(args.model, args.pretrained, args.checkpoint, progress)
+    torch.manual_seed(cfg.seed)
+    src = ModelSource(args.model, args.pretrained, args.checkpoint, progress)
+    model = src.model
     mfp = model_fingerprint(model)
-    # calibration and evaluation data
-    if args.model in (None, DIGITS):
-        from compress._demo import digits_calibration, digits_data
-
-        _, _, xte, yte = digits_data()
-        calib = digits_calibration(args.calib_images)
-        n = sum(len(b) for b in calib)
-        eval_x, eval_y = xte, yte
-        data_key = ["digits", n]
-        source = {"model": "digits_vit (built-in)", "calibration": "sklearn digits, train split"}
-    else:
-        if not args.images:
-            raise MixrankError("a timm model needs calibration images: pass --images DIR "
-                               "(a flat folder or one sub-folder per class)")
-        data = image_folder(args.images, model, count=args.calib_images, seed=args.seed)
-        calib = data.batches
-        ev = image_csv(args.eval_csv, model) if args.eval_csv else (
-            image_folder(args.eval_images, model) if args.eval_images else data)
-        eval_x = torch.cat(ev.batches)
-        eval_y = torch.tensor(ev.labels) if ev.labels else None
-        data_key = [sorted(data.files), args.seed]
-        source = {"model": args.model, "calibration": str(args.images)}
-    cfg = CompressConfig(method=args.method, keep=args.keep, seed=args.seed)
+    calib = src.calibration(args.images, args.calib_images, cfg.seed)
+    ev = src.evaluation(args.eval_images, args.eval_csv, fallback=calib)
+    eval_x, eval_y = ev.x, ev.labels
+    source = {"model": src.label, "calibration": calib.source}
 
     def do_compress():
-        f = compress_model(model, calib, cfg, source=source, progress=progress)
+        f = compress_model(model, calib.batches, cfg, source=source, progress=progress)
         save_factors(f, out / "model.mixrank.safetensors")
         return {"summary": f.summary()}
 
-    k_comp = _key(mfp, data_key, cfg.to_dict())
+    k_comp = _key(mfp, calib.key, cfg.to_dict())
     man.stage("compress", k_comp, ["model.mixrank.safetensors"], do_compress, log)
     factors = load_factors(out / "model.mixrank.safetensors")
 
@@ -155,7 +127,7 @@ def run_pipeline(args, log: Callable[[str], None]) -> dict:
 
     def do_rewrite():
         rep = rewrite_onnx(out / "original.onnx", factors, out / "compressed.onnx")
-        (out / "rewrite.json").write_text(json.dumps(rep.to_dict(), indent=1))
+        atomic_write_text(out / "rewrite.json", json.dumps(rep.to_dict(), indent=1))
         v = verify_rewrite(out / "compressed.onnx", model, factors, eval_x[:64])
         return {"verify": v["outputs"]}
 
@@ -171,20 +143,24 @@ def run_pipeline(args, log: Callable[[str], None]) -> dict:
     man.stage("build", k_build, ["original.ort.onnx", "compressed.ort.onnx"], do_build, log)
 
     def do_bench():
-        res = measure(out / "original.onnx", out / "compressed.onnx", batches, settings,
+        res = measure(out / "original.onnx", out / "compressed.onnx", args.batch_sizes, settings,
                       eval_x.numpy(), None if eval_y is None else eval_y.numpy(),
                       TimingConfig(max_seconds=args.seconds), progress=progress)
         for tag in ("original", "compressed"):
             res["footprint"][tag]["engine_bytes"] = (out / f"{tag}.ort.onnx").stat().st_size
+        res["evaluation"] = {"source": ev.source, "held_out": ev.held_out, "samples": len(eval_x)}
         rep = build_report(res, factors.plan, json.loads((out / "rewrite.json").read_text()))
         rep["summary"]["engine_bytes"] = res["footprint"]["compressed"]["engine_bytes"]
         write_report(rep, out)
 
-    k_bench = _key(k_build, batches, args.seconds, data_key)
+    k_bench = _key(k_build, args.batch_sizes, args.seconds, calib.key, ev.key)
     man.stage("bench", k_bench, ["report.json", "report.md"], do_bench, log)
     rep = json.loads((out / "report.json").read_text())
-    summary = {"out": str(out), "model": source["model"], "method": args.method, "keep": args.keep,
+    budget = factors.plan.budget
+    summary = {"out": str(out), "model": source["model"], "method": cfg.method, "keep": budget.keep,
+               "budget": {"keep": budget.keep, "params": budget.params, "bytes": budget.bytes},
                **rep["summary"], "footprint": rep["measurement"]["footprint"],
+               "evaluation": rep["measurement"].get("evaluation", {}),
                "throughput": [{k: v for k, v in t.items() if k != "sessions"} |
                               {"p50_ms": {n: s["p50_ms"] for n, s in t["sessions"].items()}}
                               for t in rep["measurement"]["throughput"]],
@@ -192,9 +168,7 @@ def run_pipeline(args, log: Callable[[str], None]) -> dict:
     if limits:
         verdict = check_report(rep, limits)
         summary["check"] = verdict
-        (out / "check.json").write_text(json.dumps(verdict, indent=1))
+        atomic_write_text(out / "check.json", json.dumps(verdict, indent=1))
         if args.junit:
-            from engines import junit_xml
-
-            Path(args.junit).write_text(junit_xml(verdict))
+            atomic_write_text(Path(args.junit), junit_xml(verdict))
     return summary

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from compress import MixrankError, close_matches
+from mixrank.compress import MixrankError, close_matches
 
 DIGITS = "digits"
 
@@ -26,7 +26,7 @@ def load_model(name: str | None = None, pretrained: bool = False,
     if name in (None, DIGITS):
         if pretrained or checkpoint:
             raise MixrankError("the built-in digits model takes no --pretrained/--checkpoint")
-        from compress._demo import digits_vit
+        from ._demo import digits_vit
 
         return digits_vit(progress=progress).eval()
     import timm

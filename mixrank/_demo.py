@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -136,14 +135,9 @@ def digits_vit(recipe: DigitsRecipe = DigitsRecipe(), progress: bool = True,
             return model.eval()
         except Exception:
             path.unlink(missing_ok=True)  # a damaged cache entry is retrained
+    from mixrank.compress import atomic_write
+
     model = train_digits_vit(recipe, progress=progress)
-    cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp,
-                  metadata={"recipe": json.dumps(asdict(recipe))})
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={"recipe": json.dumps(asdict(recipe))}))
     return model

@@ -1,0 +1,275 @@
+"""The typed, versioned plan stored in a factors file (docs/design.md, "The factors file").
+
+Each part of the plan is a dataclass whose instances are also the JSON objects they
+serialise to (a `Record` is a ``dict`` whose declared fields are attributes too): readers
+write ``plan.layers[name].rank``, ``json.dumps(plan)`` writes the file's metadata, and a
+plan compares equal to the dict it was read from. Keys a newer writer added are kept.
+`Plan.from_dict` reads every format this version knows and upgrades older ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ._errors import MixrankError
+
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+
+
+class Record(dict):
+    """A dataclass that is also a JSON object. Subclasses are ``@dataclass(eq=False)``
+    with typed fields and no defaults (`from_dict` supplies the zero value of a field's
+    type where a plan does not mention it); ``_nested`` maps a field to the `Record` type
+    of its value, ``_tables`` to the type of the values of a ``{name: record}`` table."""
+
+    _nested: ClassVar[dict[str, type]] = {}
+    _tables: ClassVar[dict[str, type]] = {}
+    _zeros: ClassVar[dict[str, Any]] = {}  # a field's value when absent, where not its type's zero
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        if key in self.__dataclass_fields__:
+            value = self._coerce(key, value)
+            dict.__setitem__(self, key, value)
+        object.__setattr__(self, key, value)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key in self.__dataclass_fields__:
+            setattr(self, key, value)
+        else:
+            dict.__setitem__(self, key, value)
+
+    def _coerce(self, key: str, value: Any) -> Any:
+        if key in self._nested and isinstance(value, dict) and not isinstance(value, self._nested[key]):
+            return self._nested[key].from_dict(value)
+        if key in self._tables and isinstance(value, dict) and not isinstance(value, Table):
+            return Table(self._tables[key], value)
+        return value
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        """Read a record; a field the writer did not write (an older format, a partial
+        plan) reads as the zero value of its type, keys this version does not know are
+        kept."""
+        if not isinstance(d, dict):
+            raise MixrankError(f"malformed plan: expected an object for {cls.__name__}, got "
+                               f"{type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        hints = typing.get_type_hints(cls)
+        values = {n: d[n] if n in d else cls._zeros.get(n, _zero(hints[n])) for n in names}
+        obj = cls(**values)
+        for k, v in d.items():
+            if k not in names:
+                dict.__setitem__(obj, k, v)
+        return obj
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain-dict deep copy (what ``json.loads(json.dumps(self))`` gives)."""
+        return json.loads(json.dumps(self))
+
+    def __reduce__(self):  # copy and pickle through the dict form
+        return (self.__class__.from_dict, (dict(self),))
+
+
+def _zero(tp) -> Any:
+    """The value a field of type ``tp`` has when a plan does not mention it."""
+    if isinstance(tp, type) and issubclass(tp, Record):
+        return tp.from_dict({})
+    origin = typing.get_origin(tp) or tp
+    if type(None) in typing.get_args(tp):
+        return None
+    return {int: 0, float: 0.0, str: "", bool: False, list: [], dict: {}}[origin]
+
+
+class Table(dict):
+    """``{name: record}`` whose values are coerced to one `Record` type on insertion."""
+
+    def __init__(self, kind: type, items: dict | None = None):
+        super().__init__()
+        self.kind = kind
+        for k, v in (items or {}).items():
+            self[k] = v
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if isinstance(value, dict) and not isinstance(value, self.kind):
+            value = self.kind.from_dict(value)
+        dict.__setitem__(self, key, value)
+
+    def __reduce__(self):
+        return (Table, (self.kind, dict(self)))
+
+
+@dataclass(eq=False)
+class SparsePlan(Record):
+    """The sparse term of a layer: structure, size k, stored values and indices, and
+    its cost in parameter equivalents (values plus index storage)."""
+
+    _zeros: ClassVar[dict[str, Any]] = {"structure": "none"}
+
+    structure: str
+    k: int
+    indices: int
+    params: int
+    values: int = dataclasses.field(default=0)
+    """Stored sparse values. (An explicit default: ``dict.values`` would be taken for one;
+    on a `SparsePlan` the attribute is this count, ``dict.values(plan)`` the method.)"""
+
+
+@dataclass(eq=False)
+class LayerPlan(Record):
+    """One selected layer: dense, or factored at ``rank`` (plus a sparse term)."""
+
+    _nested: ClassVar[dict[str, type]] = {"sparse": SparsePlan}
+
+    shape: list[int]
+    """(out, in) of the original weight."""
+    rank: int | None
+    dense: bool
+    sparse: SparsePlan
+    nmse: float
+    """Layer NMSE of the shipped factors on the statistics batches."""
+    nmse_closed_form: float
+    """Layer NMSE of the closed form at the allocated rank."""
+    params_before: int
+    params_after: int
+    """Stored values: ``rank·(out+in)`` plus the sparse values."""
+    cost_params: int
+    """What the budget counted: values plus index storage in value equivalents."""
+    bytes_after: int
+    sha256: str
+    """SHA-256 of the original weight's float32 bytes: the rewriter's fingerprint."""
+    sha256_fp16: str
+    """The same of the weight rounded to float16 (fp16 graphs)."""
+    bias: bool
+    tokens: int
+    """Calibration tokens summed into the layer's Gram matrix."""
+
+
+@dataclass(eq=False)
+class SourceInfo(Record):
+    model: str
+    checkpoint_sha256: str
+
+
+@dataclass(eq=False)
+class BudgetInfo(Record):
+    """The budget as given (one of keep, params, bytes) and as counted."""
+
+    keep: float | None
+    params: int | None
+    bytes: int | None
+    dtype: str
+    budget_params: int
+    """The parameter budget of the selected layers."""
+    selected_params: int
+    """Their dense parameter count."""
+
+
+@dataclass(eq=False)
+class CalibrationInfo(Record):
+    """What calibrated: statistics batches and samples, and the held-out part that scored."""
+
+    source: str
+    seed: int
+    batches: int
+    """Batches summed into the Gram matrices (the held-out ones excluded)."""
+    samples: int
+    holdout_batches: int
+    """Batches held out to score allocations and refinements."""
+    holdout_samples: int
+
+
+@dataclass(eq=False)
+class RefinementInfo(Record):
+    """Every variant scored on the held-out batches (closed form first), the one chosen
+    and its score. A variant is ``{"name", "score", ...}``; ``score`` is ``None`` with a
+    ``note`` when the refinement did not apply."""
+
+    variants: list[dict]
+    chosen: str
+    score: float | None
+
+
+@dataclass(eq=False)
+class AllocationInfo(Record):
+    _nested: ClassVar[dict[str, type]] = {"refinement": RefinementInfo}
+
+    metric: str
+    uniform_score: float | None
+    chosen_score: float | None
+    refinement: RefinementInfo
+    evaluations: int
+    stopped: str
+    scored_samples: int
+    candidates: list[dict]
+
+
+@dataclass(eq=False)
+class Totals(Record):
+    """Sums over the selected layers, and the whole model's parameter counts."""
+
+    params_before: int
+    params_after: int
+    cost_params: int
+    """What the budget counted (index storage included)."""
+    bytes_before: int
+    bytes_after: int
+    """Stored bytes of the factors (values at the budget's dtype plus int32 indices)."""
+    model_params_before: int
+    model_params_after: int
+
+
+@dataclass(eq=False)
+class Plan(Record):
+    """The whole plan. ``config`` is the `CompressConfig` as a dict (nested since format
+    2; `CompressConfig.from_dict` reads both forms)."""
+
+    _nested: ClassVar[dict[str, type]] = {
+        "source": SourceInfo, "budget": BudgetInfo, "calibration": CalibrationInfo,
+        "allocation": AllocationInfo, "totals": Totals}
+    _tables: ClassVar[dict[str, type]] = {"layers": LayerPlan}
+
+    format_version: int
+    method: str
+    source: SourceInfo
+    budget: BudgetInfo
+    calibration: CalibrationInfo
+    config: dict
+    layers: dict[str, LayerPlan]
+    allocation: AllocationInfo
+    totals: Totals
+    timings: dict
+
+    def factored_layers(self) -> list[str]:
+        return [n for n, info in self.layers.items() if not info.dense]
+
+    @classmethod
+    def empty(cls) -> Plan:
+        return cls.from_dict({"format_version": FORMAT_VERSION})
+
+    @classmethod
+    def read(cls, d: dict[str, Any], where: str = "the plan") -> Plan:
+        """Read a plan of any format this version knows, upgraded to `FORMAT_VERSION`.
+
+        Raises:
+            MixrankError: an unknown format version.
+        """
+        if not isinstance(d, dict):
+            raise MixrankError(f"{where} is not a JSON object")
+        version = d.get("format_version")
+        if version not in READABLE_VERSIONS:
+            raise MixrankError(f"{where} has factors format version {version}; this mixrank reads "
+                               f"version{'s' if len(READABLE_VERSIONS) > 1 else ''} "
+                               f"{', '.join(map(str, READABLE_VERSIONS))}")
+        d = dict(d)
+        if version == 1:  # format 1: flat config carrying its own format_version
+            from ._config import nest_settings
+
+            d["config"] = nest_settings(d.get("config") or {})
+            d["format_version"] = FORMAT_VERSION
+            d["upgraded_from"] = 1
+        return cls.from_dict(d)
