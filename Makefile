@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv run test lint bench clean
+.PHONY: venv run test test-fast lint bench clean
 
 $(BIN)/mixrank: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -19,6 +19,11 @@ run: venv
 test: venv
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# the inner loop: everything but the tests marked slow (CI runs `make test`)
+test-fast: venv
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -m "not slow and not gpu and not tensorrt"
 
 bench: venv
 	$(BIN)/python benchmarks/compress_speed.py
