@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from tqdm.auto import tqdm
 
 from ._errors import MixrankError
+from ._quant import storage_bytes
 from ._registry import Registry
 
 Alloc = dict[str, "int | None"]  # layer -> rank, None = dense
@@ -28,36 +29,60 @@ Alloc = dict[str, "int | None"]  # layer -> rank, None = dense
 
 @dataclass
 class LayerSpace:
-    """The choices of one layer: ranks ``floor, floor+step, ..., cap`` or dense."""
+    """The choices of one layer: ranks ``floor, floor+step, ..., cap`` or dense, at one
+    storage ``precision``. ``cost`` is in the budget's ``unit``: parameters, or bytes as
+    the exporter stores them (integer blocks padded, scales and zero points included)."""
 
     name: str
     m: int
     n: int
     floor: int
-    cap: int  # largest rank (multiple of step) with r(m+n) < mn
+    cap: int  # largest rank (multiple of step) that costs less than the dense layer
     step: int = 8
     fixed: int | None = None  # a fixed rank from an override
-    dense: bool = False  # forced dense (override, or no rank saves parameters)
+    dense: bool = False  # forced dense (override, or no rank saves anything)
+    unit: str = "params"
+    precision: str = "fp32"
+    block: int = 32
+    symmetric: bool = False
 
     @property
     def free(self) -> bool:
         return not self.dense and self.fixed is None
 
     def cost(self, r: int | None) -> int:
-        return self.m * self.n if r is None else r * (self.m + self.n)
+        """The cost of rank ``r`` (``None``: dense) in the budget's unit."""
+        if self.unit == "params":
+            return self.m * self.n if r is None else r * (self.m + self.n)
+        return self.stored_bytes(r)
+
+    def stored_bytes(self, r: int | None) -> int:
+        """Bytes as the exporter stores rank ``r`` (``None``: dense) at this precision."""
+        m, n, p, b, s = self.m, self.n, self.precision, self.block, self.symmetric
+        if r is None:
+            return storage_bytes(m, n, p, b, s)
+        return storage_bytes(r, n, p, b, s) + storage_bytes(m, r, p, b, s)  # B (r, n) over n; A (m, r) over r
+
+    def value_cost(self, r: int | None, value_bytes: int) -> int:
+        """The cost in values of ``value_bytes`` (what a sparse term's size is counted in)."""
+        return self.cost(r) if self.unit == "params" else self.cost(r) // value_bytes
 
 
 def layer_spaces(
-    shapes: dict[str, tuple[int, int]], step: int, min_rank: int, overrides: dict[str, dict]
+    shapes: dict[str, tuple[int, int]], step: int, min_rank: int, overrides: dict[str, dict],
+    unit: str = "params", precision: str = "fp32", block: int = 32, symmetric: bool = False,
 ) -> dict[str, LayerSpace]:
     spaces = {}
     for name, (m, n) in shapes.items():
         ov = overrides.get(name, {})
+        sp = LayerSpace(name, m, n, 0, 0, step, unit=unit, precision=precision, block=block, symmetric=symmetric)
+        dense_cost = sp.cost(None)
         limit = (m * n - 1) // (m + n)  # largest r with r(m+n) < mn
-        cap = (limit // step) * step
+        while limit > 0 and sp.cost(limit) >= dense_cost:  # bytes: padding and scales count too
+            limit -= 1
+        sp.cap = (limit // step) * step
         floor = max(min_rank, ov.get("min_rank", 0))
-        floor = int(math.ceil(floor / step) * step)
-        sp = LayerSpace(name, m, n, floor, cap, step)
+        sp.floor = int(math.ceil(floor / step) * step)
         if ov.get("dense"):
             sp.dense = True
         elif "rank" in ov:
@@ -67,8 +92,8 @@ def layer_spaces(
                     f"layer (max useful rank {limit}); use dense=True instead"
                 )
             sp.fixed = int(ov["rank"])
-        elif cap < floor:
-            sp.dense = True  # too small for any rank >= floor to save parameters
+        elif sp.cap < sp.floor:
+            sp.dense = True  # too small for any rank >= floor to save anything
         spaces[name] = sp
     return spaces
 
@@ -131,11 +156,14 @@ def uniform_allocation(spaces: dict[str, LayerSpace], budget: int, step: int) ->
         MixrankError: the budget is outside the feasible range (the range is named).
     """
     lo, hi = feasible_range(spaces)
-    total = sum(sp.m * sp.n for sp in spaces.values())
+    total = sum(sp.cost(None) for sp in spaces.values())
     if budget < lo or budget >= total:
+        sp0 = next(iter(spaces.values()))
+        what = "parameters" if sp0.unit == "params" else f"bytes at {sp0.precision}"
+        frac = "keep" if sp0.unit == "params" else "fraction of these layers' bytes"
         raise MixrankError(
-            f"budget of {budget:,} parameters is outside the feasible range [{lo:,}, {total:,}) "
-            f"for the selected layers (keep in [{lo / total:.4f}, 1)); lower min_rank to allow a smaller budget"
+            f"budget of {budget:,} {what} is outside the feasible range [{lo:,}, {total:,}) "
+            f"for the selected layers ({frac} in [{lo / total:.4f}, 1)); lower min_rank to allow a smaller budget"
         )
 
     def at(f: float) -> Alloc:
@@ -158,8 +186,7 @@ def uniform_allocation(spaces: dict[str, LayerSpace], budget: int, step: int) ->
         else:
             b = mid
     alloc = at(a)
-    frac = {n: spaces[n].cost(r) / (spaces[n].m * spaces[n].n) for n, r in alloc.items()
-            if r is not None}
+    frac = {n: spaces[n].cost(r) / spaces[n].cost(None) for n, r in alloc.items() if r is not None}
     order = sorted(frac, key=frac.get)
     return _fill(spaces, alloc, budget, order)
 
@@ -227,19 +254,18 @@ def search_allocation(
                 stop = "seconds"
                 break
             sp, r = spaces[name], alloc[name]
-            per = step * (sp.m + sp.n)
             if r - step >= sp.floor:
                 a = {**alloc, name: r - step}
                 s = scored(a)
                 cands.append({"name": f"r{rnd}.probe", "score": s, "params": alloc_cost(spaces, a),
                               "base": current, "delta": delta(a)})
-                down[name] = (s - best) / per
+                down[name] = (s - best) / max(sp.cost(r) - sp.cost(r - step), 1)
             if r + step <= sp.cap:
                 a = {**alloc, name: r + step}
                 s = scored(a)
                 cands.append({"name": f"r{rnd}.probe", "score": s, "params": alloc_cost(spaces, a),
                               "base": current, "delta": delta(a)})
-                up[name] = (best - s) / per
+                up[name] = (best - s) / max(sp.cost(r + step) - sp.cost(r), 1)
         receivers = [n for n in sorted(up, key=up.get, reverse=True) if up[n] > 0]
         donors = sorted(down, key=down.get)
         proposals = []
@@ -281,8 +307,30 @@ def search_allocation(
     return alloc, cands, stop
 
 
+@dataclass
+class Allocation:
+    """An allocator's result: a rank (``None``: dense) per layer, the spaces it was chosen
+    in (their ``precision`` is each layer's storage), every candidate scored (the first is
+    the uniform allocation), and why the search stopped."""
+
+    ranks: Alloc
+    spaces: dict[str, LayerSpace]
+    candidates: list[dict]
+    stopped: str
+    family: str = "uniform"  # the start chosen: "uniform", "uniform int8", "dense int8 (quantization alone)"
+
+    @property
+    def precisions(self) -> dict[str, str]:
+        return {n: sp.precision for n, sp in self.spaces.items()}
+
+
+SpacesAt = Callable[[str], "dict[str, LayerSpace]"]  # precision -> the layers' spaces at it
+AUTO_PRECISIONS = ("fp16", "int8", "int4")
+
+
 class Allocator:
-    """Interface: choose a rank (or dense) per layer under the budget.
+    """Interface: choose a rank (or dense) per layer, and with ``precision="auto"`` a
+    storage precision, under the budget.
 
     Attributes:
         settings: the `CompressConfig` settings it reads (``"search.rounds"``, ...).
@@ -291,11 +339,47 @@ class Allocator:
     name: str = ""
     settings: tuple[str, ...] = ()
 
-    def allocate(self, spaces: dict[str, LayerSpace], budget: int, config, score: Callable[[Alloc], float],
-                 progress: bool = True) -> tuple[Alloc, list[dict], str]:
-        """Returns (allocation, candidates scored, stop reason); the first candidate is
-        the uniform allocation."""
+    def allocate(self, spaces_at: SpacesAt, budget: int, config, evaluator, progress: bool = True) -> Allocation:
+        """``spaces_at(precision)`` builds the layers' spaces; ``evaluator(ranks)`` scores
+        an allocation at ``evaluator.precisions``."""
         raise NotImplementedError
+
+    def start(self, spaces_at: SpacesAt, budget: int, config, evaluator) -> tuple[Allocation, list[dict]]:
+        """The uniform allocation at the configured precision, or with ``"auto"`` the best
+        of the uniform allocations at each precision and of every layer dense at each
+        precision (quantization alone) that fits the budget. Returns (the best, every
+        family scored)."""
+        step = config.selection.rank_step
+        storage = config.storage
+        families = []
+        for p in (AUTO_PRECISIONS if storage == "auto" else (storage,)):
+            spaces = spaces_at(p)
+            try:
+                ranks = uniform_allocation(spaces, budget, step)
+            except MixrankError:
+                if storage != "auto":
+                    raise
+                continue  # this precision cannot meet the budget at any rank
+            families.append(("uniform" if storage != "auto" else f"uniform {p}", spaces, ranks))
+        if storage == "auto":
+            for p in AUTO_PRECISIONS:
+                spaces = spaces_at(p)
+                ranks = {n: None for n in spaces}
+                if alloc_cost(spaces, ranks) <= budget:
+                    families.append((f"dense {p} (quantization alone)", spaces, ranks))
+        if not families:
+            raise MixrankError(f"no precision meets the budget of {budget:,} bytes for the selected layers "
+                               "even at the lowest rank; raise the budget or lower min_rank")
+        scored = []
+        for name, spaces, ranks in families:
+            evaluator.precisions = {n: sp.precision for n, sp in spaces.items()}
+            scored.append({"name": name, "score": evaluator(ranks), "cost": alloc_cost(spaces, ranks),
+                           "params": alloc_cost(spaces, ranks), "ranks": dict(ranks),
+                           "precision": spaces and next(iter(spaces.values())).precision})
+        best = min(range(len(scored)), key=lambda i: scored[i]["score"])
+        name, spaces, ranks = families[best]
+        evaluator.precisions = {n: sp.precision for n, sp in spaces.items()}
+        return Allocation(ranks, spaces, scored, "uniform", name), scored
 
 
 ALLOCATORS: Registry[Allocator] = Registry("allocator")
@@ -305,21 +389,25 @@ ALLOCATORS: Registry[Allocator] = Registry("allocator")
 class UniformAllocator(Allocator):
     """Every layer keeps the same fraction of its parameters (`uniform_allocation`)."""
 
-    def allocate(self, spaces, budget, config, score, progress=True):
-        alloc = uniform_allocation(spaces, budget, config.selection.rank_step)
-        cands = [{"name": "uniform", "score": score(alloc), "params": alloc_cost(spaces, alloc),
-                  "ranks": dict(alloc)}]
-        return alloc, cands, "uniform"
+    def allocate(self, spaces_at, budget, config, evaluator, progress=True):
+        return self.start(spaces_at, budget, config, evaluator)[0]
 
 
 @ALLOCATORS.register("search")
 class SearchAllocator(Allocator):
     """Rank moved between layers from the uniform start, judged end to end
-    (`search_allocation`)."""
+    (`search_allocation`), at the best precision family of `Allocator.start`."""
 
     settings = ("search.rounds", "search.evals", "search.seconds")
 
-    def allocate(self, spaces, budget, config, score, progress=True):
+    def allocate(self, spaces_at, budget, config, evaluator, progress=True):
+        best, families = self.start(spaces_at, budget, config, evaluator)
+        if all(r is None for r in best.ranks.values()):
+            return best  # quantization alone won: nothing to move rank between
         s = config.search
-        return search_allocation(spaces, budget, config.selection.rank_step, score, s.rounds, s.evals,
-                                 s.seconds, progress=progress)
+        ranks, cands, stop = search_allocation(best.spaces, budget, config.selection.rank_step, evaluator,
+                                               s.rounds, max(1, s.evals - len(families) + 1), s.seconds,
+                                               progress=progress)
+        if config.storage == "auto":  # the search's own uniform start is the chosen family
+            cands = [*families, *cands[1:]]
+        return Allocation(ranks, best.spaces, cands, stop, best.family)

@@ -15,10 +15,10 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ._allocate import ALLOCATORS, layer_spaces, uniform_allocation
+from ._allocate import ALLOCATORS, AUTO_PRECISIONS, alloc_cost, feasible_range, layer_spaces, uniform_allocation
 from ._batches import Batch, batch_size, split_holdout
 from ._calibrate import Calibration, collect_stats
-from ._config import DTYPE_BYTES, CompressConfig
+from ._config import CompressConfig
 from ._errors import MixrankError, close_matches
 from ._factor import Spectrum
 from ._factorizers import FACTORIZERS
@@ -41,6 +41,7 @@ from ._refine import RefineContext, run_refinements, split_layer
 from ._scoring import Evaluator
 from ._select import linear_layers, select_layers
 from ._sparse import INDEX_BYTES, sparse_cost
+from ._storage import realize
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -98,20 +99,29 @@ def compress_model(
     config = config or CompressConfig()
     method = METHODS[config.method]
     factorizer = FACTORIZERS[method.factorizer]
-    sel = config.selection
+    sel, storage = config.selection, config.storage
     t0 = time.perf_counter()
     timings = {}
     selected = select_layers(model, sel.include, sel.exclude)
     linears = linear_layers(model)
     _check_overrides(sel.overrides, selected, linears)
+    if not factorizer.closed_form and storage not in ("fp32", "fp16"):
+        raise MixrankError(f"method {config.method!r} stores a sparse term in floating point; use precision "
+                           "fp32 or fp16")
 
     # everything that can be checked from shapes alone fails before any data is read
     shapes = {n: tuple(linears[n].weight.shape) for n in selected}
-    spaces = layer_spaces(shapes, sel.rank_step, sel.min_rank, sel.overrides)
+    unit = "bytes" if config.budget.bytes is not None else "params"
     total = sum(m * n for m, n in shapes.values())
-    budget = config.budget_params(total)
-    uniform_allocation(spaces, budget, sel.rank_step)  # raises on an infeasible budget
-    value_bytes = DTYPE_BYTES[config.budget.dtype]
+    model_params = sum(p.numel() for p in model.parameters())
+    budget = config.budget.bytes_for(total, model_params) if unit == "bytes" else config.budget_params(total)
+
+    def spaces_at(precision: str):
+        return layer_spaces(shapes, sel.rank_step, sel.min_rank, sel.overrides, unit, precision,
+                            config.quantize.block, config.quantize.scheme == "symmetric")
+
+    _check_feasible(spaces_at, budget, sel.rank_step, storage)
+    value_bytes = 2 if storage == "fp16" else 4  # float values: what a sparse term is stored in
 
     orig_device = next(model.parameters()).device
     device = torch.device(config.device) if config.device else orig_device
@@ -123,6 +133,13 @@ def compress_model(
     try:
         model.to(device)
         calib = collect_stats(model, selected, stat_batches, config.token_mask, progress=progress)
+        grams = {n: calib.layers[n].gram for n in selected}
+        silent = [n for n in selected if not float(torch.diagonal(grams[n]).max()) > 0]
+        if silent:
+            raise MixrankError(
+                f"layer(s) {', '.join(silent[:5])} received only zero inputs on the calibration data, so "
+                "nothing says which directions matter; check that the calibration data reaches them "
+                "(real inputs, the right preprocessing) or exclude them")
         timings["calibrate_s"] = time.perf_counter() - t0
 
         t1 = time.perf_counter()
@@ -133,29 +150,45 @@ def compress_model(
         timings["factor_s"] = time.perf_counter() - t1
 
         t2 = time.perf_counter()
-        caps = {n: max(sp.cap, sp.fixed or 0) for n, sp in spaces.items()}
-        evaluator = Evaluator(model, spectra, caps, holdout, config.metric, config.search.samples)
-        alloc, cands, stop = ALLOCATORS[method.allocator].allocate(spaces, budget, config, evaluator,
-                                                                   progress=progress)
+        widest = layer_spaces(shapes, sel.rank_step, sel.min_rank, sel.overrides)
+        caps = {n: max(sp.cap, sp.fixed or 0) for n, sp in widest.items()}
+        evaluator = Evaluator(model, spectra, caps, holdout, config.metric, config.search.samples,
+                              grams, config.quantize)
+        allocation = ALLOCATORS[method.allocator].allocate(spaces_at, budget, config, evaluator, progress)
+        alloc, spaces, cands = allocation.ranks, allocation.spaces, allocation.candidates
+        precisions = allocation.precisions
+        evaluator.precisions = precisions
         chosen_score = evaluator(alloc)
         timings["allocate_s"] = time.perf_counter() - t2
 
         t3 = time.perf_counter()
+        dense_stored = {n: p for n, p in precisions.items() if alloc[n] is None and p != "fp32"}
+
+        def stored(fits: dict) -> tuple:
+            return realize(fits, dense_stored, precisions, config.quantize, grams, weights)
+
+        def score_stored(fits: dict) -> float:
+            _, read, read_dense = stored(fits)
+            return evaluator.score_fits({**read, **read_dense})
+
         ctx = RefineContext(model, config, calib, spectra, spaces, alloc, weights, stat_batches,
-                            evaluator.score_fits, evaluator.batches, value_bytes, progress)
+                            score_stored, evaluator.batches, value_bytes, progress)
         fits: dict[str, LayerFit] = {}
         for name, r in tqdm([(n, r) for n, r in alloc.items() if r is not None], desc=factorizer.fit_name,
                             unit="layer", disable=not progress or factorizer.closed_form):
             fits[name] = factorizer.fit(weights[name], calib.layers[name], spectra[name], r,
-                                        spaces[name].cost(r), config, value_bytes)
+                                        spaces[name].value_cost(r, value_bytes), config, value_bytes)
         forced = [n for n in fits if "sparse_k" in sel.overrides.get(n, {})]
         for n in forced:  # a forced sparse size holds in every variant, the first included
             fits[n] = split_layer(ctx, n)
-        start_score = chosen_score if factorizer.closed_form and not forced else evaluator.score_fits(fits)
+        exact = factorizer.closed_form and not forced and storage == "fp32"
+        start_score = chosen_score if exact else score_stored(fits)
+        start = factorizer.fit_name if fits else allocation.family  # e.g. "dense int8 (quantization alone)"
         chosen_fits, chosen_name, final_score, variants = run_refinements(
-            ctx, fits, factorizer.fit_name, start_score, method.refinements)
-        if method.refinements:  # stages that move factors without tracking the layer error
-            for n, f in chosen_fits.items():
+            ctx, fits, start, start_score, method.refinements)
+        tensors, shipped, _ = stored(chosen_fits)
+        if method.refinements or storage != "fp32":  # the error of what ships, as stored
+            for n, f in shipped.items():
                 st = calib.layers[n]
                 f.nmse = nmse(weights[n].to(st.gram.device), f.A.to(st.gram.device),
                               f.B.to(st.gram.device), f.sparse, st.gram, spectra[n].ref)
@@ -164,12 +197,11 @@ def compress_model(
         model.to(orig_device)
         model.train(was_training)
 
-    tensors, layers_plan = _layer_records(selected, linears, shapes, alloc, chosen_fits, spectra, calib,
-                                          value_bytes)
-    model_params = sum(p.numel() for p in model.parameters())
+    layers_plan = _layer_records(selected, linears, shapes, alloc, spaces, shipped, spectra, calib, value_bytes)
     before = sum(i.params_before for i in layers_plan.values())
     after = sum(i.params_after for i in layers_plan.values())
     source = dict(source or {})
+    float_storage = storage in ("fp32", "fp16")
     plan = Plan(
         format_version=FORMAT_VERSION,
         method=config.method,
@@ -178,7 +210,10 @@ def compress_model(
             "checkpoint_sha256": model_fingerprint(model),
             **{k: v for k, v in source.items() if k not in ("model", "calibration")}}),
         budget=BudgetInfo(keep=config.budget.keep, params=config.budget.params, bytes=config.budget.bytes,
-                          dtype=config.budget.dtype, budget_params=budget, selected_params=total),
+                          dtype=config.budget.dtype, precision=storage, unit=unit, budget=budget,
+                          budget_params=budget if unit == "params" else (budget // value_bytes if float_storage
+                                                                         else None),
+                          selected_params=total, selected_bytes=4 * total),
         calibration=CalibrationInfo(
             source=source.get("calibration", "in-memory batches"), seed=config.seed, batches=calib.batches,
             samples=calib.samples, holdout_batches=len(holdout),
@@ -186,14 +221,16 @@ def compress_model(
         config=config.to_dict(),
         layers=layers_plan,
         allocation=AllocationInfo(
-            metric=config.metric, uniform_score=cands[0]["score"], chosen_score=chosen_score,
+            metric=config.metric, family=allocation.family, uniform_score=cands[0]["score"],
+            chosen_score=chosen_score,
             refinement=RefinementInfo(variants=variants, chosen=chosen_name, score=final_score),
-            evaluations=len(cands), stopped=stop,
+            evaluations=len(cands), stopped=allocation.stopped,
             scored_samples=sum(batch_size(b) for b in evaluator.batches), candidates=cands),
         totals=Totals(
             params_before=before, params_after=after,
             cost_params=sum(i.cost_params for i in layers_plan.values()),
-            bytes_before=before * value_bytes,
+            cost=sum(i.cost for i in layers_plan.values()),
+            bytes_before=4 * before,
             bytes_after=sum(i.bytes_after for i in layers_plan.values()),
             model_params_before=model_params, model_params_after=model_params - before + after),
         timings={**timings, "total_s": time.perf_counter() - t0},
@@ -201,14 +238,27 @@ def compress_model(
     return Factors(tensors=tensors, plan=plan)
 
 
-def _layer_records(selected: list[str], linears: dict, shapes: dict, alloc: dict, fits: dict[str, LayerFit],
-                   spectra: dict[str, Spectrum], calib: Calibration,
-                   value_bytes: int) -> tuple[dict[str, torch.Tensor], dict[str, LayerPlan]]:
-    """The factor tensors and each selected layer's plan record."""
-    tensors: dict[str, torch.Tensor] = {}
+def _check_feasible(spaces_at, budget: int, step: int, storage: str) -> None:
+    """Fail before reading data when no allocation can meet the budget."""
+    if storage != "auto":
+        uniform_allocation(spaces_at(storage), budget, step)  # raises, naming the feasible range
+        return
+    for p in AUTO_PRECISIONS:
+        spaces = spaces_at(p)
+        if feasible_range(spaces)[0] <= budget or alloc_cost(spaces, {n: None for n in spaces}) <= budget:
+            return
+    lo = feasible_range(spaces_at(AUTO_PRECISIONS[-1]))[0]
+    raise MixrankError(f"budget of {budget:,} bytes is below the smallest storage any precision allows for "
+                       f"the selected layers ({lo:,} bytes at int4 and the lowest ranks); raise the budget")
+
+
+def _layer_records(selected: list[str], linears: dict, shapes: dict, alloc: dict, spaces: dict,
+                   fits: dict[str, LayerFit], spectra: dict[str, Spectrum], calib: Calibration,
+                   value_bytes: int) -> dict[str, LayerPlan]:
+    """Each selected layer's plan record (``fits``: the factored layers as stored)."""
     layers: dict[str, LayerPlan] = {}
     for name in selected:
-        lin, r = linears[name], alloc[name]
+        lin, r, sp_ = linears[name], alloc[name], spaces[name]
         m, n = shapes[name]
         fit = fits.get(name)
         sp = None if fit is None else fit.sparse
@@ -216,10 +266,12 @@ def _layer_records(selected: list[str], linears: dict, shapes: dict, alloc: dict
         sp_indices = 0 if sp is None else sp.indices()
         sp_cost = 0 if sp is None else sparse_cost(sp.structure, sp.k, m, n, value_bytes)
         values = m * n if fit is None else fit.rank * (m + n) + sp_values
+        stored_bytes = sp_.stored_bytes(None if fit is None else fit.rank)
         layers[name] = LayerPlan(
             shape=[m, n],
             rank=None if fit is None else fit.rank,
             dense=fit is None,
+            precision=sp_.precision,
             sparse=SparsePlan(structure="none" if sp is None else sp.structure, k=0 if sp is None else sp.k,
                               values=sp_values, indices=sp_indices, params=sp_cost),
             nmse=0.0 if fit is None else fit.nmse,
@@ -227,16 +279,12 @@ def _layer_records(selected: list[str], linears: dict, shapes: dict, alloc: dict
             params_before=m * n,
             params_after=values,
             cost_params=values if fit is None else fit.rank * (m + n) + sp_cost,
-            bytes_after=values * value_bytes + sp_indices * INDEX_BYTES,
+            cost=sp_.cost(None if fit is None else fit.rank) + (
+                0 if sp is None else (sp_cost if sp_.unit == "params" else sp_values * value_bytes + sp_indices * 4)),
+            bytes_after=stored_bytes + sp_values * value_bytes + sp_indices * INDEX_BYTES,
             sha256=weight_fingerprint(lin.weight),
             sha256_fp16=weight_fingerprint(lin.weight.detach().half()),
             bias=lin.bias is not None,
             tokens=calib.layers[name].tokens,
         )
-        if fit is not None:
-            tensors[f"{name}.A"] = fit.A.detach().cpu().float().contiguous()
-            tensors[f"{name}.B"] = fit.B.detach().cpu().float().contiguous()
-            if sp is not None:
-                tensors[f"{name}.sparse_index"] = sp.index.detach().cpu().to(torch.int32).contiguous()
-                tensors[f"{name}.sparse_value"] = sp.value.detach().cpu().float().contiguous()
-    return tensors, layers
+    return layers

@@ -31,6 +31,8 @@ from ._errors import MixrankError, close_matches
 
 METRICS = ("auto", "kl", "mse", "cosine")
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
+# the storage precision a legacy ``dtype`` stands for (bfloat16 is not stored by any engine here)
+DTYPE_PRECISION = {"float32": "fp32", "float16": "fp16", "int8": "int8"}
 OVERRIDE_KEYS = ("dense", "rank", "min_rank", "sparse_k")
 
 
@@ -47,14 +49,25 @@ def _fraction(name: str, value) -> None:
 class Budget:
     """How much the selected layers keep: one of ``keep`` (fraction of their weight
     parameters; ``keep=0.4`` removes 60 %), ``params`` (absolute parameter count) or
-    ``bytes`` (storage at ``dtype``). With none of them, ``keep=0.5``."""
+    ``bytes`` (real storage of the selected layers' weights as the exporter writes them:
+    values at their precision, plus scales and zero points of integer blocks, plus sparse
+    indices; or ``"0.12x"``: that fraction of the whole model's float32 weight bytes,
+    the layers left out of the selection counted at float32). With none of them,
+    ``keep=0.5``. ``dtype`` is the older way to name the
+    storage of the values (``float16`` is precision ``fp16``); `Quantize` is the new one."""
 
     keep: float | None = None
     params: int | None = None
-    bytes: int | None = None
+    bytes: int | str | None = None
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        if isinstance(self.bytes, str):
+            self.bytes = self.bytes.strip()
+            if not self.bytes.endswith("x"):
+                raise MixrankError(f"bytes must be a byte count or a fraction of the model's float32 weight "
+                                   f"bytes such as '0.12x', got {self.bytes!r}")
+            _fraction("bytes (as a fraction, 'NNx')", self.bytes[:-1])
         given = [k for k in ("keep", "params", "bytes") if getattr(self, k) is not None]
         if len(given) > 1:
             raise MixrankError(f"give one budget, not {' and '.join(given)}")
@@ -64,6 +77,8 @@ class Budget:
             _fraction("keep", self.keep)
         for name in ("params", "bytes"):
             v = getattr(self, name)
+            if isinstance(v, str):
+                continue
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
                                   or not math.isfinite(v) or int(v) <= 0):
                 what = "parameter" if name == "params" else "byte"
@@ -78,6 +93,24 @@ class Budget:
         if self.params is not None:
             return int(self.params)
         return int(self.bytes) // DTYPE_BYTES[self.dtype]
+
+    def bytes_for(self, selected_params: int, model_params: int) -> int:
+        """The bytes budget of the selected layers (a fraction ``"0.12x"`` is of the whole
+        model's float32 weight bytes, minus the float32 bytes of everything unselected).
+
+        Raises:
+            MixrankError: the unselected weights alone take the whole fraction.
+        """
+        if not isinstance(self.bytes, str):
+            return int(self.bytes)
+        frac = float(self.bytes[:-1])
+        rest = 4 * (model_params - selected_params)
+        budget = int(math.floor(frac * 4 * model_params)) - rest
+        if budget <= 0:
+            raise MixrankError(f"bytes {self.bytes} of the model is {frac * 4 * model_params:,.0f} bytes, but the "
+                               f"layers not selected for compression already take {rest:,} bytes at float32; "
+                               "raise the fraction or select more layers (include=...)")
+        return budget
 
 
 @dataclass
@@ -127,6 +160,49 @@ class Selection:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise MixrankError(f"{name} must be >= 1, got {v}")
+
+
+@dataclass
+class Quantize:
+    """How weights are stored (docs/design.md, "Precision").
+
+    Attributes:
+        precision: ``"fp32"``, ``"fp16"``, ``"int8"``, ``"int4"`` for every compressed
+            layer, or ``"auto"`` (a ``bytes`` budget only): rank and precision are chosen
+            per layer end to end, with dense int8 and int4 of the original weights among
+            the candidates, so the result is never worse than quantization alone at the
+            same bytes. ``None``: the budget's ``dtype`` (fp32 by default).
+        block: integer block size along the reduction axis (onnxruntime's ``MatMulNBits``).
+        quantizer: ``"gptq"`` (rounding errors fed forward through the layer's input
+            Gram matrix) or ``"rtn"`` (round to nearest, what onnxruntime's quantizer does).
+        split: how a factor pair is scaled before storage: ``"balanced"`` (``A = U Σ^½``,
+            ``B = Σ^½ Vᵀ L⁻¹``), ``"u"`` (``A = U``) or ``"us"`` (``A = U Σ``). Float
+            precisions are stored as fitted.
+        scheme: ``"asymmetric"`` (a zero point per block; onnxruntime) or ``"symmetric"``
+            (no zero points; what TensorRT's dequantize accepts, and onnxruntime too).
+    """
+
+    precision: str | None = None
+    block: int = 32
+    quantizer: str = "gptq"
+    split: str = "balanced"
+    scheme: str = "asymmetric"
+
+    def __post_init__(self) -> None:
+        from ._quant import BLOCKS, PRECISIONS, SPLITS
+
+        if self.precision is not None and self.precision not in (*PRECISIONS, "auto"):
+            raise MixrankError(f"unknown precision {self.precision!r}; choose one of "
+                               f"{', '.join((*PRECISIONS, 'auto'))}")
+        if self.block not in BLOCKS:
+            raise MixrankError(f"block must be one of {', '.join(map(str, BLOCKS))} (onnxruntime's "
+                               f"MatMulNBits), got {self.block!r}")
+        if self.quantizer not in ("gptq", "rtn"):
+            raise MixrankError(f"unknown quantizer {self.quantizer!r}; choose gptq or rtn")
+        if self.split not in SPLITS:
+            raise MixrankError(f"unknown split {self.split!r}; choose one of {', '.join(SPLITS)}")
+        if self.scheme not in ("asymmetric", "symmetric"):
+            raise MixrankError(f"unknown scheme {self.scheme!r}; choose asymmetric or symmetric")
 
 
 @dataclass
@@ -226,13 +302,14 @@ def _check_seconds(name: str, v) -> None:
         raise MixrankError(f"{name} must be > 0 or None, got {v}")
 
 
-SECTIONS = {"budget": Budget, "selection": Selection, "search": Search, "refine": Refine}
+SECTIONS = {"budget": Budget, "selection": Selection, "search": Search, "refine": Refine, "quantize": Quantize}
 GENERAL = ("method", "metric", "damping", "holdout", "token_mask", "device", "seed")
 # flat names of section fields (the keyword arguments of CompressConfig and format-1 plans)
 FLAT: dict[str, tuple[str, str]] = {
     **{k: ("budget", k) for k in ("keep", "params", "bytes", "dtype")},
     **{k: ("selection", k) for k in ("include", "exclude", "overrides", "rank_step", "min_rank")},
     **{f"search_{k}": ("search", k) for k in ("rounds", "evals", "seconds", "samples")},
+    **{k: ("quantize", k) for k in ("precision", "block", "quantizer", "split", "scheme")},
     **{f.name: ("refine", f.name) for f in dataclasses.fields(Refine)},
 }
 
@@ -272,7 +349,7 @@ class CompressConfig:
                  holdout: float = 0.5, token_mask: str | None = None, device: str | None = None,
                  seed: int = 0, budget: Budget | dict | None = None,
                  selection: Selection | dict | None = None, search: Search | dict | None = None,
-                 refine: Refine | dict | None = None, **flat: Any):
+                 refine: Refine | dict | None = None, quantize: Quantize | dict | None = None, **flat: Any):
         self.method = method
         self.metric = metric
         self.damping = damping
@@ -280,7 +357,8 @@ class CompressConfig:
         self.token_mask = token_mask
         self.device = device
         self.seed = seed
-        given = {"budget": budget, "selection": selection, "search": search, "refine": refine}
+        given = {"budget": budget, "selection": selection, "search": search, "refine": refine,
+                 "quantize": quantize}
         parts: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
         for s, v in given.items():
             if isinstance(v, dict):
@@ -323,9 +401,27 @@ class CompressConfig:
             raise MixrankError(f"token_mask must be a key name, got {self.token_mask!r}")
         if self.refine.sparse == "none" and any(ov.get("sparse_k") for ov in self.selection.overrides.values()):
             raise MixrankError("a sparse_k override needs sparse='channel' or sparse='row'")
+        q = self.quantize
+        if q.precision is not None and self.budget.dtype != "float32":
+            raise MixrankError(f"give precision={q.precision!r} or dtype={self.budget.dtype!r}, not both "
+                               "(precision is the newer name)")
+        if self.budget.dtype == "bfloat16":
+            raise MixrankError("bfloat16 storage is not exported by any engine here; use precision='fp16'")
+        if q.precision == "auto" and self.budget.bytes is None:
+            raise MixrankError("precision='auto' chooses precision per layer under a bytes budget; give "
+                               "bytes= (on the command line --bytes, e.g. --bytes 0.12x)")
+        if self.refine.sparse != "none" and self.storage in ("int8", "int4", "auto"):
+            raise MixrankError(f"a sparse term is stored in floating point; it does not combine with "
+                               f"precision {self.storage!r} (use sparse='none')")
         check_settings(self, method)
 
     # ------------------------------------------------------------------ views
+
+    @property
+    def storage(self) -> str:
+        """The storage precision of compressed layers: ``quantize.precision``, else the
+        one the budget's ``dtype`` stands for."""
+        return self.quantize.precision or DTYPE_PRECISION[self.budget.dtype]
 
     def budget_params(self, total_params: int) -> int:
         """The parameter budget of the selected layers, given their dense total."""

@@ -38,6 +38,7 @@ def distill(
     progress: bool = True,
     patience: int = 3,
     max_backoffs: int = 6,
+    stored: dict[str, tuple] | None = None,
 ) -> tuple[dict[str, LayerFit], dict]:
     """Refine ``fits`` end to end.
 
@@ -52,6 +53,8 @@ def distill(
         max_seconds: wall-clock bound (``None``: none).
         patience, max_backoffs: scores without improvement before the step size is cut
             to a third (back at the best iterate), and how often that may happen.
+        stored: layer → (precision, `Quantize`) of layers to train as they will be
+            stored (straight-through rounding); others train in float32.
 
     Returns:
         (fits at the best held-out iterate, a record: start and best held-out error,
@@ -67,6 +70,7 @@ def distill(
     mods: dict[str, FactoredLinear] = {}
     for name, f in fits.items():
         fl = factored_from_fit(f, comp.get_submodule(name))
+        fl.fake_quant = (stored or {}).get(name)
         if fl.bias is not None:
             fl.bias.requires_grad_(False)
         _set_module(comp, name, fl)
@@ -114,3 +118,26 @@ class Distill(Refinement):
         out, rec = distill(ctx.model, fits, ctx.train, ctx.held, cfg.metric, cfg.refine.distill_steps,
                            cfg.refine.distill_lr, cfg.refine.distill_seconds, progress=ctx.progress)
         return Outcome(chosen + "+distill", out, rec)
+
+
+@REFINEMENTS.register("qdistill")
+class QuantAwareDistill(Refinement):
+    """Distillation again, through the rounding of the layers stored as integers
+    (straight-through), from the chosen fits: a fine-tune for the stored model. It only
+    applies when some layer is stored as int8/int4, and ships only if the stored model's
+    held-out error falls."""
+
+    settings = ("refine.distill_steps", "refine.distill_lr", "refine.distill_seconds")
+
+    def enabled(self, config) -> bool:
+        return config.refine.distill_steps > 0 and config.storage in ("int8", "int4", "auto")
+
+    def run(self, ctx, fits, chosen):
+        cfg = ctx.config
+        stored = {n: (ctx.spaces[n].precision, cfg.quantize) for n in fits
+                  if ctx.spaces[n].precision in ("int8", "int4")}
+        if not stored:
+            return Outcome("quantization-aware distill", None, note="not applicable: no layer is stored as an integer")
+        out, rec = distill(ctx.model, fits, ctx.train, ctx.held, cfg.metric, cfg.refine.distill_steps,
+                           cfg.refine.distill_lr, cfg.refine.distill_seconds, progress=ctx.progress, stored=stored)
+        return Outcome(chosen + "+qdistill", out, rec)

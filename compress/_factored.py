@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from ._errors import MixrankError
 from ._factors import Factors, load_factors, weight_fingerprint
 from ._sparse import SPARSE
+from ._storage import read_back
 
 
 class FactoredLinear(nn.Module):
@@ -49,8 +50,15 @@ class FactoredLinear(nn.Module):
     def rank(self) -> int:
         return self.B.shape[0]
 
+    fake_quant: tuple | None = None  # (precision, Quantize): train through the stored rounding
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(F.linear(x, self.B), self.A)  # (..., r) -> (..., m)
+        A, B = self.A, self.B
+        if self.fake_quant is not None:
+            from ._quant import rebalanced_ste
+
+            A, B = rebalanced_ste(A, B, *self.fake_quant)
+        y = F.linear(F.linear(x, B), A)  # (..., r) -> (..., m)
         if self.sparse_structure != "none":
             y = y + SPARSE[self.sparse_structure].apply(x, self.sparse_index.long(), self.sparse_value)
         return y if self.bias is None else y + self.bias
@@ -90,7 +98,9 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def apply_factors(
     model: nn.Module, factors: Factors | str | os.PathLike, inplace: bool = False
 ) -> nn.Module:
-    """Replace each factored Linear of ``model`` by a `FactoredLinear`.
+    """Replace each factored Linear of ``model`` by a `FactoredLinear`, and give each layer
+    kept dense at a reduced precision its weight as stored; stored values are read back
+    exactly as the engine reads them (`read_back`).
 
     Args:
         model: the original model (the one the factors were computed from).
@@ -107,8 +117,9 @@ def apply_factors(
     if not isinstance(factors, Factors):
         factors = load_factors(factors)
     modules = dict(model.named_modules())
+    stored_dense = [n for n, i in factors.layers.items() if i.dense and i.precision != "fp32"]
     problems = []
-    for name in factors.factored_layers():
+    for name in [*factors.factored_layers(), *stored_dense]:
         info = factors.layers[name]
         mod = modules.get(name)
         if not isinstance(mod, nn.Linear):
@@ -123,12 +134,17 @@ def apply_factors(
             "these factors do not belong to this model: " + "; ".join(problems[:5]) + more
         )
     out = model if inplace else copy.deepcopy(model)
+    t = factors.tensors
+    for name in stored_dense:
+        lin, info = out.get_submodule(name), factors.layers[name]
+        with torch.no_grad():
+            lin.weight.copy_(read_back(t, f"{name}.W", info.shape[1], info.precision))
     for name in factors.factored_layers():
-        lin = out.get_submodule(name)
+        lin, info = out.get_submodule(name), factors.layers[name]
         dev, dt = lin.weight.device, lin.weight.dtype
-        A = factors.tensors[f"{name}.A"].to(dev, dt)
-        B = factors.tensors[f"{name}.B"].to(dev, dt)
-        structure = factors.layers[name].sparse.structure
+        A = read_back(t, f"{name}.A", info.rank, info.precision).to(dev, dt)
+        B = read_back(t, f"{name}.B", info.shape[1], info.precision).to(dev, dt)
+        structure = info.sparse.structure
         if structure != "none":
             idx = factors.tensors[f"{name}.sparse_index"].to(dev)
             val = factors.tensors[f"{name}.sparse_value"].to(dev, dt)

@@ -34,7 +34,7 @@ class Method:
 
 
 METHODS: Registry[Method] = Registry("method")
-METHODS.add("mixrank", Method("whiten", "search", ("sparse", "compensate", "sequential", "distill")))
+METHODS.add("mixrank", Method("whiten", "search", ("sparse", "compensate", "sequential", "distill", "qdistill")))
 METHODS.add("whiten", Method("whiten"))
 METHODS.add("svd", Method("svd"))
 METHODS.add("asvd", Method("asvd"))

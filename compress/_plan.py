@@ -124,11 +124,14 @@ class LayerPlan(Record):
     """One selected layer: dense, or factored at ``rank`` (plus a sparse term)."""
 
     _nested: ClassVar[dict[str, type]] = {"sparse": SparsePlan}
+    _zeros: ClassVar[dict[str, Any]] = {"precision": "fp32"}
 
     shape: list[int]
     """(out, in) of the original weight."""
     rank: int | None
     dense: bool
+    precision: str
+    """How the factors (or a dense layer's weight) are stored: fp32, fp16, int8, int4."""
     sparse: SparsePlan
     nmse: float
     """Layer NMSE of the shipped factors on the statistics batches."""
@@ -138,8 +141,11 @@ class LayerPlan(Record):
     params_after: int
     """Stored values: ``rank·(out+in)`` plus the sparse values."""
     cost_params: int
-    """What the budget counted: values plus index storage in value equivalents."""
+    """Values plus index storage in value equivalents."""
+    cost: int
+    """What the budget counted, in its unit (parameters, or bytes as stored)."""
     bytes_after: int
+    """Bytes as the exporter stores them (integer codes packed, scales, zero points)."""
     sha256: str
     """SHA-256 of the original weight's float32 bytes: the rewriter's fingerprint."""
     sha256_fp16: str
@@ -159,14 +165,24 @@ class SourceInfo(Record):
 class BudgetInfo(Record):
     """The budget as given (one of keep, params, bytes) and as counted."""
 
+    _zeros: ClassVar[dict[str, Any]] = {"precision": "fp32", "unit": "params"}
+
     keep: float | None
     params: int | None
-    bytes: int | None
+    bytes: int | str | None
     dtype: str
-    budget_params: int
-    """The parameter budget of the selected layers."""
+    precision: str
+    """Storage of the compressed layers (``auto``: chosen per layer)."""
+    unit: str
+    """What the budget counts: ``params``, or ``bytes`` as stored."""
+    budget: int
+    """The budget in its unit."""
+    budget_params: int | None
+    """The parameter budget (float storage only)."""
     selected_params: int
-    """Their dense parameter count."""
+    """The selected layers' dense parameter count."""
+    selected_bytes: int
+    """Their float32 bytes."""
 
 
 @dataclass(eq=False)
@@ -197,8 +213,12 @@ class RefinementInfo(Record):
 @dataclass(eq=False)
 class AllocationInfo(Record):
     _nested: ClassVar[dict[str, type]] = {"refinement": RefinementInfo}
+    _zeros: ClassVar[dict[str, Any]] = {"family": "uniform"}
 
     metric: str
+    family: str
+    """Where the allocation started: ``uniform``, ``uniform int8``, or ``dense int8
+    (quantization alone)`` when storing the original weights at int8 won."""
     uniform_score: float | None
     chosen_score: float | None
     refinement: RefinementInfo
@@ -215,10 +235,13 @@ class Totals(Record):
     params_before: int
     params_after: int
     cost_params: int
-    """What the budget counted (index storage included)."""
+    """Values plus index storage in value equivalents."""
+    cost: int
+    """What the budget counted, in its unit."""
     bytes_before: int
+    """The selected layers' float32 bytes."""
     bytes_after: int
-    """Stored bytes of the factors (values at the budget's dtype plus int32 indices)."""
+    """Their bytes as the exporter stores them."""
     model_params_before: int
     model_params_after: int
 

@@ -120,7 +120,7 @@ def split_layer(ctx: RefineContext, name: str) -> LayerFit:
     space, rank, spec = ctx.spaces[name], ctx.alloc[name], ctx.spectra[name]
     W, G = ctx.weights[name], ctx.calib.layers[name].gram
     m, n = space.m, space.n
-    cost = space.cost(rank)
+    cost = space.value_cost(rank, ctx.value_bytes)  # sparse sizes are counted in values
     forced = cfg.selection.overrides.get(name, {}).get("sparse_k")
     options = []
     if forced is not None:

@@ -18,7 +18,7 @@ lazy_exports(globals(), {
     "._gate": ("check_report", "format_results", "junit_xml", "load_budget"),
     "._measure": ("TimingConfig", "fidelity", "matmul_flops", "measure", "onnx_params", "peak_rss", "throughput"),
     "._ort": ("OrtRunner", "OrtSettings", "available_providers", "build_ort", "ort_session"),
-    "._report": ("build_report", "report_markdown", "write_report"),
+    "._report": ("REPORT_SCHEMA", "build_report", "read_report", "report_markdown", "write_report"),
     "._runner": ("RUNNERS", "Runner", "TensorSpec", "make_runner"),
     "._tensorrt": ("TrtRunner", "TrtSettings", "build_engine"),
 })

@@ -4,6 +4,7 @@ Budget file (TOML)::
 
     max_param_ratio = 0.5          # compressed / original parameters
     max_initializer_bytes_ratio = 0.5
+    max_bytes_ratio_vs_int8 = 0.6  # compressed file / the original quantized to int8 by onnxruntime
     max_engine_bytes = 50_000_000  # needs an engine in the report
     min_speedup = { 32 = 1.2 }     # per batch size
     max_latency_p99_ms = { 1 = 20.0 }
@@ -14,6 +15,7 @@ Budget file (TOML)::
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -33,6 +35,7 @@ SCALAR_LIMITS = {
     "max_param_ratio": ("param_ratio", "max"),
     "max_initializer_bytes_ratio": ("initializer_bytes_ratio", "max"),
     "max_file_bytes_ratio": ("file_bytes_ratio", "max"),
+    "max_bytes_ratio_vs_int8": ("bytes_ratio_vs_int8", "max"),
     "max_engine_bytes": ("engine_bytes", "max"),
     "max_top1_drop": ("top1_drop", "max"),
     "min_top1_agreement": ("top1_agreement", "min"),
@@ -54,8 +57,9 @@ class Limit:
 
 
 def _line_of(text: str, key: str) -> int:
+    """The line that sets ``key`` (``key = ...`` or a ``[key]`` table header); 0 if none."""
     for i, line in enumerate(text.splitlines(), 1):
-        if re.match(rf"\s*{re.escape(key)}\s*=", line):
+        if re.match(rf"\s*(\[\[?\s*)?{re.escape(key)}\s*(=|\]\]?)", line):
             return i
     return 0
 
@@ -70,7 +74,10 @@ def load_budget(path: str | os.PathLike) -> list[Limit]:
     path = Path(path)
     if not path.is_file():
         raise MixrankError(f"budget file {path} does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MixrankError(f"{path}: a budget file is UTF-8 TOML text, and byte {e.start} is not UTF-8") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -82,6 +89,8 @@ def load_budget(path: str | os.PathLike) -> list[Limit]:
         if key in SCALAR_LIMITS:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise MixrankError(f"{where}: {key} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise MixrankError(f"{where}: {key} must be a finite number, got {value!r}")
             field, direction = SCALAR_LIMITS[key]
             limits.append(Limit(key, field, direction, float(value), line))
         elif key in BATCH_LIMITS:
@@ -94,6 +103,8 @@ def load_budget(path: str | os.PathLike) -> list[Limit]:
                     raise MixrankError(f"{where}: {key}: batch size {b!r} is not a positive integer")
                 if isinstance(v, bool) or not isinstance(v, (int, float)):
                     raise MixrankError(f"{where}: {key}.{b} must be a number, got {v!r}")
+                if not math.isfinite(v):
+                    raise MixrankError(f"{where}: {key}.{b} must be a finite number, got {v!r}")
                 limits.append(Limit(f"{key}[{b}]", tmpl.format(int(b)), direction, float(v), line))
         else:
             known = ", ".join(sorted([*SCALAR_LIMITS, *BATCH_LIMITS]))

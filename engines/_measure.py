@@ -17,34 +17,42 @@ from tqdm.auto import tqdm
 from mixrank.exporter import load_onnx, onnx_file_bytes, output_agreement, topk_accuracy
 
 from ._errors import MixrankError
-from ._runner import RUNNERS, Runner, make_runner, random_feeds, run_all
+from ._runner import RUNNERS, Runner, check_inputs, make_runner, random_feeds, run_all
 
 
 def onnx_params(onnx_path: str | os.PathLike) -> dict:
-    """Parameters (float initializer elements), initializer bytes, file bytes."""
+    """Parameters, initializer bytes, file bytes. Parameters are weight values: float
+    constants, plus the logical K·N weights of each quantized weight (``MatMulNBits``
+    codes, ``DequantizeLinear`` inputs), whose scales and zero points are not parameters."""
     from onnx import numpy_helper
 
     model = load_onnx(onnx_path)
-    params = nbytes = 0
-    for t in model.graph.initializer:
-        a = numpy_helper.to_array(t)
-        nbytes += a.nbytes
-        if a.dtype.kind == "f":
-            params += a.size
+    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     for n in model.graph.node:
         if n.op_type == "Constant":
             for at in n.attribute:
                 if at.name == "value":
-                    a = numpy_helper.to_array(at.t)
-                    nbytes += a.nbytes
-                    params += a.size if a.dtype.kind == "f" else 0
+                    consts[n.output[0]] = numpy_helper.to_array(at.t)
+    quant_aux, logical = set(), 0
+    for n in model.graph.node:
+        if n.op_type == "MatMulNBits":
+            attrs = {a.name: a.i for a in n.attribute}
+            logical += attrs["K"] * attrs["N"]
+            quant_aux.update(n.input[1:4])
+        elif n.op_type == "DequantizeLinear" and n.input[0] in consts:
+            logical += consts[n.input[0]].size
+            quant_aux.update(n.input)
+    params = logical + sum(a.size for name, a in consts.items() if a.dtype.kind == "f" and name not in quant_aux)
+    nbytes = sum(t.raw_data and len(t.raw_data) or consts[t.name].nbytes for t in model.graph.initializer)
+    nbytes += sum(a.nbytes for name, a in consts.items() if name not in {t.name for t in model.graph.initializer})
     return {"params": int(params), "initializer_bytes": int(nbytes),
             "file_bytes": int(onnx_file_bytes(onnx_path))}
 
 
 def matmul_flops(onnx_path: str | os.PathLike, batch: int) -> int:
-    """FLOPs (2 per multiply-add) of every MatMul, Gemm and Conv at ``batch``, from
-    ONNX shape inference with the batch dimension fixed."""
+    """FLOPs (2 per multiply-add) of every MatMul, Gemm, MatMulNBits and Conv at
+    ``batch``, from shape inference with the batch dimension fixed (onnxruntime's symbolic
+    shape inference where the graph has onnxruntime's own operators)."""
     from onnx import shape_inference
 
     model = load_onnx(onnx_path)
@@ -53,7 +61,12 @@ def matmul_flops(onnx_path: str | os.PathLike, batch: int) -> int:
         if dims and not dims[0].HasField("dim_value"):
             dims[0].Clear()
             dims[0].dim_value = batch
-    model = shape_inference.infer_shapes(model, data_prop=True)
+    if any(n.domain == "com.microsoft" for n in model.graph.node):
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        model = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    else:
+        model = shape_inference.infer_shapes(model, data_prop=True)
     shapes = {}
     for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
         shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None
@@ -64,10 +77,13 @@ def matmul_flops(onnx_path: str | os.PathLike, batch: int) -> int:
     for n in model.graph.node:
         out = shapes.get(n.output[0])
         if not out or any(d is None for d in out):
-            if n.op_type in ("MatMul", "Gemm", "Conv"):
+            if n.op_type in ("MatMul", "Gemm", "Conv", "MatMulNBits"):
                 raise MixrankError(f"cannot infer the shape of {n.name or n.op_type}'s output")
             continue
-        if n.op_type in ("MatMul", "Gemm"):
+        if n.op_type == "MatMulNBits":
+            k = next(at.i for at in n.attribute if at.name == "K")
+            flops += 2 * int(np.prod(out)) * int(k)
+        elif n.op_type in ("MatMul", "Gemm"):
             a = shapes.get(n.input[0])
             trans_a = any(at.name == "transA" and at.i for at in n.attribute)
             k = a[-2] if trans_a else a[-1]
@@ -180,9 +196,11 @@ def measure(original: str | os.PathLike, compressed: str | os.PathLike,
             batches: tuple[int, ...] = (1, 32), settings=None,
             inputs: np.ndarray | None = None, labels: np.ndarray | None = None,
             timing: TimingConfig | None = None, progress: bool = True,
-            engine: str = "onnxruntime", graphs: tuple | None = None) -> dict:
-    """Everything about two artifacts on one engine in one run: footprint (with peak
-    RSS from child processes), throughput per batch size (interleaved), fidelity.
+            engine: str = "onnxruntime", graphs: tuple | None = None,
+            references: dict[str, str | os.PathLike] | None = None) -> dict:
+    """Everything about two artifacts (and optional references) on one engine in one
+    run: footprint (with peak RSS from child processes), throughput per batch size
+    (interleaved, every artifact in every round), fidelity against the original.
 
     Args:
         original, compressed: the artifacts the ``engine`` runner loads (ONNX files for
@@ -190,19 +208,28 @@ def measure(original: str | os.PathLike, compressed: str | os.PathLike,
         settings: the engine's settings (`OrtSettings`, `TrtSettings`; ``None``: defaults).
         graphs: the ONNX files the artifacts were built from, for parameter counts and
             FLOPs (default: the artifacts themselves, which onnxruntime loads directly).
+        references: more artifacts measured the same way beside them, by name (e.g.
+            ``{"int8": "original.int8.onnx"}``, the obvious alternative to compression).
     """
     cls = RUNNERS[engine]
     s = settings or cls.settings_type()
-    for p in (original, compressed):
+    refs = dict(references or {})
+    for p in (original, compressed, *refs.values()):
         if not Path(p).is_file():
             raise MixrankError(f"{'ONNX' if engine == 'onnxruntime' else engine} file {p} does not exist")
     graphs = graphs or (original, compressed)
+    arts = [("original", original, graphs[0]), ("compressed", compressed, graphs[1]),
+            *((name, p, p) for name, p in refs.items())]
     res = {"engine": engine, "settings": s.to_dict(), "footprint": {}, "throughput": [], "flops": {}}
-    for tag, p, g in (("original", original, graphs[0]), ("compressed", compressed, graphs[1])):
-        res["footprint"][tag] = {**onnx_params(g), **peak_rss(p, 1, s, engine)}
-        res["flops"][tag] = {str(b): matmul_flops(g, b) for b in batches}
-    runners = {"original": make_runner(engine, original, s), "compressed": make_runner(engine, compressed, s)}
+    runners = {tag: make_runner(engine, p, s) for tag, p, _ in arts}
     try:
+        if inputs is not None:  # wrong inputs fail before any work
+            check_inputs(runners["original"], inputs)
+            if labels is not None and len(labels) != len(inputs):
+                raise MixrankError(f"{len(labels)} labels for {len(inputs)} inputs; give one label per input")
+        for tag, p, g in arts:
+            res["footprint"][tag] = {**onnx_params(g), **peak_rss(p, 1, s, engine)}
+            res["flops"][tag] = {str(b): matmul_flops(g, b) for b in batches}
         res["runner"] = runners["compressed"].describe()
         for b in batches:
             res["throughput"].append(throughput(runners, b, timing, progress))
@@ -211,7 +238,11 @@ def measure(original: str | os.PathLike, compressed: str | os.PathLike,
             t["ideal_speedup"] = res["flops"]["original"][b] / res["flops"]["compressed"][b]
         if inputs is not None:
             res["fidelity"] = fidelity(runners["original"], runners["compressed"], inputs, labels)
+            res["reference_fidelity"] = {name: fidelity(runners["original"], runners[name], inputs, labels)
+                                         for name in refs}
     finally:
         for r in runners.values():
             r.close()
+    if refs:
+        res["references"] = sorted(refs)
     return res

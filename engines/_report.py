@@ -8,7 +8,9 @@ import platform
 import sys
 from pathlib import Path
 
-from mixrank.compress import atomic_write, atomic_write_text
+from mixrank.compress import MixrankError, atomic_write, atomic_write_text
+
+REPORT_SCHEMA = 1  # report.json's schema version: `mixrank check` refuses any other
 
 
 def _versions() -> dict:
@@ -58,11 +60,25 @@ def build_report(measurement: dict, factors_plan=None, rewrite: dict | None = No
             summary["top1_drop"] = fid["top1_drop"]
             summary["top1_original"] = fid["top1_original"]
             summary["top1_compressed"] = fid["top1_compressed"]
-    rep = {"summary": summary, "measurement": measurement, "versions": _versions(),
-           "machine": machine()}
+    for name in measurement.get("references", []):  # the compressed model against each alternative
+        r = fp[name]
+        summary[f"{name}_file_bytes_ratio"] = r["file_bytes"] / o["file_bytes"]
+        summary[f"bytes_ratio_vs_{name}"] = c["file_bytes"] / r["file_bytes"]
+        summary[f"{name}_peak_rss_bytes"] = r["peak_rss_bytes"]
+        for t in measurement["throughput"]:
+            p50 = {k: v["p50_ms"] for k, v in t["sessions"].items()}
+            summary[f"speedup_vs_{name}_b{t['batch']}"] = p50[name] / p50["compressed"]
+        rf = measurement.get("reference_fidelity", {}).get(name)
+        if rf:
+            summary[f"{name}_top1_agreement"] = rf["top1_agreement"]
+            if "top1_compressed" in rf:
+                summary[f"{name}_top1"] = rf["top1_compressed"]
+    rep = {"schema_version": REPORT_SCHEMA, "summary": summary, "measurement": measurement,
+           "versions": _versions(), "machine": machine()}
     if factors_plan:
-        rep["layers"] = {n: {"shape": i.shape, "rank": i.rank, "dense": i.dense, "sparse": i.sparse,
-                             "nmse": i.nmse, "params_before": i.params_before, "params_after": i.params_after}
+        rep["layers"] = {n: {"shape": i.shape, "rank": i.rank, "dense": i.dense, "precision": i.precision,
+                             "sparse": i.sparse, "nmse": i.nmse, "params_before": i.params_before,
+                             "params_after": i.params_after, "bytes_after": i.bytes_after}
                          for n, i in factors_plan.layers.items()}
         rep["compression"] = {"method": factors_plan.method, "budget": factors_plan.budget,
                               "totals": factors_plan.totals}
@@ -81,35 +97,56 @@ def _fmt_bytes(n: float) -> str:
 
 def report_markdown(rep: dict) -> str:
     m = rep["measurement"]
-    o, c = m["footprint"]["original"], m["footprint"]["compressed"]
+    fp = m["footprint"]
+    refs = m.get("references", [])
+    cols = ["original", "compressed", *refs]
+    o, c = fp["original"], fp["compressed"]
+
+    def row(label, values, change=""):
+        return (label, *values, change)
+
     rows = [
-        ("parameters", f"{o['params']:,}", f"{c['params']:,}", f"{c['params'] / o['params']:.3f}x"),
-        ("initializer bytes", _fmt_bytes(o["initializer_bytes"]), _fmt_bytes(c["initializer_bytes"]),
-         f"{c['initializer_bytes'] / o['initializer_bytes']:.3f}x"),
-        ("ONNX file bytes", _fmt_bytes(o["file_bytes"]), _fmt_bytes(c["file_bytes"]),
-         f"{c['file_bytes'] / o['file_bytes']:.3f}x"),
-        ("peak RSS (onnxruntime, batch 1)", _fmt_bytes(o["peak_rss_bytes"]),
-         _fmt_bytes(c["peak_rss_bytes"]), f"{c['peak_rss_bytes'] / o['peak_rss_bytes']:.3f}x"),
+        row("parameters", [f"{fp[k]['params']:,}" for k in cols], f"{c['params'] / o['params']:.3f}x"),
+        row("initializer bytes", [_fmt_bytes(fp[k]["initializer_bytes"]) for k in cols],
+            f"{c['initializer_bytes'] / o['initializer_bytes']:.3f}x"),
+        row("ONNX file bytes", [_fmt_bytes(fp[k]["file_bytes"]) for k in cols],
+            f"{c['file_bytes'] / o['file_bytes']:.3f}x"
+            + "".join(f"; {c['file_bytes'] / fp[r]['file_bytes']:.2f}x of {r}" for r in refs)),
+        row(f"peak RSS ({m['engine']}, batch 1)", [_fmt_bytes(fp[k]["peak_rss_bytes"]) for k in cols],
+            f"{c['peak_rss_bytes'] / o['peak_rss_bytes']:.3f}x"),
     ]
     for t in m["throughput"]:
-        so, sc = t["sessions"]["original"], t["sessions"]["compressed"]
-        sp = t["speedup_spread"]
-        rows.append((f"batch {t['batch']} latency p50 / p99 (ms)",
-                     f"{so['p50_ms']:.2f} / {so['p99_ms']:.2f}", f"{sc['p50_ms']:.2f} / {sc['p99_ms']:.2f}",
-                     f"{t['speedup']:.2f}x faster (rounds {sp['min']:.2f}-{sp['max']:.2f}; "
-                     f"FLOP ideal {t['ideal_speedup']:.2f}x)"))
-        rows.append((f"batch {t['batch']} images/s", f"{so['images_per_s']:.1f}",
-                     f"{sc['images_per_s']:.1f}", ""))
+        ss, sp = t["sessions"], t["speedup_spread"]
+        rows.append(row(f"batch {t['batch']} latency p50 / p99 (ms)",
+                        [f"{ss[k]['p50_ms']:.2f} / {ss[k]['p99_ms']:.2f}" for k in cols],
+                        f"{t['speedup']:.2f}x faster (rounds {sp['min']:.2f}-{sp['max']:.2f}; "
+                        f"FLOP ideal {t['ideal_speedup']:.2f}x)"
+                        + "".join(f"; {ss[r]['p50_ms'] / ss['compressed']['p50_ms']:.2f}x vs {r}" for r in refs)))
+        rows.append(row(f"batch {t['batch']} images/s", [f"{ss[k]['images_per_s']:.1f}" for k in cols]))
     fid = m.get("fidelity")
     if fid:
+        rf = m.get("reference_fidelity", {})
         if "top1_original" in fid:
-            rows.append(("top-1 accuracy", f"{100 * fid['top1_original']:.2f} %",
-                         f"{100 * fid['top1_compressed']:.2f} %",
-                         f"{-100 * fid['top1_drop']:+.2f} pt"))
-        rows.append(("top-1 agreement / logits cosine", "", f"{100 * fid['top1_agreement']:.2f} % / "
-                     f"{fid['cosine_mean']:.5f}", f"{fid['samples']} images"))
-    lines = ["# mixrank report", "", "| | original | compressed | change |", "|---|---|---|---|"]
-    lines += [f"| {a} | {b} | {c_} | {d} |" for a, b, c_, d in rows]
+            rows.append(row("top-1 accuracy", [f"{100 * fid['top1_original']:.2f} %",
+                                               f"{100 * fid['top1_compressed']:.2f} %",
+                                               *(f"{100 * rf[r]['top1_compressed']:.2f} %" for r in refs)],
+                            f"{-100 * fid['top1_drop']:+.2f} pt"))
+        rows.append(row("top-1 agreement / logits cosine",
+                        ["", f"{100 * fid['top1_agreement']:.2f} % / {fid['cosine_mean']:.5f}",
+                         *(f"{100 * rf[r]['top1_agreement']:.2f} % / {rf[r]['cosine_mean']:.5f}" for r in refs)],
+                        f"{fid['samples']} images"))
+    head = ["", *cols, "change"]
+    lines = ["# mixrank report", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    ev = m.get("evaluation")
+    if ev:
+        lines += ["", f"Fidelity and accuracy on {ev['samples']} images: {ev['source']}"
+                  + ("" if ev.get("held_out", True) else " (the calibration images: NOT held out)") + "."
+                  + (f" {ev['note']}." if ev.get("note") else "")]
+    if refs:
+        lines += ["", "References: " + "; ".join(
+            f"`{r}` = the original's MatMul weights quantized by onnxruntime's MatMulNBitsQuantizer "
+            f"(block 32, asymmetric), what a user gets without mixrank" for r in refs) + "."]
     lines += ["", engine_line(m, rep)]
     return "\n".join(lines) + "\n"
 
@@ -124,6 +161,32 @@ def engine_line(m: dict, rep: dict) -> str:
     settings = ", ".join(f"{k}={v}" for k, v in s.items() if v is not None)
     version = m.get("runner", {}).get(m["engine"], "unknown version")
     return f"Engine: {m['engine']} {version} ({settings}); {rep['machine']['cpus']} CPUs."
+
+
+def read_report(path: str | os.PathLike) -> dict:
+    """Read a report.json that `write_report` wrote (of a schema version this mixrank knows).
+
+    Raises:
+        MixrankError: missing, not UTF-8 JSON, not a report, or another schema version.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise MixrankError(f"report {p} does not exist (run mixrank bench or mixrank run first)")
+    try:
+        rep = json.loads(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise MixrankError(f"{p} is not a JSON report: not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise MixrankError(f"{p} is not a JSON report: {e}") from None
+    if not isinstance(rep, dict) or "schema_version" not in rep:
+        what = f"a JSON {type(rep).__name__}" if not isinstance(rep, dict) else "JSON without a schema_version"
+        raise MixrankError(f"{p} is not a mixrank report ({what}); give the report.json of mixrank bench/run")
+    if rep["schema_version"] != REPORT_SCHEMA:
+        raise MixrankError(f"{p} has report schema version {rep['schema_version']!r}; this mixrank reads "
+                           f"version {REPORT_SCHEMA}")
+    if not isinstance(rep.get("summary"), dict):
+        raise MixrankError(f"{p} is a mixrank report without a summary object")
+    return rep
 
 
 def write_report(rep: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
@@ -160,6 +223,8 @@ def write_plots(rep: dict, out: Path) -> dict[str, Path]:
         paths["layers_png"] = atomic_write(out / "layers.png", lambda tmp: fig.savefig(tmp, dpi=110))
         plt.close(fig)
     th = rep["measurement"]["throughput"]
+    if not th:  # nothing was timed
+        return paths
     fig, axes = plt.subplots(1, len(th), figsize=(4.5 * len(th), 3.5), squeeze=False)
     for ax, t in zip(axes[0], th, strict=True):
         data = [t["sessions"]["original"]["latencies_ms"], t["sessions"]["compressed"]["latencies_ms"]]

@@ -120,10 +120,24 @@ def random_feeds(runner: Runner, batch: int, seed: int = 0, strict: bool = True)
     return {s.name: rng.standard_normal(s.at_batch(batch, strict)).astype(s.dtype) for s in runner.inputs()}
 
 
+def check_inputs(runner: Runner, x: np.ndarray) -> None:
+    """Refuse inputs whose shape or type the engine's first input does not take."""
+    spec = runner.inputs()[0]
+    x = np.asarray(x)
+    want = tuple(spec.shape[1:])
+    if x.ndim != len(spec.shape) or any(w is not None and w != g for w, g in zip(want, x.shape[1:], strict=False)):
+        shown = ["batch", *("?" if d is None else d for d in want)]
+        raise MixrankError(f"the inputs have shape {list(x.shape)}, but {runner.path.name} takes {shown}")
+    if not np.issubdtype(x.dtype, np.number):
+        raise MixrankError(f"the inputs are {x.dtype}, not numbers")
+
+
 def run_all(runner: Runner, x: np.ndarray, batch: int) -> np.ndarray:
     """The first output of ``runner`` on every row of ``x``, in chunks of ``batch`` (a
     fixed-batch engine gets its own batch, the last chunk padded and cut)."""
+    check_inputs(runner, x)
     spec = runner.inputs()[0]
+    x = np.asarray(x)
     fixed = spec.shape[0] if spec.shape and spec.shape[0] is not None else None
     batch = fixed or batch
     outs = []

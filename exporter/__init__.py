@@ -13,6 +13,7 @@ from mixrank.compress._lazy import lazy_exports
 lazy_exports(globals(), {
     "._export": ("export_onnx",),
     "._onnxio": ("load_onnx", "model_bytes", "onnx_file_bytes", "save_onnx"),
+    "._reference": ("quantize_reference",),
     "._rewrite": ("RewriteReport", "find_weight_sites", "rewrite_onnx"),
     "._trt_check": ("SUPPORTED_OPS", "TRT_VERSION", "check_tensorrt_compat"),
     "._verify": ("Tolerance", "compare_outputs", "output_agreement", "run_onnxruntime", "topk_accuracy",

@@ -18,6 +18,7 @@ import numpy as np
 from mixrank.compress import SPARSE, Factors, MixrankError, load_factors
 
 from ._onnxio import load_onnx, save_onnx
+from ._qlinear import MS_DOMAIN, TARGETS, project
 
 
 @dataclass
@@ -42,12 +43,15 @@ class RewriteReport:
     params_before: int = 0
     params_after: int = 0
     output: str = ""
+    mismatched: list[str] = field(default_factory=list)  # matched by name, weight differs
+    allowed_mismatch: bool = False
 
     def to_dict(self) -> dict:
         return {"rewritten": self.rewritten, "dense": self.dense,
                 "unmatched_factors": self.unmatched_factors,
                 "params_before": self.params_before, "params_after": self.params_after,
-                "output": self.output}
+                "output": self.output, "mismatched": self.mismatched,
+                "allowed_mismatch": self.allowed_mismatch}
 
 
 def _const_values(t) -> tuple[np.ndarray, str] | None:
@@ -116,29 +120,46 @@ def _fp(w: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(w, dtype=np.float32).tobytes()).hexdigest()
 
 
-def match_sites(sites: list[WeightSite], factors: Factors) -> tuple[dict, list[dict]]:
+def match_sites(sites: list[WeightSite], factors: Factors,
+                allow_mismatch: bool = False) -> tuple[list, list[dict], list[str]]:
     """Map each site to a factored layer: by initializer name (``<layer>.weight``), else
     by weight fingerprint in either orientation (fp32, or fp16-rounded for fp16
-    graphs). Returns ({node name: (site, layer, how)}, sites left dense with reason).
+    graphs). A name match is only trusted when the weight's fingerprint is the one the
+    factors were computed from: another model that names its weights the same way
+    (a fine-tuned sibling) must not get these factors.
+
+    Returns:
+        (matched ``(site, layer, how)``, sites left dense with the reason, layers matched
+        by name whose weight differs — only with ``allow_mismatch``).
 
     Raises:
-        MixrankError: a node matches two layers, or a name matches with another shape.
+        MixrankError: a node matches two layers, a name matches with another shape, or a
+            name matches a different weight (without ``allow_mismatch``; the layers are
+            named).
     """
-    layers = {n: i for n, i in factors.layers.items() if not i.dense}
+    layers = {n: i for n, i in factors.layers.items() if n in set(stored_layers(factors))}
     by_fp: dict[str, list[tuple[str, bool]]] = {}
     for name, info in layers.items():
         for fp in (info.sha256, info.sha256_fp16):
             if fp:
                 by_fp.setdefault(fp, []).append((name, False))
-    matched, dense = [], []
+    matched, dense, mismatched = [], [], []
     for s in sites:
         m, n = s.weight.shape
         base = s.weight_name[:-len(".weight")] if s.weight_name.endswith(".weight") else None
         if base in layers:
-            if list(layers[base].shape) != [m, n]:
+            info = layers[base]
+            if list(info.shape) != [m, n]:
                 raise MixrankError(
                     f"node {s.node.name!r}: initializer {s.weight_name!r} has shape {[m, n]} (out, in) "
-                    f"but the factors of {base!r} are for {layers[base].shape}")
+                    f"but the factors of {base!r} are for {info.shape}")
+            known = {fp for fp in (info.sha256, info.sha256_fp16) if fp}
+            if known and _fp(s.weight) not in known:
+                mismatched.append(base)
+                if not allow_mismatch:
+                    continue
+                matched.append((s, base, "name (weight differs, allowed)"))
+                continue
             matched.append((s, base, "name"))
             continue
         hits = {name for name, _ in by_fp.get(_fp(s.weight), [])}
@@ -160,20 +181,26 @@ def match_sites(sites: list[WeightSite], factors: Factors) -> tuple[dict, list[d
             dense.append({"node": s.node.name, "weight": s.weight_name, "shape": [m, n],
                           "reason": "no factors for this weight (not selected, kept dense, or "
                                     "another model's weight)"})
-    return matched, dense
+    if mismatched and not allow_mismatch:
+        more = f" (and {len(mismatched) - 5} more)" if len(mismatched) > 5 else ""
+        raise MixrankError(
+            f"the weight of {', '.join(mismatched[:5])}{more} differs from the one the factors were computed "
+            "from: these factors belong to another model (pass --allow-mismatch to apply them anyway)")
+    return matched, dense, mismatched
 
 
-def _replace(graph, site: WeightSite, layer: str, factors: Factors, tag: str) -> int:
-    """Splice the low-rank-plus-sparse subgraph in place of ``site.node``; returns the
-    number of values (parameters) the new constants hold."""
+def _replace(graph, site: WeightSite, layer: str, factors: Factors, tag: str, target: str,
+             shared: bool = False) -> int:
+    """Splice the layer's stored form in place of ``site.node``: the low-rank-plus-sparse
+    subgraph of a factored layer, or one projection of a dense layer stored below fp32.
+    Returns the number of weight values (parameters) the new constants hold."""
     import onnx_graphsurgeon as gs
 
     node = site.node
     dtype = site.weight.dtype if site.weight.dtype in (np.float16, np.float32, np.float64) \
         else np.float32
-    A = factors.tensors[f"{layer}.A"].numpy().astype(np.float32)
-    B = factors.tensors[f"{layer}.B"].numpy().astype(np.float32)
     info = factors.layers[layer]
+    m, n = info.shape
     y = node.outputs[0]
     base = f"{node.name or layer}/mixrank{tag}"  # unique even for unnamed or shared nodes
     x = site.x
@@ -182,21 +209,33 @@ def _replace(graph, site: WeightSite, layer: str, factors: Factors, tag: str) ->
         xt = gs.Variable(f"{base}/x_t", dtype=x.dtype)
         new_nodes.append(gs.Node("Transpose", f"{base}/transpose_x", {"perm": [1, 0]}, [x], [xt]))
         x = xt
-    bt = gs.Constant(f"{layer}.B_t/{tag}", np.ascontiguousarray(B.T.astype(dtype)))  # (n, r)
-    at = gs.Constant(f"{layer}.A_t/{tag}", np.ascontiguousarray(A.T.astype(dtype)))  # (r, m)
-    h = gs.Variable(f"{base}/xb", dtype=y.dtype)
-    new_nodes.append(gs.Node("MatMul", f"{base}/matmul_b", {}, [x, bt], [h]))
-    values = bt.values.size + at.values.size
+
+    def const(what: str) -> str:
+        return f"{layer}.{what}/{tag}"
+
+    def proj(inp, role: str, k: int, n_out: int, name: str, out):
+        return project(inp, factors.tensors, f"{layer}.{role}", k, n_out, info.precision, dtype, name,
+                       const, out, target)
+
     terms = []
     low = gs.Variable(f"{base}/low_rank", dtype=y.dtype)
-    new_nodes.append(gs.Node("MatMul", f"{base}/matmul_a", {}, [h, at], [low]))
+    if info.dense:  # a dense layer stored at a reduced precision: one projection, named as before
+        suffix = f"_{tag}" if shared else ""
+        new_nodes += project(x, factors.tensors, f"{layer}.W", n, m, info.precision, dtype,
+                             (node.name or base) + suffix, lambda what: f"{site.weight_name}_{what}{suffix}",
+                             low, target)
+        values = m * n
+    else:
+        h = gs.Variable(f"{base}/xb", dtype=y.dtype)
+        new_nodes += proj(x, "B", n, info.rank, f"{base}/matmul_b", h)
+        new_nodes += proj(h, "A", info.rank, m, f"{base}/matmul_a", low)
+        values = info.rank * (m + n)
     terms.append(low)
     structure = info.sparse.structure
     if structure != "none":
         idx = factors.tensors[f"{layer}.sparse_index"].numpy()
         val = factors.tensors[f"{layer}.sparse_value"].numpy().astype(np.float32)
-        nodes, sp, n_values = SPARSE[structure].emit_onnx(
-            x, idx, val, dtype, base, lambda what: f"{layer}.{what}/{tag}", y.dtype)
+        nodes, sp, n_values = SPARSE[structure].emit_onnx(x, idx, val, dtype, base, const, y.dtype)
         new_nodes += nodes
         values += n_values
         terms.append(sp)
@@ -215,15 +254,24 @@ def _replace(graph, site: WeightSite, layer: str, factors: Factors, tag: str) ->
     return values
 
 
+def stored_layers(factors: Factors) -> list[str]:
+    """The layers the rewrite replaces: every factored layer, and every dense layer
+    stored below fp32."""
+    return [n for n, i in factors.layers.items() if not i.dense or i.precision != "fp32"]
+
+
 def rewrite_onnx(
     onnx_path: str | os.PathLike,
     factors_path: str | os.PathLike | Factors,
     out_path: str | os.PathLike,
     allow_partial: bool = False,
     external_data: bool | None = None,
+    target: str = "onnxruntime",
+    allow_mismatch: bool = False,
 ) -> RewriteReport:
     """Rewrite every constant-weight MatMul/Gemm that has factors into its
-    low-rank-plus-sparse subgraph and save the result.
+    low-rank-plus-sparse subgraph (and every dense layer stored below fp32 into its
+    stored form) and save the result.
 
     Args:
         onnx_path: any ONNX model (from mixrank's exporter or another one).
@@ -231,6 +279,11 @@ def rewrite_onnx(
         out_path: where to write the rewritten model (atomically).
         allow_partial: rewrite what matches even if some factors match no node.
         external_data: force (or forbid) external data; ``None`` decides by size.
+        allow_mismatch: apply factors to a layer matched by name even when its weight is
+            not the one they were computed from (recorded in the report).
+        target: the engine the integer weights are written for: ``"onnxruntime"``
+            (``MatMulNBits``) or ``"tensorrt"`` (``DequantizeLinear`` → ``MatMul``; the
+            graph is converted to opset 21 when it is older).
 
     Returns:
         `RewriteReport`.
@@ -241,13 +294,18 @@ def rewrite_onnx(
     """
     import onnx_graphsurgeon as gs
 
+    if target not in TARGETS:
+        raise MixrankError(f"unknown rewrite target {target!r}; choose one of {', '.join(TARGETS)}")
     factors = factors_path if isinstance(factors_path, Factors) else load_factors(factors_path)
     model = load_onnx(onnx_path)
+    integer = any(factors.layers[n].precision in ("int8", "int4") for n in stored_layers(factors))
+    if target == "tensorrt" and integer:
+        model = _at_opset(model, 21)
     graph = gs.import_onnx(model)
     sites, skipped = find_weight_sites(graph)
-    matched, dense = match_sites(sites, factors)
+    matched, dense, mismatched = match_sites(sites, factors, allow_mismatch)
     dense = skipped + dense
-    wanted = set(factors.factored_layers())
+    wanted = set(stored_layers(factors))
     used = {}
     for i, (_s, layer, _how) in enumerate(matched):
         used.setdefault(layer, []).append(i)
@@ -258,15 +316,16 @@ def rewrite_onnx(
             f"{len(unmatched)} factored layer(s) match no MatMul/Gemm in {onnx_path}: "
             f"{', '.join(unmatched[:8])}{more}; is this the model the factors were computed from? "
             "(--allow-partial rewrites what matches)")
-    report = RewriteReport(dense=dense, unmatched_factors=unmatched, output=str(out_path))
+    report = RewriteReport(dense=dense, unmatched_factors=unmatched, output=str(out_path),
+                           mismatched=mismatched, allowed_mismatch=allow_mismatch)
     for i, (site, layer, how) in enumerate(matched):
         info = factors.layers[layer]
         before = int(site.weight.size)
         node_name = site.node.name or f"<unnamed {site.node.op} #{i}>"
-        after = _replace(graph, site, layer, factors, tag=str(i))
+        after = _replace(graph, site, layer, factors, tag=str(i), target=target, shared=len(used[layer]) > 1)
         report.rewritten.append({
             "node": node_name, "layer": layer, "matched_by": how, "rank": info.rank,
-            "sparse": info.sparse.structure, "sparse_k": info.sparse.k,
+            "precision": info.precision, "sparse": info.sparse.structure, "sparse_k": info.sparse.k,
             "params_before": before, "params_after": after, "shared": len(used[layer]) > 1,
         })
         report.params_before += before
@@ -276,9 +335,28 @@ def rewrite_onnx(
     out_model.ir_version = model.ir_version
     out_model.opset_import.extend([o for o in model.opset_import
                                    if o.domain not in {x.domain for x in out_model.opset_import}])
+    if any(n.domain == MS_DOMAIN for n in out_model.graph.node) and \
+            MS_DOMAIN not in {o.domain for o in out_model.opset_import}:
+        import onnx
+
+        out_model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
     out_model.producer_name = "mixrank"
     check_and_save(out_model, Path(out_path), external_data)
     return report
+
+
+def _at_opset(model, opset: int):
+    """``model`` converted to ``opset`` (the ONNX version converter) when it is older."""
+    import onnx
+
+    have = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if have >= opset:
+        return model
+    try:
+        return onnx.version_converter.convert_version(model, opset)
+    except Exception as e:
+        raise MixrankError(f"cannot convert the graph from opset {have} to {opset} (needed for TensorRT's "
+                           f"block-wise dequantize): {str(e)[:200]}") from None
 
 
 def check_and_save(model, path: Path, external_data: bool | None = None) -> Path:

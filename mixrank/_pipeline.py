@@ -20,9 +20,11 @@ import torch
 from mixrank.compress import (
     CompressConfig,
     atomic_write_text,
+    check_writable_path,
     compress_model,
     load_factors,
     model_fingerprint,
+    output_folder,
     save_factors,
     sha256_file,
 )
@@ -37,7 +39,7 @@ from mixrank.engines import (
     measure,
     write_report,
 )
-from mixrank.exporter import export_onnx, rewrite_onnx, verify_rewrite
+from mixrank.exporter import export_onnx, quantize_reference, rewrite_onnx, verify_rewrite
 
 from ._sources import ModelSource
 
@@ -94,22 +96,36 @@ class Manifest:
         return self.data["stages"][name], False
 
 
+def warn(msg: str) -> None:
+    """A warning the user must see even with --quiet: one line on stderr."""
+    print(f"mixrank: warning: {msg}", file=sys.stderr)
+
+
 def run_pipeline(args, cfg: CompressConfig, log: Callable[[str], None]) -> dict:
     """The main job: model → calibration → compress → export → rewrite → engines →
-    measure → report → check. Returns the summary."""
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    measure → report → check. Returns the summary.
+
+    The output folder is locked for the whole run (one writer per folder); a run that
+    fails before its first stage leaves no folder it created behind.
+    """
+    if args.junit:
+        check_writable_path(args.junit)
+    with output_folder(args.out, " ".join(["mixrank", *sys.argv[1:]])) as out:
+        return _run(args, cfg, log, out)
+
+
+def _run(args, cfg: CompressConfig, log: Callable[[str], None], out: Path) -> dict:
     man = Manifest(out, args.force)
     progress = not args.quiet
     limits = load_budget(args.budget) if args.budget else None  # a bad budget fails first
     torch.manual_seed(cfg.seed)
-    src = ModelSource(args.model, args.pretrained, args.checkpoint, progress)
+    src = ModelSource(args.model, args.pretrained, args.checkpoint, progress, args.max_image_pixels, warn)
     model = src.model
     mfp = model_fingerprint(model)
     calib = src.calibration(args.images, args.calib_images, cfg.seed)
     ev = src.evaluation(args.eval_images, args.eval_csv, fallback=calib)
     eval_x, eval_y = ev.x, ev.labels
-    source = {"model": src.label, "calibration": calib.source}
+    source = {"model": src.label, "calibration": calib.source, "calibration_images": calib.record}
 
     def do_compress():
         f = compress_model(model, calib.batches, cfg, source=source, progress=progress)
@@ -125,6 +141,12 @@ def run_pipeline(args, cfg: CompressConfig, log: Callable[[str], None]) -> dict:
 
     man.stage("export", _key(mfp, list(eval_x.shape[1:]), 17), ["original.onnx"], do_export, log)
 
+    def do_reference():  # what a user gets without mixrank: onnxruntime's int8 weight-only quantizer
+        quantize_reference(out / "original.onnx", out / "original.int8.onnx", bits=8, block=32)
+
+    man.stage("reference", _key(sha256_file(out / "original.onnx"), "int8", 32), ["original.int8.onnx"],
+              do_reference, log)
+
     def do_rewrite():
         rep = rewrite_onnx(out / "original.onnx", factors, out / "compressed.onnx")
         atomic_write_text(out / "rewrite.json", json.dumps(rep.to_dict(), indent=1))
@@ -135,20 +157,24 @@ def run_pipeline(args, cfg: CompressConfig, log: Callable[[str], None]) -> dict:
     man.stage("rewrite", k_rw, ["compressed.onnx", "rewrite.json"], do_rewrite, log)
     settings = OrtSettings(threads=args.threads)
 
+    tags = ("original", "compressed", "original.int8")
+
     def do_build():
-        for tag in ("original", "compressed"):
+        for tag in tags:
             build_ort(out / f"{tag}.onnx", out / f"{tag}.ort.onnx", settings)
 
-    k_build = _key(k_rw, settings.to_dict())
-    man.stage("build", k_build, ["original.ort.onnx", "compressed.ort.onnx"], do_build, log)
+    k_build = _key(k_rw, sha256_file(out / "original.int8.onnx"), settings.to_dict())
+    man.stage("build", k_build, [f"{t}.ort.onnx" for t in tags], do_build, log)
 
     def do_bench():
         res = measure(out / "original.onnx", out / "compressed.onnx", args.batch_sizes, settings,
                       eval_x.numpy(), None if eval_y is None else eval_y.numpy(),
-                      TimingConfig(max_seconds=args.seconds), progress=progress)
-        for tag in ("original", "compressed"):
-            res["footprint"][tag]["engine_bytes"] = (out / f"{tag}.ort.onnx").stat().st_size
-        res["evaluation"] = {"source": ev.source, "held_out": ev.held_out, "samples": len(eval_x)}
+                      TimingConfig(max_seconds=args.seconds), progress=progress,
+                      references={"int8": out / "original.int8.onnx"})
+        for tag, name in (("original", "original"), ("compressed", "compressed"), ("int8", "original.int8")):
+            res["footprint"][tag]["engine_bytes"] = (out / f"{name}.ort.onnx").stat().st_size
+        res["evaluation"] = {"source": ev.source, "held_out": ev.held_out, "samples": len(eval_x),
+                             **ev.record, "note": ev.note}
         rep = build_report(res, factors.plan, json.loads((out / "rewrite.json").read_text()))
         rep["summary"]["engine_bytes"] = res["footprint"]["compressed"]["engine_bytes"]
         write_report(rep, out)
@@ -157,10 +183,15 @@ def run_pipeline(args, cfg: CompressConfig, log: Callable[[str], None]) -> dict:
     man.stage("bench", k_bench, ["report.json", "report.md"], do_bench, log)
     rep = json.loads((out / "report.json").read_text())
     budget = factors.plan.budget
+    used = {}
+    for i in factors.layers.values():
+        used[i.precision] = used.get(i.precision, 0) + 1
     summary = {"out": str(out), "model": source["model"], "method": cfg.method, "keep": budget.keep,
-               "budget": {"keep": budget.keep, "params": budget.params, "bytes": budget.bytes},
+               "budget": {"keep": budget.keep, "params": budget.params, "bytes": budget.bytes,
+                          "precision": budget.precision, "precisions": used},
                **rep["summary"], "footprint": rep["measurement"]["footprint"],
                "evaluation": rep["measurement"].get("evaluation", {}),
+               "notes": [n for n in (calib.note, ev.note) if n],
                "throughput": [{k: v for k, v in t.items() if k != "sessions"} |
                               {"p50_ms": {n: s["p50_ms"] for n, s in t["sessions"].items()}}
                               for t in rep["measurement"]["throughput"]],

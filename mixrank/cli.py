@@ -15,33 +15,56 @@ from mixrank.compress import MixrankError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL = 70
-DEFAULT_KEEP = 0.4  # the command line's default budget (the API's is 0.5)
+# the command line's default budget: 12 % of the model's float32 weight bytes, rank and
+# precision chosen per layer (README, "The main job"); the API's default is keep=0.5
+DEFAULT_BYTES = "0.12x"
 
 
 def _log(args):
     return (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
 
 
+def _bytes_arg(text: str) -> int | str:
+    """``--bytes``: a byte count, or a fraction of the model's float32 weight bytes (``0.12x``)."""
+    t = text.strip().lower()
+    if t.endswith("x"):
+        return t
+    try:
+        return int(float(t))
+    except ValueError:
+        raise MixrankError(f"--bytes must be a byte count or a fraction such as 0.12x, got {text!r}") from None
+
+
 def compress_config(args: argparse.Namespace):
     """The `CompressConfig` of ``--config FILE`` with every flag given on the command line
-    on top; without a budget from either, ``keep=0.4``."""
+    on top. Without a budget from either: ``--bytes 0.12x``. A bytes budget without a
+    precision from either chooses it per layer (``auto``)."""
     from mixrank.compress import CompressConfig
     from mixrank.compress._config import merge_settings, read_toml
 
-    flags = {k: v for k, v in (("method", args.method), ("keep", args.keep), ("seed", args.seed))
-             if v is not None}
+    flags = {k: v for k, v in (("method", args.method), ("keep", args.keep), ("seed", args.seed),
+                               ("bytes", None if args.bytes is None else _bytes_arg(args.bytes)),
+                               ("precision", args.precision)) if v is not None}
+    if args.keep is not None and args.bytes is not None:
+        raise MixrankError("give --keep or --bytes, not both")
     raw = read_toml(args.config) if args.config else {}
-    budget_keys = ("keep", "params", "bytes")
-    has_budget = any(k in raw for k in budget_keys) or any(
-        k in (raw.get("budget") or {}) for k in budget_keys)
-    if not has_budget:
-        flags.setdefault("keep", DEFAULT_KEEP)
+
+    def given(key: str, section: str) -> bool:
+        return key in raw or key in (raw.get(section) or {})
+
+    defaults = {}
+    if not any(given(k, "budget") for k in ("keep", "params", "bytes")) and not ({"keep", "bytes"} & set(flags)):
+        defaults["bytes"] = DEFAULT_BYTES
+    budget_is_bytes = "bytes" in flags or "bytes" in defaults or (given("bytes", "budget") and "keep" not in flags)
+    if budget_is_bytes and not given("precision", "quantize") and "precision" not in flags \
+            and not given("dtype", "budget"):
+        defaults["precision"] = "auto"
     try:
-        return CompressConfig.from_dict(merge_settings(raw, flags))
+        return CompressConfig.from_dict(merge_settings(raw, {**defaults, **flags}))
     except MixrankError:
         if args.config:  # name the file when the file alone is wrong
             try:
-                CompressConfig.from_dict(merge_settings(raw, {} if has_budget else {"keep": DEFAULT_KEEP}))
+                CompressConfig.from_dict(merge_settings(raw, defaults))
             except MixrankError as e:
                 raise MixrankError(f"{args.config}: {e}") from None
         raise
@@ -64,17 +87,26 @@ def _cmd_run(args: argparse.Namespace) -> dict:
     return run_pipeline(args, compress_config(args), _log(args))
 
 
-def _cmd_compress(args: argparse.Namespace) -> dict:
-    from mixrank.compress import check_writable_path, compress_model, save_factors
+def _output(path, *inputs, overwrite: bool = False):
+    """The one output policy: a regular file (or nothing) at ``path``, writable now, and
+    none of ``inputs`` unless ``--overwrite``; checked before any work."""
+    from mixrank.compress import check_writable_path
 
+    return check_writable_path(path, inputs=inputs, overwrite_input=overwrite)
+
+
+def _cmd_compress(args: argparse.Namespace) -> dict:
+    from mixrank.compress import compress_model, save_factors
+
+    from ._pipeline import warn
     from ._sources import ModelSource
 
     cfg = compress_config(args)
-    check_writable_path(args.output)  # before the work, not after it
-    src = ModelSource(args.model, args.pretrained, args.checkpoint, not args.quiet)
+    _output(args.output, args.checkpoint, overwrite=args.overwrite)  # before the work, not after it
+    src = ModelSource(args.model, args.pretrained, args.checkpoint, not args.quiet, args.max_image_pixels, warn)
     calib = src.calibration(args.images, args.calib_images, cfg.seed)
-    f = compress_model(src.model, calib.batches, cfg, source={"model": src.label, "calibration": calib.source},
-                       progress=not args.quiet)
+    f = compress_model(src.model, calib.batches, cfg, progress=not args.quiet,
+                       source={"model": src.label, "calibration": calib.source, "calibration_images": calib.record})
     path = save_factors(f, args.output)
     return {"factors": str(path), "summary": f.summary(), "totals": f.plan.totals}
 
@@ -84,6 +116,8 @@ def _cmd_export(args: argparse.Namespace) -> dict:
 
     from ._sources import ModelSource
 
+    _opset_ok(args.opset)
+    _output(args.output, args.checkpoint, overwrite=args.overwrite)
     src = ModelSource(args.model, args.pretrained, args.checkpoint, not args.quiet)
     rep = export_onnx(src.model, src.example(), args.output, opset=args.opset, fp16=args.fp16,
                       dynamic_batch=not args.static_batch)
@@ -91,15 +125,15 @@ def _cmd_export(args: argparse.Namespace) -> dict:
 
 
 def _cmd_eval(args: argparse.Namespace) -> dict:
-    import numpy as np
     import torch
 
     from mixrank.compress import apply_factors, load_factors
-    from mixrank.exporter import run_onnxruntime, topk_accuracy
+    from mixrank.exporter import topk_accuracy
 
+    from ._pipeline import warn
     from ._sources import ModelSource
 
-    src = ModelSource(args.model, args.pretrained, args.checkpoint, not args.quiet)
+    src = ModelSource(args.model, args.pretrained, args.checkpoint, not args.quiet, args.max_image_pixels, warn)
     data = src.evaluation(args.images, args.csv)
     if data.labels is None:
         raise MixrankError(f"{args.images} is a flat folder: labels need one sub-folder per class or --csv")
@@ -115,9 +149,14 @@ def _cmd_eval(args: argparse.Namespace) -> dict:
             small = apply_factors(src.model, load_factors(args.factors)).eval()
             score("pytorch factored", torch.cat([small(x[i:i + 64]) for i in range(0, len(x), 64)]).numpy())
     for path in args.onnx or []:
-        outs = [run_onnxruntime(path, {"input": x[i:i + 64].numpy()})[0] for i in range(0, len(x), 64)]
-        score(f"onnx {path}", np.concatenate(outs))
-    return {"results": results, "data": data.source}
+        from mixrank.engines import make_runner
+        from mixrank.engines._runner import run_all
+        from mixrank.exporter import load_onnx
+
+        load_onnx(path)  # a missing or corrupt file is named here
+        runner = make_runner("onnxruntime", path)
+        score(f"onnx {path}", run_all(runner, x.numpy(), 64))
+    return {"results": results, "data": data.source, "data_record": data.record}
 
 
 def _print_eval(r: dict) -> None:
@@ -136,7 +175,8 @@ def _cmd_inspect(args: argparse.Namespace) -> dict:
         f = load_factors(p)
         return {"kind": "factors", "summary": f.summary(), "method": f.plan.method,
                 "budget": f.plan.budget, "totals": f.plan.totals,
-                "layers": {n: {"rank": i.rank, "sparse": i.sparse.structure, "k": i.sparse.k, "nmse": i.nmse}
+                "layers": {n: {"rank": i.rank, "precision": i.precision, "sparse": i.sparse.structure,
+                               "k": i.sparse.k, "nmse": i.nmse, "bytes": i.bytes_after}
                            for n, i in f.layers.items()}}
     if p.suffix == ".onnx":
         from mixrank.engines import onnx_params
@@ -150,13 +190,9 @@ def _cmd_inspect(args: argparse.Namespace) -> dict:
                 "inputs": [i.name for i in m.graph.input], "ops": ops,
                 "tensorrt_check": check_tensorrt_compat(m)}
     if p.suffix == ".json":
-        try:
-            rep = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise MixrankError(f"{p} is not JSON: {e}") from None
-        if "summary" not in rep:
-            raise MixrankError(f"{p} is not a mixrank report (no summary)")
-        return {"kind": "report", "summary": rep["summary"]}
+        from mixrank.engines import read_report
+
+        return {"kind": "report", "summary": read_report(p)["summary"]}
     raise MixrankError(f"cannot inspect {p}: expected a factors file (.safetensors), an ONNX file or a "
                        "report (.json)")
 
@@ -166,7 +202,8 @@ def _print_inspect(r: dict) -> None:
         print(r["summary"])
         for n, i in r["layers"].items():
             sp = "" if i["sparse"] == "none" else f" + {i['sparse']} k={i['k']}"
-            print(f"  {n:<32} rank {str(i['rank']):>5}{sp:<18} NMSE {i['nmse']:.3e}")
+            print(f"  {n:<32} rank {str(i['rank']):>5} {i['precision']:<5}{sp:<18} NMSE {i['nmse']:.3e}  "
+                  f"{i['bytes']:,} bytes")
     elif r["kind"] == "onnx":
         print(f"{r['params']:,} parameters, {r['initializer_bytes']:,} initializer bytes, "
               f"{r['file_bytes']:,} file bytes, opset {r['opset']}")
@@ -181,10 +218,20 @@ def _print_simple(r: dict) -> None:
     print(json.dumps(r, indent=2, default=str))
 
 
+def _opset_ok(opset: int) -> None:
+    import torch.onnx._constants as c
+
+    top = getattr(c, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20)
+    if not 17 <= opset <= top:
+        raise MixrankError(f"--opset {opset} is not supported: the exporter writes opsets 17 to {top}")
+
+
 def _cmd_rewrite(args: argparse.Namespace) -> dict:
     from mixrank.exporter import check_tensorrt_compat, rewrite_onnx
 
-    rep = rewrite_onnx(args.onnx, args.factors, args.output, allow_partial=args.allow_partial)
+    _output(args.output, args.onnx, args.factors, overwrite=args.overwrite)
+    rep = rewrite_onnx(args.onnx, args.factors, args.output, allow_partial=args.allow_partial,
+                       allow_mismatch=args.allow_mismatch, target=args.target)
     out = rep.to_dict()
     out["tensorrt_check"] = check_tensorrt_compat(args.output)
     return out
@@ -195,6 +242,8 @@ def _print_rewrite(r: dict) -> None:
           f"{r['params_before']:,} -> {r['params_after']:,}")
     for d in r["dense"]:
         print(f"  left dense: {d['node']} ({d.get('weight', '')}): {d['reason']}")
+    if r.get("mismatched"):
+        print(f"  WARNING: applied despite a different weight (--allow-mismatch): {', '.join(r['mismatched'])}")
     if r["unmatched_factors"]:
         print(f"  factors matching no node: {', '.join(r['unmatched_factors'])}")
     trt = r["tensorrt_check"]
@@ -204,6 +253,7 @@ def _print_rewrite(r: dict) -> None:
 
 
 def _cmd_build(args: argparse.Namespace) -> dict:
+    _output(args.output, args.onnx, overwrite=args.overwrite)
     if args.engine == "tensorrt":
         from mixrank.engines import TrtSettings, build_engine
 
@@ -234,7 +284,7 @@ def _load_array(path: str | None):
 
 
 def _cmd_bench(args: argparse.Namespace) -> dict:
-    from mixrank.compress import load_factors
+    from mixrank.compress import load_factors, output_folder
     from mixrank.engines import (
         OrtSettings,
         TimingConfig,
@@ -248,12 +298,18 @@ def _cmd_bench(args: argparse.Namespace) -> dict:
     batches = _batch_sizes(args.batches)
     limits = load_budget(args.budget) if args.budget else None  # fail early on a bad budget
     plan = load_factors(args.factors).plan if args.factors else None
-    res = measure(args.original, args.compressed, batches,
-                  OrtSettings(provider=args.provider, threads=args.threads),
-                  _load_array(args.inputs), _load_array(args.labels),
-                  TimingConfig(max_seconds=args.seconds), progress=not args.quiet)
-    rep = build_report(res, plan)
-    paths = write_report(rep, args.out)
+    inputs, labels = _load_array(args.inputs), _load_array(args.labels)
+    if labels is not None and (inputs is None or len(labels) != len(inputs)):
+        raise MixrankError(f"--labels has {len(labels)} labels but --inputs has "
+                           f"{'no' if inputs is None else len(inputs)} inputs; give one label per input")
+    if args.junit:
+        _output(args.junit)
+    with output_folder(args.out, " ".join(["mixrank", *sys.argv[1:]])) as out:
+        res = measure(args.original, args.compressed, batches,
+                      OrtSettings(provider=args.provider, threads=args.threads), inputs, labels,
+                      TimingConfig(max_seconds=args.seconds), progress=not args.quiet)
+        rep = build_report(res, plan)
+        paths = write_report(rep, out)
     out = {"report": {k: str(v) for k, v in paths.items()}, "summary": rep["summary"]}
     if limits:
         verdict = check_report(rep, limits)
@@ -280,16 +336,11 @@ def _print_bench(r: dict) -> None:
 
 
 def _cmd_check(args: argparse.Namespace) -> dict:
-    from mixrank.engines import check_report, load_budget
+    from mixrank.engines import check_report, load_budget, read_report
 
-    p = Path(args.report)
-    if not p.is_file():
-        raise MixrankError(f"report {p} does not exist (run mixrank bench first)")
-    try:
-        rep = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise MixrankError(f"{p} is not a JSON report: {e}") from None
-    verdict = check_report(rep, load_budget(args.budget))
+    if args.junit:
+        _output(args.junit, args.report, args.budget)
+    verdict = check_report(read_report(args.report), load_budget(args.budget))
     _write_junit(args.junit, verdict)
     return verdict
 
@@ -305,30 +356,42 @@ def _print_check(r: dict) -> None:
 def _budget_text(s: dict) -> str:
     b = s.get("budget") or {"keep": s.get("keep")}
     kind = next((k for k in ("keep", "params", "bytes") if b.get(k) is not None), "keep")
-    return f"{kind}={b.get(kind)}"
+    text = f"{kind}={b.get(kind)}"
+    if b.get("precision") not in (None, "fp32"):
+        text += f", precision {b['precision']}"
+        used = b.get("precisions") or {}
+        if used:
+            text += " (" + ", ".join(f"{n} {p}" for p, n in sorted(used.items())) + ")"
+    return text
 
 
 def _print_summary(s: dict) -> None:
-    fo, fc = s["footprint"]["original"], s["footprint"]["compressed"]
-    rows = [("parameters", f"{fo['params']:,}", f"{fc['params']:,}", f"{s['param_ratio']:.3f}x"),
-            ("initializer MB", f"{fo['initializer_bytes'] / 1e6:.2f}", f"{fc['initializer_bytes'] / 1e6:.2f}",
-             f"{s['initializer_bytes_ratio']:.3f}x"),
-            ("peak RSS MB (ORT, b1)", f"{fo['peak_rss_bytes'] / 1e6:.1f}", f"{fc['peak_rss_bytes'] / 1e6:.1f}",
+    fp = s["footprint"]
+    refs = [r for r in ("int8",) if r in fp]
+    cols = ["original", "compressed", *refs]
+    fo, fc = fp["original"], fp["compressed"]
+    rows = [("parameters", *(f"{fp[k]['params']:,}" for k in cols), f"{s['param_ratio']:.3f}x"),
+            ("file MB", *(f"{fp[k]['file_bytes'] / 1e6:.2f}" for k in cols),
+             f"{s['file_bytes_ratio']:.3f}x" + (f" ({s['bytes_ratio_vs_int8']:.2f}x of int8)" if refs else "")),
+            ("peak RSS MB (ORT, b1)", *(f"{fp[k]['peak_rss_bytes'] / 1e6:.1f}" for k in cols),
              f"{(fc['peak_rss_bytes'] - fo['peak_rss_bytes']) / 1e6:+.1f} MB")]
     for t in s["throughput"]:
-        rows.append((f"latency p50 ms, batch {t['batch']}", f"{t['p50_ms']['original']:.2f}",
-                     f"{t['p50_ms']['compressed']:.2f}",
+        rows.append((f"latency p50 ms, batch {t['batch']}", *(f"{t['p50_ms'][k]:.2f}" for k in cols),
                      f"{t['speedup']:.2f}x (FLOP ideal {t['ideal_speedup']:.2f}x)"))
     if "top1_original" in s:
         rows.append(("top-1 accuracy %", f"{100 * s['top1_original']:.2f}", f"{100 * s['top1_compressed']:.2f}",
-                     f"{-100 * s['top1_drop']:+.2f} pt"))
+                     *(f"{100 * s[f'{r}_top1']:.2f}" for r in refs), f"{-100 * s['top1_drop']:+.2f} pt"))
     if "top1_agreement" in s:
-        rows.append(("top-1 agreement %", "", f"{100 * s['top1_agreement']:.2f}", ""))
-    head = ("", "original", "compressed", "change")
-    w = [max(len(r[i]) for r in [*rows, head]) for i in range(4)]
+        rows.append(("top-1 agreement %", "", f"{100 * s['top1_agreement']:.2f}",
+                     *(f"{100 * s[f'{r}_top1_agreement']:.2f}" for r in refs), ""))
+    head = ("", *cols, "change")
+    w = [max(len(r[i]) for r in [*rows, head]) for i in range(len(head))]
     print(f"{s['model']}: {s['method']}, {_budget_text(s)}")
     for r in [head, *rows]:
-        print(f"{r[0]:<{w[0]}}  {r[1]:>{w[1]}}  {r[2]:>{w[2]}}  {r[3]:<{w[3]}}")
+        print("  ".join([f"{r[0]:<{w[0]}}", *(f"{v:>{w[i]}}" for i, v in enumerate(r[1:-1], 1)),
+                         f"{r[-1]:<{w[-1]}}"]))
+    if refs:
+        print("int8 = the original quantized by onnxruntime's weight-only quantizer (MatMulNBits, block 32)")
     ev = s.get("evaluation") or {}
     if ev and not ev.get("held_out", True):
         print(f"note: accuracy and agreement were measured on the {ev['samples']} calibration images "
@@ -338,6 +401,14 @@ def _print_summary(s: dict) -> None:
 
         print(format_results(s["check"]))
     print(f"artifacts in {s['out']}/ (manifest: {s['manifest']})")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other user error (exit 2)."""
+
+    def error(self, message: str):
+        print(f"mixrank: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -351,9 +422,9 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     fmt = _HelpFormatter
-    p = argparse.ArgumentParser(prog="mixrank", formatter_class=fmt,
+    p = _Parser(prog="mixrank", formatter_class=fmt,
                                 description="Activation-aware mixed-rank compression of Vision Transformers.")
-    sub = p.add_subparsers(dest="command")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
     _add = sub.add_parser
 
     def add_parser(*a, **k):  # every subcommand takes -v and the same help format
@@ -371,11 +442,20 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--checkpoint", help="weights: .safetensors, or .pth (weights_only)")
         sp.add_argument("--images", help="calibration image folder (flat or one sub-folder per class)")
         sp.add_argument("--calib-images", type=int, default=512, help="calibration images used")
+        sp.add_argument("--max-image-pixels", type=int, default=None,
+                        help="refuse images that decode to more pixels (default: 40 million)")
         if compress:
             sp.add_argument("--config", help="TOML configuration (docs/design.md, 'Configuration'); "
                                              "flags given here override its values")
             sp.add_argument("--keep", type=float, default=None,
-                            help=f"fraction of the block Linear parameters kept (default: {DEFAULT_KEEP})")
+                            help="fraction of the block Linear parameters kept (fp32 factors unless --precision)")
+            sp.add_argument("--bytes", default=None,
+                            help=f"storage budget: a byte count for the block Linear layers, or a fraction "
+                                 f"of the whole model's float32 weight bytes such as 0.12x (default: "
+                                 f"{DEFAULT_BYTES}; rank and precision are then chosen per layer)")
+            sp.add_argument("--precision", default=None, choices=["auto", "fp32", "fp16", "int8", "int4"],
+                            help="storage of the compressed layers (default: auto with a bytes budget, "
+                                 "fp32 with --keep)")
             sp.add_argument("--method", default=None, help="compression method (default: mixrank; also "
                                                            "whiten, svd, asvd, oats)")
             sp.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
@@ -403,11 +483,13 @@ def build_parser() -> argparse.ArgumentParser:
     cp = sub.add_parser("compress", help="compress a model into a factors file")
     model_args(cp)
     cp.add_argument("-o", "--output", default="model.mixrank.safetensors", help="factors file")
+    cp.add_argument("--overwrite", action="store_true", help="allow the output to be an input file")
     cp.set_defaults(func=_cmd_compress, show=_print_simple)
 
     ex = sub.add_parser("export", help="export the original model to ONNX (checked against PyTorch)")
     model_args(ex, compress=False)
     ex.add_argument("-o", "--output", default="original.onnx", help="ONNX file")
+    ex.add_argument("--overwrite", action="store_true", help="allow the output to be an input file")
     ex.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
     ex.add_argument("--fp16", action="store_true", help="float16 model (TensorRT 11)")
     ex.add_argument("--static-batch", action="store_true", help="fixed batch dimension")
@@ -437,6 +519,12 @@ def build_parser() -> argparse.ArgumentParser:
     rw.add_argument("-o", "--output", required=True, help="rewritten ONNX model to write")
     rw.add_argument("--allow-partial", action="store_true",
                     help="rewrite what matches even if some factors match no node")
+    rw.add_argument("--allow-mismatch", action="store_true",
+                    help="apply factors to a layer matched by name even if its weight is not the one they "
+                         "were computed from (recorded in the report)")
+    rw.add_argument("--target", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
+                    help="engine the integer weights are written for")
+    rw.add_argument("--overwrite", action="store_true", help="allow the output to be an input file")
     rw.add_argument("--json", action="store_true", help="print the rewrite report as JSON")
     rw.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     rw.set_defaults(func=_cmd_rewrite, show=_print_rewrite)
@@ -447,6 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(needs the tensorrt package and an NVIDIA GPU).")
     bd.add_argument("onnx", help="ONNX model")
     bd.add_argument("-o", "--output", required=True, help="engine file to write")
+    bd.add_argument("--overwrite", action="store_true", help="allow the output to be an input file")
     bd.add_argument("--engine", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
     bd.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu",
                     help="onnxruntime execution provider")

@@ -134,7 +134,7 @@ def test_registries_name_every_builtin():
     assert set(METHODS.names()) == {"mixrank", "whiten", "svd", "asvd", "oats"}
     assert set(FACTORIZERS.names()) == {"whiten", "svd", "asvd", "oats"}
     assert set(ALLOCATORS.names()) == {"uniform", "search"}
-    assert set(REFINEMENTS.names()) == {"sparse", "compensate", "sequential", "distill"}
+    assert set(REFINEMENTS.names()) == {"sparse", "compensate", "sequential", "distill", "qdistill"}
     assert set(SPARSE.names()) == {"channel", "row"}
     assert set(RUNNERS.names()) == {"onnxruntime", "tensorrt"}
     with pytest.raises(MixrankError, match=r"unknown engine 'tensorrtt'.*did you mean: tensorrt"):

@@ -29,7 +29,7 @@ def test_main_job_on_the_default(main_job):
               "report.md", "layers.png", "latency.png", "manifest.json", "compressed.ort.onnx"):
         assert (d / "o" / f).is_file(), f
     man = json.loads((d / "o" / "manifest.json").read_text())
-    assert set(man["stages"]) == {"compress", "export", "rewrite", "build", "bench"}
+    assert set(man["stages"]) == {"compress", "export", "reference", "rewrite", "build", "bench"}
     assert all(len(a["sha256"]) == 64 and a["command"].startswith("mixrank")
                for a in man["artifacts"].values())
 
@@ -40,7 +40,7 @@ def test_rerun_reuses_stages_and_budget_gate(main_job):
     out = _mixrank("run", "--out", "o", "--seconds", "3", "--batches", "1,8", "--budget", "tight.toml",
                    "--junit", "j.xml", cwd=d)
     assert out.returncode == 1, out.stderr  # a limit failed
-    assert out.stderr.count("up to date, reused") == 5
+    assert out.stderr.count("up to date, reused") == 6
     assert "FAIL  max_param_ratio" in out.stdout
     assert (d / "j.xml").read_text().count("<failure") == 1
     (d / "ok.toml").write_text("max_param_ratio = 0.5\n")
@@ -98,7 +98,7 @@ def test_help(tmp_path):
         out = _mixrank(*args, cwd=tmp_path)
         assert out.returncode == 0 and "usage: mixrank" in out.stdout, args
     text = " ".join(_mixrank("run", "--help", cwd=tmp_path).stdout.split())
-    assert "parameters kept (default: 0.4)" in text
+    assert "whole model's float32 weight bytes such as 0.12x (default: 0.12x" in text
 
 
 def test_rewrite_command_and_its_errors(tmp_path):

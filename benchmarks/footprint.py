@@ -1,0 +1,218 @@
+"""The footprint frontier: bytes against error for quantization alone and for mixrank,
+side by side in one run, every number measured on the exported ONNX files with
+onnxruntime (CPU).
+
+Per model, the candidates are:
+
+- ``int8``, ``int4``: the original with every MatMul weight quantized by onnxruntime's
+  own ``MatMulNBitsQuantizer`` (block 32, asymmetric): what a user does without mixrank;
+- ``mixrank fp32 keep K``: today's fp32 factors at keep 0.6, 0.5, 0.4, 0.3;
+- ``mixrank B``: joint rank and precision at B = 0.25x, 0.15x, 0.12x, 0.08x, 0.06x of the
+  model's float32 weight bytes, and at exactly the bytes of int4 and int8 above.
+
+For each: whole-file bytes relative to the float32 ONNX file, logits KL to the original on
+held-out inputs (the digits test split; for the timm models 256 photo crops never used to
+calibrate), top-1 accuracy where labelled, top-1 agreement, and onnxruntime latency p50 at
+batch 1 and 32 (all candidates of a model timed interleaved in the same rounds). Writes
+``footprint_<model>.md`` and ``footprint_<model>.png`` (bytes against KL, one line per
+method) and prints each target with PASS or FAIL.
+
+    python benchmarks/footprint.py [--models digits,wide,deit_tiny,vit_small] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from quality import load_case  # noqa: E402
+
+KEEPS = (0.6, 0.5, 0.4, 0.3)
+FRACTIONS = (0.25, 0.15, 0.12, 0.08, 0.06)
+TRAINED = ("digits", "wide")
+
+
+def kl(ref: np.ndarray, out: np.ndarray) -> float:
+    ref = torch.from_numpy(ref).double()
+    out = torch.from_numpy(out).double()
+    lp, lq = torch.log_softmax(ref, -1), torch.log_softmax(out, -1)
+    return float((lp.exp() * (lp - lq)).sum(-1).mean())
+
+
+def run_case(case: str, out: Path, fractions, keeps, seconds: float) -> list[dict]:
+    from mixrank.compress import CompressConfig, compress_model
+    from mixrank.engines import OrtSettings, TimingConfig, make_runner, throughput
+    from mixrank.engines._runner import run_all
+    from mixrank.exporter import export_onnx, onnx_file_bytes, quantize_reference, rewrite_onnx
+
+    model, calib, xte, yte = load_case(case)
+    x = xte.numpy()
+    y = None if yte is None else yte.numpy()
+    tmp = Path(tempfile.mkdtemp(prefix=f"footprint-{case}-"))
+    export_onnx(model, xte[:2], tmp / "original.onnx", check_inputs=xte[:16])
+    base = onnx_file_bytes(tmp / "original.onnx")
+    arts: dict[str, dict] = {}
+    for bits in (8, 4):
+        p = tmp / f"int{bits}.onnx"
+        quantize_reference(tmp / "original.onnx", p, bits=bits, block=32)
+        arts[f"int{bits}"] = {"method": f"int{bits} (onnxruntime)", "path": p, "seconds": 0.0}
+    jobs = [(f"mixrank fp32 keep {k}", "mixrank fp32", {"keep": k}, None) for k in keeps]
+    jobs += [(f"mixrank {f}x", "mixrank joint", {"bytes": f"{f}x", "precision": "auto"}, None) for f in fractions]
+    for ref in ("int4", "int8"):  # mixrank at quantization alone's file bytes, graph structure included
+        ref_bytes = onnx_file_bytes(arts[ref]["path"])
+        jobs.append((f"mixrank @{ref} bytes ({ref_bytes / base:.3f}x)", "mixrank joint",
+                     {"bytes": f"{ref_bytes / base:.5f}x", "precision": "auto"}, ref_bytes))
+    for name, method, kw, cap in jobs:
+        t0 = time.perf_counter()
+        p = tmp / f"{len(arts)}.onnx"
+        for _attempt in range(4):  # with a file-size cap: lower the budget by what the graph adds
+            try:
+                f = compress_model(model, calib, CompressConfig(**kw), progress=False)
+            except Exception as e:  # an infeasible budget is a result too
+                print(json.dumps({"model": case, "candidate": name, "error": str(e)[:200]}), flush=True)
+                f = None
+                break
+            rewrite_onnx(tmp / "original.onnx", f, p)
+            excess = onnx_file_bytes(p) - cap if cap else 0
+            if excess <= 0:
+                break
+            kw = {**kw, "bytes": f.plan.budget.budget - excess - 256}
+        if f is None:
+            continue
+        secs = time.perf_counter() - t0
+        used = {}
+        for i in f.layers.values():
+            key = f"{'dense ' if i.dense else ''}{i.precision}"
+            used[key] = used.get(key, 0) + 1
+        arts[name] = {"method": method, "path": p, "seconds": secs, "precisions": used,
+                      "chosen": f.plan.allocation.refinement.chosen}
+    settings = OrtSettings()
+    runners = {"original": make_runner("onnxruntime", tmp / "original.onnx", settings)}
+    runners.update({n: make_runner("onnxruntime", a["path"], settings) for n, a in arts.items()})
+    ref_out = run_all(runners["original"], x, 64)
+    rows = []
+    for n, a in arts.items():
+        o = run_all(runners[n], x, 64)
+        r = {"model": case, "candidate": n, "method": a["method"], "bytes": onnx_file_bytes(a["path"]) / base,
+             "kl": kl(ref_out, o), "agree": float((o.argmax(1) == ref_out.argmax(1)).mean()),
+             "compress_s": round(a["seconds"], 1), "precisions": a.get("precisions"), "chosen": a.get("chosen")}
+        if y is not None:
+            r["acc"], r["acc_orig"] = float((o.argmax(1) == y).mean()), float((ref_out.argmax(1) == y).mean())
+        rows.append(r)
+    timing = TimingConfig(warmup=2, min_rounds=5, max_rounds=30, iters_per_round=3, max_seconds=seconds)
+    for b in (1, 32):
+        t = throughput(runners, b, timing, progress=False)
+        for r in rows:
+            r[f"p50_ms_b{b}"] = t["sessions"][r["candidate"]]["p50_ms"]
+        for r in rows:
+            r[f"p50_ms_b{b}_original"] = t["sessions"]["original"]["p50_ms"]
+    for r in rows:
+        print(json.dumps(r), flush=True)
+    write_table(out / f"footprint_{case}.md", case, rows, base)
+    plot(out / f"footprint_{case}.png", case, rows)
+    return rows
+
+
+def write_table(path: Path, case: str, rows: list[dict], base: int) -> None:
+    lines = [f"## {case} (float32 ONNX file: {base / 1e6:.2f} MB)", "",
+             "| candidate | bytes (x fp32) | logits KL | top-1 agree | acc | ORT p50 ms b1 | b32 | compress s "
+             "| stored as |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: -r["bytes"]):
+        acc = f"{100 * r['acc']:.2f} % (orig {100 * r['acc_orig']:.2f})" if "acc" in r else "-"
+        lines.append(f"| {r['candidate']} | {r['bytes']:.3f} | {r['kl']:.2e} | {100 * r['agree']:.1f} % | {acc} | "
+                     f"{r['p50_ms_b1']:.2f} | {r['p50_ms_b32']:.2f} | {r['compress_s']} | "
+                     f"{r.get('precisions') or '-'} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(path: Path, case: str, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for method, style in (("mixrank joint", "o-"), ("mixrank fp32", "s--")):
+        pts = sorted((r["bytes"], max(r["kl"], 1e-10)) for r in rows if r["method"] == method)
+        if pts:
+            ax.plot(*zip(*pts, strict=True), style, label=method, linewidth=2.2 if "joint" in method else 1.2)
+    for r in rows:
+        if r["method"].startswith("int"):
+            ax.plot(r["bytes"], max(r["kl"], 1e-10), "*", markersize=13, label=r["method"])
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("ONNX file bytes / float32 original")
+    ax.set_ylabel("logits KL to the original (held out)")
+    ax.set_title(f"{case}: bytes against error (onnxruntime)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def targets(case: str, rows: list[dict]) -> list[str]:
+    out = []
+    by = {r["candidate"]: r for r in rows}
+    joint = [r for r in rows if r["method"] == "mixrank joint"]
+    for ref, factor in (("int4", 0.25), ("int8", 1.0)):
+        if ref not in by:
+            continue
+        q = by[ref]
+        under = [r for r in joint if r["bytes"] <= q["bytes"]]
+        if not under:
+            out.append(f"{case}: no mixrank point at or below {ref}'s bytes (FAIL)")
+            continue
+        best = min(under, key=lambda r: r["kl"])
+        ok = best["kl"] <= factor * q["kl"]
+        scope = "" if ref == "int8" or case in TRAINED else " (random weights: not a target model)"
+        out.append(f"{case}: at <= {ref} bytes ({q['bytes']:.3f}x) best mixrank KL {best['kl']:.2e} "
+                   f"[{best['candidate']}, {best['bytes']:.3f}x] vs {ref} {q['kl']:.2e} -> ratio "
+                   f"{best['kl'] / max(q['kl'], 1e-30):.3f} ({'PASS' if ok else 'FAIL'} target <= {factor}){scope}")
+        if ref == "int8":
+            ok = best["p50_ms_b32"] <= q["p50_ms_b32"]
+            out.append(f"{case}: latency b32 at <= int8 bytes: mixrank {best['p50_ms_b32']:.2f} ms vs int8 "
+                       f"{q['p50_ms_b32']:.2f} ms ({'PASS' if ok else 'FAIL'} target <=)")
+    if case == "digits":
+        r = by.get("mixrank 0.08x")
+        if r:
+            drop = 100 * (r["acc_orig"] - r["acc"])
+            out.append(f"digits: at 0.08x the fp32 bytes ({r['bytes']:.3f}x file) accuracy drop {drop:.2f} pt "
+                       f"({'PASS' if drop <= 1.0 else 'FAIL'} target <= 1)")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="digits,wide,deit_tiny,vit_small")
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--fractions", default=",".join(map(str, FRACTIONS)))
+    ap.add_argument("--keeps", default=",".join(map(str, KEEPS)))
+    ap.add_argument("--seconds", type=float, default=20.0, help="timing limit per batch size")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    verdicts = []
+    for case in args.models.split(","):
+        rows = run_case(case, out, [float(f) for f in args.fractions.split(",") if f],
+                        [float(k) for k in args.keeps.split(",") if k], args.seconds)
+        with open(out / "footprint_rows.jsonl", "a") as fh:
+            for r in rows:
+                fh.write(json.dumps({**r, "run": " ".join(sys.argv[1:])}) + "\n")
+        verdicts += targets(case, rows)
+        print("\n".join(targets(case, rows)), flush=True)
+    (out / "footprint_targets.txt").write_text("\n".join(verdicts) + "\n")
+    print("\n".join(verdicts))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""The obvious alternative to compression: the original's weights quantized by
+onnxruntime's own weight-only quantizer, the way a user would do it
+(``MatMulNBitsQuantizer``, block-wise, asymmetric). Reports put mixrank beside it."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from mixrank.compress import MixrankError
+
+from ._onnxio import load_onnx, save_onnx
+
+
+def quantize_reference(onnx_path: str | os.PathLike, out_path: str | os.PathLike, bits: int = 8,
+                       block: int = 32) -> Path:
+    """Write ``onnx_path`` with every MatMul weight quantized by onnxruntime's
+    ``MatMulNBitsQuantizer`` (``bits``, ``block``, asymmetric) to ``out_path``."""
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    except ImportError as e:  # the quantizer needs the onnx_ir package
+        raise MixrankError(f"onnxruntime's weight-only quantizer cannot be imported ({e}); install onnx_ir") from None
+    logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # it logs every node at INFO
+    try:
+        q = MatMulNBitsQuantizer(load_onnx(onnx_path), bits=bits, block_size=block, is_symmetric=False)
+        q.process()
+    finally:
+        logger.setLevel(level)
+    model = q.model.model if hasattr(q.model, "model") else q.model
+    return save_onnx(model, out_path)
