@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import pickle
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -35,6 +38,8 @@ def load_model(name: str | None = None, pretrained: bool = False,
         raise MixrankError(f"unknown timm model {name!r}{close_matches(name, timm.list_models())}")
     if pretrained and checkpoint:
         raise MixrankError("give --pretrained or --checkpoint, not both")
+    if pretrained and not os.environ.get("HF_HUB_OFFLINE"):
+        _check_hub_reachable(name)
     try:
         model = timm.create_model(name, pretrained=pretrained)
     except Exception as e:
@@ -49,6 +54,19 @@ def load_model(name: str | None = None, pretrained: bool = False,
     return model.eval()
 
 
+def _check_hub_reachable(name: str, timeout: float = 3.0) -> None:
+    """Fail in seconds, not after a minute of retries, when the model hub cannot be reached
+    (with ``HF_HUB_OFFLINE=1`` timm reads weights already in the local cache instead)."""
+    import socket
+
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+    except OSError as e:
+        raise MixrankError(f"cannot reach the model hub (huggingface.co: {e.strerror or e}) for {name}'s "
+                           "pretrained weights; download them elsewhere and pass --checkpoint FILE, or set "
+                           "HF_HUB_OFFLINE=1 if they are in the local cache") from None
+
+
 def _read_checkpoint(path: str | os.PathLike, model: nn.Module) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -59,10 +77,17 @@ def _read_checkpoint(path: str | os.PathLike, model: nn.Module) -> dict:
 
             sd = load_file(str(path))
         else:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise MixrankError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e)[:200]}); "
-                           ".pth files must hold plain tensors (weights_only=True)") from None
+        if isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e):
+            why = ("it holds Python objects besides tensors, and mixrank never runs pickled code; save "
+                   "model.state_dict() (plain tensors) or a .safetensors file")
+        else:
+            first = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()
+            why = f"{type(e).__name__}: {first[0][:200] if first else 'unreadable'}"
+        raise MixrankError(f"cannot read checkpoint {path}: {why}") from None
     for key in ("state_dict", "model", "model_state"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]

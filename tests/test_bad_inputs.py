@@ -1,0 +1,325 @@
+"""Hostile inputs through the real command line, one subprocess per case.
+
+Each case asserts the exit code (2: a user or environment error), that stderr is exactly
+one line naming the problem (no traceback), and that no output was left behind. Exit 70
+is reserved for bugs in mixrank; a property test feeds every subcommand garbage and
+asserts that none exits 70.
+
+``MIXRANK_BAD_INPUT_CMD`` replaces the command (default: this Python, ``-m mixrank``),
+so the same table can be run against another version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shlex
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+pytestmark = pytest.mark.slow  # ~70 subprocesses of the real CLI
+
+CLI = shlex.split(os.environ.get("MIXRANK_BAD_INPUT_CMD", f"{shlex.quote(sys.executable)} -m mixrank"))
+EXIT_USER = 2
+
+
+@dataclass
+class Case:
+    name: str
+    args: list[str]
+    message: str  # a phrase the one stderr line must contain
+    absent: list[str] = field(default_factory=list)  # paths that must not exist afterwards
+    code: int = EXIT_USER
+    fsize_limit: int | None = None  # RLIMIT_FSIZE in bytes: a full disk, as the writer sees it
+
+
+def _fixtures(d: Path) -> None:
+    """Every input file the cases use, in folder ``d``."""
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from mixrank.compress import Factors, save_factors, weight_fingerprint
+
+    def mlp(seed):
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)).eval()
+
+    def factors_of(model):
+        tensors, layers = {}, {}
+        for name in ("0", "2"):
+            W = model.get_submodule(name).weight.detach()
+            U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+            r = 4
+            tensors[f"{name}.A"], tensors[f"{name}.B"] = (U[:, :r] * S[:r]).float(), Vh[:r].float()
+            layers[name] = {"shape": list(W.shape), "rank": r, "dense": False, "sha256": weight_fingerprint(W)}
+        return Factors(tensors, {"format_version": 2, "layers": layers})
+
+    a, b = mlp(0), mlp(1)  # b: the same architecture and names, other weights (a fine-tuned sibling)
+    for model, name in ((a, "m.onnx"), (b, "sibling.onnx")):
+        torch.onnx.export(model, (torch.randn(2, 16),), str(d / name), dynamo=False, opset_version=17,
+                          input_names=["x"], dynamic_axes={"x": {0: "b"}})
+    save_factors(factors_of(a), d / "f.safetensors")
+    (d / "garbage.onnx").write_bytes(b"\x08\x07not a model at all")
+    raw = (d / "m.onnx").read_bytes()
+    (d / "trunc.onnx").write_bytes(raw[: len(raw) // 2])
+    (d / "text.safetensors").write_text("not safetensors")
+    save_file({"x": torch.zeros(2)}, str(d / "plain.safetensors"))
+    tampered = bytearray((d / "f.safetensors").read_bytes())
+    tampered[-2] ^= 0xFF
+    (d / "tampered.safetensors").write_bytes(bytes(tampered))
+    os.mkfifo(d / "fifo")
+    (d / "adir").mkdir()
+    (d / "afile").write_text("a file, not a folder")
+    # reports
+    for name, body in (("list.json", "[1, 2]"), ("string.json", '"report"'), ("null.json", '{"summary": null}'),
+                       ("noschema.json", '{"summary": {"param_ratio": 0.4}}'),
+                       ("future.json", '{"schema_version": 99, "summary": {}}'),
+                       ("manifest.json", '{"stages": {}, "artifacts": {}}'), ("broken.json", "{not json")):
+        (d / name).write_text(body)
+    (d / "latin1.json").write_bytes(b'{"summary": "\xe9t\xe9"}')
+    (d / "ok.json").write_text(json.dumps({"schema_version": 1, "summary": {"param_ratio": 0.4}}))
+    # budgets
+    for name, body in (("nan.toml", "max_param_ratio = nan\n"), ("inf.toml", "min_cosine = inf\n"),
+                       ("section.toml", "max_param_ratio = 0.5\n\n[min_speedup_typo]\n32 = 1.2\n"),
+                       ("unknown.toml", "max_parms = 0.5\n"), ("bool.toml", "max_param_ratio = true\n"),
+                       ("empty.toml", ""), ("badsyntax.toml", "max_param_ratio = = 1\n"),
+                       ("ok.toml", "max_param_ratio = 0.5\n"), ("batchkey.toml", "min_speedup = { x = 1.2 }\n")):
+        (d / name).write_text(body)
+    (d / "latin1.toml").write_bytes(b"max_param_ratio = 0.5 # \xe9\n")
+    # configs
+    (d / "conf_bad.toml").write_text("[budget\nkeep = 0.4\n")
+    (d / "conf_unknown.toml").write_text("kep = 0.4\n")
+    (d / "conf_ignored.toml").write_text('method = "whiten"\n[refine]\ndistill_steps = 5\n')
+    # images
+    (d / "imgs").mkdir()
+    for i in range(3):
+        Image.new("RGB", (40, 40), (i * 60, 20, 200)).save(d / "imgs" / f"{i}.png")
+    (d / "bomb").mkdir()
+    Image.new("L", (7000, 7000)).save(d / "bomb" / "huge.png", optimize=True)  # 49 Mpixel, a small file
+    (d / "broken_imgs").mkdir()
+    (d / "broken_imgs" / "a.png").write_bytes(b"\x89PNG broken")
+    (d / "empty_imgs").mkdir()
+    # csv
+    (d / "labels_empty.csv").write_text("imgs/0.png,\n")
+    (d / "labels_word.csv").write_text("imgs/0.png,3\nimgs/1.png,cat\n")
+    (d / "labels_missing.csv").write_text("nowhere/0.png,1\nnowhere/1.png,2\n")
+    (d / "labels_short.csv").write_text("imgs/0.png\n")
+    # arrays
+    np.save(d / "inputs_bad.npy", np.zeros((4, 5), np.float32))
+    np.save(d / "inputs_ok.npy", np.zeros((4, 16), np.float32))
+    np.save(d / "labels_bad.npy", np.zeros(7, np.int64))
+    (d / "notnpy.npy").write_text("nope")
+    np.save(d / "pickled.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+
+
+CASES = [
+    # foreign, tampered and unreadable inputs to the rewriter
+    Case("rewrite foreign factors by name", ["rewrite", "sibling.onnx", "f.safetensors", "-o", "o.onnx"],
+         "differs from the one the factors were computed from", ["o.onnx"]),
+    Case("rewrite garbage onnx", ["rewrite", "garbage.onnx", "f.safetensors", "-o", "o.onnx"],
+         "not a readable ONNX model", ["o.onnx"]),
+    Case("rewrite truncated onnx", ["rewrite", "trunc.onnx", "f.safetensors", "-o", "o.onnx"], "ONNX", ["o.onnx"]),
+    Case("rewrite missing onnx", ["rewrite", "nope.onnx", "f.safetensors", "-o", "o.onnx"], "does not exist",
+         ["o.onnx"]),
+    Case("rewrite missing factors", ["rewrite", "m.onnx", "nope.safetensors", "-o", "o.onnx"], "does not exist",
+         ["o.onnx"]),
+    Case("rewrite text factors", ["rewrite", "m.onnx", "text.safetensors", "-o", "o.onnx"],
+         "not a readable safetensors", ["o.onnx"]),
+    Case("rewrite plain safetensors", ["rewrite", "m.onnx", "plain.safetensors", "-o", "o.onnx"],
+         "not a mixrank factors file", ["o.onnx"]),
+    Case("rewrite tampered factors", ["rewrite", "m.onnx", "tampered.safetensors", "-o", "o.onnx"],
+         "has been modified", ["o.onnx"]),
+    Case("rewrite onto a fifo", ["rewrite", "m.onnx", "f.safetensors", "-o", "fifo"], "not a regular file"),
+    Case("rewrite onto /dev/null", ["rewrite", "m.onnx", "f.safetensors", "-o", "/dev/null"], "not a regular file"),
+    Case("rewrite onto a folder", ["rewrite", "m.onnx", "f.safetensors", "-o", "adir"], "is a directory"),
+    Case("rewrite onto its input", ["rewrite", "m.onnx", "f.safetensors", "-o", "m.onnx"], "is the input"),
+    Case("rewrite onto the factors", ["rewrite", "m.onnx", "f.safetensors", "-o", "f.safetensors"], "is the input"),
+    Case("rewrite into /proc", ["rewrite", "m.onnx", "f.safetensors", "-o", "/proc/mixrank.onnx"],
+         "cannot write"),
+    Case("rewrite into a read-only /sys", ["rewrite", "m.onnx", "f.safetensors", "-o", "/sys/kernel/x.onnx"],
+         "cannot write"),
+    Case("rewrite with a full disk", ["rewrite", "m.onnx", "f.safetensors", "-o", "o.onnx"], "cannot write",
+         ["o.onnx"], fsize_limit=2048),
+    Case("rewrite under a file", ["rewrite", "m.onnx", "f.safetensors", "-o", "afile/o.onnx"], "not a directory"),
+    Case("rewrite unknown target", ["rewrite", "m.onnx", "f.safetensors", "-o", "o.onnx", "--target", "tpu"],
+         "invalid choice", ["o.onnx"]),
+    # the gate
+    Case("check report is a list", ["check", "list.json", "ok.toml"], "not a mixrank report"),
+    Case("check report is a string", ["check", "string.json", "ok.toml"], "not a mixrank report"),
+    Case("check summary null", ["check", "null.json", "ok.toml"], "not a mixrank report"),
+    Case("check report without schema", ["check", "noschema.json", "ok.toml"], "schema_version"),
+    Case("check report of a future schema", ["check", "future.json", "ok.toml"], "schema version 99"),
+    Case("check a manifest", ["check", "manifest.json", "ok.toml"], "not a mixrank report"),
+    Case("check broken json", ["check", "broken.json", "ok.toml"], "not a JSON report"),
+    Case("check non-UTF-8 report", ["check", "latin1.json", "ok.toml"], "not UTF-8"),
+    Case("check an ONNX file", ["check", "m.onnx", "ok.toml"], "not a JSON report"),
+    Case("check missing report", ["check", "nope.json", "ok.toml"], "does not exist"),
+    Case("check nan limit", ["check", "ok.json", "nan.toml"], "finite number"),
+    Case("check inf limit", ["check", "ok.json", "inf.toml"], "finite number"),
+    Case("check non-UTF-8 budget", ["check", "ok.json", "latin1.toml"], "not UTF-8"),
+    Case("check budget table line", ["check", "ok.json", "section.toml"], "section.toml:3: unknown key"),
+    Case("check unknown budget key", ["check", "ok.json", "unknown.toml"], "unknown key 'max_parms'"),
+    Case("check bool limit", ["check", "ok.json", "bool.toml"], "must be a number"),
+    Case("check empty budget", ["check", "ok.json", "empty.toml"], "sets no limit"),
+    Case("check budget syntax", ["check", "ok.json", "badsyntax.toml"], "not valid TOML"),
+    Case("check batch key", ["check", "ok.json", "batchkey.toml"], "not a positive integer"),
+    Case("check missing budget", ["check", "ok.json", "nope.toml"], "does not exist"),
+    Case("check junit onto a folder", ["check", "ok.json", "ok.toml", "--junit", "adir"], "is a directory"),
+    # inspect
+    Case("inspect a string json", ["inspect", "string.json"], "not a mixrank report"),
+    Case("inspect a list json", ["inspect", "list.json"], "not a mixrank report"),
+    Case("inspect non-UTF-8 json", ["inspect", "latin1.json"], "not UTF-8"),
+    Case("inspect unknown suffix", ["inspect", "ok.toml"], "cannot inspect"),
+    Case("inspect missing", ["inspect", "nope.safetensors"], "does not exist"),
+    Case("inspect garbage onnx", ["inspect", "garbage.onnx"], "not a readable ONNX model"),
+    Case("inspect tampered factors", ["inspect", "tampered.safetensors"], "has been modified"),
+    # bench and build
+    Case("bench inputs of the wrong shape", ["bench", "m.onnx", "m.onnx", "--inputs", "inputs_bad.npy", "--out", "b",
+                                             "--seconds", "1"], "the inputs have shape [4, 5]", ["b"]),
+    Case("bench labels of the wrong length", ["bench", "m.onnx", "m.onnx", "--inputs", "inputs_ok.npy", "--labels",
+                                              "labels_bad.npy", "--out", "b"], "has 7 labels", ["b"]),
+    Case("bench not an npy", ["bench", "m.onnx", "m.onnx", "--inputs", "notnpy.npy", "--out", "b"],
+         "cannot read notnpy.npy", ["b"]),
+    Case("bench pickled npy", ["bench", "m.onnx", "m.onnx", "--inputs", "pickled.npy", "--out", "b"],
+         "cannot read pickled.npy", ["b"]),
+    Case("bench batches zero", ["bench", "m.onnx", "m.onnx", "--batches", "0", "--out", "b"],
+         "positive batch sizes", ["b"]),
+    Case("bench batches words", ["bench", "m.onnx", "m.onnx", "--batches", "one", "--out", "b"],
+         "comma-separated integers", ["b"]),
+    Case("bench out is a file", ["bench", "m.onnx", "m.onnx", "--out", "afile"], "is not a folder"),
+    Case("bench garbage onnx", ["bench", "garbage.onnx", "m.onnx", "--out", "b"], "cannot load garbage.onnx", ["b"]),
+    Case("build garbage onnx", ["build", "garbage.onnx", "-o", "e.ort.onnx"], "cannot load", ["e.ort.onnx"]),
+    Case("build onto its input", ["build", "m.onnx", "-o", "m.onnx"], "is the input"),
+    Case("build tensorrt not installed", ["build", "m.onnx", "-o", "e.engine", "--engine", "tensorrt"],
+         "tensorrt", ["e.engine"]),
+    # the main job and compress (built-in digits model)
+    Case("run out is a file", ["run", "--out", "afile"], "is not a folder"),
+    Case("run batches words", ["run", "--out", "r", "--batches", "abc"], "comma-separated integers", ["r"]),
+    Case("run batches negative", ["run", "--out", "r", "--batches", "-1"], "positive batch sizes", ["r"]),
+    Case("run keep out of range", ["run", "--out", "r", "--keep", "1.5"], "keep must be a fraction", ["r"]),
+    Case("run keep and bytes", ["run", "--out", "r", "--keep", "0.4", "--bytes", "0.1x"], "not both", ["r"]),
+    Case("run bytes garbage", ["run", "--out", "r", "--bytes", "lots"], "byte count or a fraction", ["r"]),
+    Case("run auto precision with keep", ["run", "--out", "r", "--keep", "0.4", "--precision", "auto"],
+         "bytes budget", ["r"]),
+    Case("run negative calibration images", ["run", "--out", "r", "--calib-images", "-5"], "positive number", ["r"]),
+    Case("run images with the built-in model", ["run", "--out", "r", "--images", "imgs"], "built-in digits", ["r"]),
+    Case("run junit onto a folder", ["run", "--out", "r", "--junit", "adir"], "is a directory", ["r"]),
+    Case("run into /proc", ["run", "--out", "/proc/mixrank-out"], "cannot"),
+    Case("run config missing", ["run", "--out", "r", "--config", "nope.toml"], "does not exist", ["r"]),
+    Case("run config bad toml", ["run", "--out", "r", "--config", "conf_bad.toml"], "not valid TOML", ["r"]),
+    Case("run config unknown key", ["run", "--out", "r", "--config", "conf_unknown.toml"], "kep", ["r"]),
+    Case("run config ignored setting", ["run", "--out", "r", "--config", "conf_ignored.toml"],
+         "distill_steps=5 is ignored by method 'whiten'", ["r"]),
+    Case("compress onto a folder", ["compress", "-o", "adir"], "is a directory"),
+    Case("compress onto /dev/null", ["compress", "-o", "/dev/null"], "not a regular file"),
+    Case("compress infeasible keep", ["compress", "--keep", "0.001", "-o", "c.safetensors"], "feasible range",
+         ["c.safetensors"]),
+    Case("compress unknown method", ["compress", "--method", "magic", "-o", "c.safetensors"], "unknown method",
+         ["c.safetensors"]),
+    Case("compress timm model without images", ["compress", "--model", "vit_tiny_patch16_224", "-o",
+                                                "c.safetensors"], "needs calibration images", ["c.safetensors"]),
+    Case("compress unknown timm model", ["compress", "--model", "vit_tiny_patch16_22", "-o", "c.safetensors"],
+         "unknown timm model", ["c.safetensors"]),
+    Case("compress decompression bomb", ["compress", "--model", "vit_tiny_patch16_224", "--images", "bomb", "-o",
+                                         "c.safetensors"], "over the cap of 40 Mpixel", ["c.safetensors"]),
+    Case("compress only broken images", ["compress", "--model", "vit_tiny_patch16_224", "--images", "broken_imgs",
+                                         "-o", "c.safetensors"], "no usable image", ["c.safetensors"]),
+    Case("compress empty image folder", ["compress", "--model", "vit_tiny_patch16_224", "--images", "empty_imgs",
+                                         "-o", "c.safetensors"], "no usable image", ["c.safetensors"]),
+    Case("compress checkpoint missing", ["compress", "--model", "vit_tiny_patch16_224", "--checkpoint", "nope.pth",
+                                         "--images", "imgs", "-o", "c.safetensors"], "does not exist",
+         ["c.safetensors"]),
+    Case("compress checkpoint garbage", ["compress", "--model", "vit_tiny_patch16_224", "--checkpoint",
+                                         "garbage.onnx", "--images", "imgs", "-o", "c.safetensors"],
+         "cannot read checkpoint", ["c.safetensors"]),
+    Case("compress checkpoint of pickled objects", ["compress", "--model", "vit_tiny_patch16_224", "--checkpoint",
+                                                    "obj.pth", "--images", "imgs", "-o", "c.safetensors"],
+         "never runs pickled code", ["c.safetensors"]),
+    # eval and export
+    Case("eval onnx missing", ["eval", "--onnx", "nope.onnx"], "does not exist"),
+    Case("eval onnx garbage", ["eval", "--onnx", "garbage.onnx"], "not a readable ONNX model"),
+    Case("eval images with the built-in model", ["eval", "--images", "imgs"], "built-in digits model evaluates"),
+    Case("eval csv empty label", ["eval", "--model", "vit_tiny_patch16_224", "--csv", "labels_empty.csv"],
+         "labels_empty.csv:1: the label must be a class index"),
+    Case("eval csv word label", ["eval", "--model", "vit_tiny_patch16_224", "--csv", "labels_word.csv"],
+         "labels_word.csv:2: the label must be a class index (an integer >= 0), got 'cat'"),
+    Case("eval csv all files missing", ["eval", "--model", "vit_tiny_patch16_224", "--csv", "labels_missing.csv"],
+         "none of the 2 files"),
+    Case("eval csv short row", ["eval", "--model", "vit_tiny_patch16_224", "--csv", "labels_short.csv"],
+         "expected 'file,label'"),
+    Case("export opset 99", ["export", "--opset", "99", "-o", "e.onnx"], "--opset 99 is not supported", ["e.onnx"]),
+    Case("export opset 9", ["export", "--opset", "9", "-o", "e.onnx"], "--opset 9 is not supported", ["e.onnx"]),
+    Case("export onto a fifo", ["export", "-o", "fifo"], "not a regular file"),
+]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, digits):  # digits: the built-in model is trained and cached before the CLI runs
+    d = tmp_path_factory.mktemp("bad")
+    _fixtures(d)
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "opt": object.__new__(_Unsafe)}, d / "obj.pth")
+    return d
+
+
+class _Unsafe:  # a Python object in a checkpoint: what weights_only=True refuses
+    pass
+
+
+def run_case(case: Case, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    def limit():
+        if case.fsize_limit:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (case.fsize_limit, case.fsize_limit))
+
+    env = {**os.environ, "MIXRANK_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([*CLI, *case.args], capture_output=True, text=True, cwd=cwd, env=env,
+                          preexec_fn=limit, timeout=timeout)
+
+
+def test_the_table_is_large_enough():
+    assert len(CASES) >= 60 and len({c.name for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input(case, files):
+    out = run_case(case, files)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == case.code, (out.returncode, out.stderr[-2000:])
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert lines[0].startswith("mixrank: error: "), lines[0]
+    assert case.message in lines[0], lines[0]
+    for p in case.absent:
+        assert not (files / p).exists(), f"{p} was left behind"
+    left = [p.name for p in files.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]
+    assert not left, f"temporary files left behind: {left}"
+
+
+SUBCOMMANDS = ["run", "compress", "export", "rewrite", "build", "bench", "eval", "check", "inspect"]
+GARBAGE = st.sampled_from(["", "-", "--", "x", "0", "-1", "nan", "1e999", "a,b", "fifo", "adir", "afile",
+                           "garbage.onnx", "latin1.json", "list.json", "/dev/null", "imgs", "bomb", "m.onnx",
+                           "f.safetensors", "--keep", "--bytes", "--batches", "--opset", "--out", "-o",
+                           "--junit", "--inputs", "--precision", "\u00e9\u00e9", "../../etc/passwd"])
+
+
+@settings(max_examples=30, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cmd=st.sampled_from(SUBCOMMANDS), words=st.lists(GARBAGE, min_size=1, max_size=4))
+def test_garbage_never_exits_70(files, cmd, words):
+    """Every subcommand, fed garbage arguments and files: an answer, never a crash (70).
+    A combination that happens to be valid starts real work; after 30 s it is stopped and
+    counts as no crash."""
+    try:
+        out = run_case(Case("garbage", [cmd, *words], ""), files, timeout=30)
+    except subprocess.TimeoutExpired:
+        return
+    assert out.returncode != 70, out.stderr[-3000:]
