@@ -191,6 +191,21 @@ def uniform_allocation(spaces: dict[str, LayerSpace], budget: int, step: int) ->
     return _fill(spaces, alloc, budget, order)
 
 
+def layer_groups(names: list[str], parts: int) -> list[list[str]]:
+    """Layers grouped by role and depth: the same qualified name up to the block index
+    (``blocks.*.mlp.fc1``) in the same one of ``parts`` equal spans of the depth."""
+    import re
+
+    index = {n: int(m.group(1)) for n in names if (m := re.search(r"\.(\d+)\.", n))}
+    depth = max(index.values(), default=0) + 1
+    groups: dict[tuple, list[str]] = {}
+    for n in names:
+        role = re.sub(r"\.\d+\.", ".*.", n, count=1)
+        span = index[n] * parts // depth if n in index else 0
+        groups.setdefault((role, span), []).append(n)
+    return list(groups.values())
+
+
 def search_allocation(
     spaces: dict[str, LayerSpace],
     budget: int,
@@ -200,14 +215,17 @@ def search_allocation(
     max_evals: int,
     max_seconds: float | None = None,
     progress: bool = True,
+    groups: int = 0,
 ) -> tuple[Alloc, list[dict], str]:
     """Move rank between layers from the uniform start, accepting only measured gains.
 
-    Each round probes every free layer one step down and one step up (end-to-end
-    score per parameter moved), then tries moves that give steps to the layers
-    whose extra rank helped most per parameter, paid for by the layers whose lost
-    rank hurt least per parameter. The best move is accepted if it lowers the
-    score; otherwise the search stops.
+    Each round probes every unit — a free layer, or with ``groups`` > 0 a group of layers
+    of one role in one of ``groups`` spans of the depth (`layer_groups`) — one rank step
+    down and one step up (end-to-end score per unit of cost moved), then tries moves
+    that give steps to the units whose extra rank helped most per unit of cost, paid for
+    by the units whose lost rank hurt least. The best move is accepted if it lowers the
+    score; otherwise the search stops. Groups make a round cost a few dozen evaluations
+    on a deep model instead of two per layer.
 
     Returns:
         (allocation, candidates, stop reason): candidates is the list of every
@@ -236,54 +254,66 @@ def search_allocation(
     cands = [{"name": "uniform", "score": best, "params": alloc_cost(spaces, alloc),
               "ranks": dict(alloc)}]
     free = [n for n, sp in spaces.items() if sp.free]
+    units = layer_groups(free, groups) if groups else [[n] for n in free]
 
     def delta(a: Alloc) -> dict[str, int]:
         return {n: (a[n] or 0) - (alloc[n] or 0) for n in a if a[n] != alloc[n]}
 
+    def shifted(base: Alloc, unit: list[str], sign: int) -> Alloc | None:
+        """``base`` with every layer of ``unit`` that can move one step in ``sign``."""
+        a = dict(base)
+        for n in unit:
+            r = a[n] + sign * step
+            if spaces[n].floor <= r <= spaces[n].cap:
+                a[n] = r
+        return a if a != base else None
+
     stop = "rounds"
     for rnd in range(1, rounds + 1):
-        if evals[0] + 2 * len(free) + 1 > max_evals:
+        if hasattr(score, "set_base"):  # probes then re-run only from the block they change
+            score.set_base(alloc)
+        if evals[0] + 2 * len(units) + 1 > max_evals:
             stop = "evals"
             break
         if out_of_time(0.8):
             stop = "seconds"
             break
         up, down = {}, {}
-        for name in free:
+        for u, unit in enumerate(units):
             if out_of_time(0.8):  # keep a fifth of the time for the moves
                 stop = "seconds"
                 break
-            sp, r = spaces[name], alloc[name]
-            if r - step >= sp.floor:
-                a = {**alloc, name: r - step}
+            a = shifted(alloc, unit, -1)
+            if a is not None:
                 s = scored(a)
                 cands.append({"name": f"r{rnd}.probe", "score": s, "params": alloc_cost(spaces, a),
                               "base": current, "delta": delta(a)})
-                down[name] = (s - best) / max(sp.cost(r) - sp.cost(r - step), 1)
-            if r + step <= sp.cap:
-                a = {**alloc, name: r + step}
+                down[u] = (s - best) / max(alloc_cost(spaces, alloc) - alloc_cost(spaces, a), 1)
+            a = shifted(alloc, unit, +1)
+            if a is not None:
                 s = scored(a)
                 cands.append({"name": f"r{rnd}.probe", "score": s, "params": alloc_cost(spaces, a),
                               "base": current, "delta": delta(a)})
-                up[name] = (best - s) / max(sp.cost(r + step) - sp.cost(r), 1)
-        receivers = [n for n in sorted(up, key=up.get, reverse=True) if up[n] > 0]
+                up[u] = (best - s) / max(alloc_cost(spaces, a) - alloc_cost(spaces, alloc), 1)
+        receivers = [u for u in sorted(up, key=up.get, reverse=True) if up[u] > 0]
         donors = sorted(down, key=down.get)
         proposals = []
         for k in (1, 2, 4, 8, 16):
             if k > len(receivers):
                 break
             a = dict(alloc)
-            for n in receivers[:k]:
-                a[n] += step
-            for n in donors:
+            for u in receivers[:k]:
+                a = shifted(a, units[u], +1) or a
+            for u in donors:
                 if alloc_cost(spaces, a) <= budget:
                     break
-                if n in receivers[:k]:
+                if u in receivers[:k]:
                     continue
-                a[n] -= step
+                a = shifted(a, units[u], -1) or a
             if alloc_cost(spaces, a) > budget:
                 continue
-            a = _fill(spaces, a, budget, receivers + [n for n in free if n not in receivers])
+            order = [n for u in receivers for n in units[u]]
+            a = _fill(spaces, a, budget, order + [n for n in free if n not in order])
             if a != alloc and a not in proposals:
                 proposals.append(a)
         best_prop, best_s = None, best
@@ -339,9 +369,10 @@ class Allocator:
     name: str = ""
     settings: tuple[str, ...] = ()
 
-    def allocate(self, spaces_at: SpacesAt, budget: int, config, evaluator, progress: bool = True) -> Allocation:
+    def allocate(self, spaces_at: SpacesAt, budget: int, config, evaluator, progress: bool = True,
+                 deadline=None) -> Allocation:
         """``spaces_at(precision)`` builds the layers' spaces; ``evaluator(ranks)`` scores
-        an allocation at ``evaluator.precisions``."""
+        an allocation at ``evaluator.precisions``; ``deadline`` is the `Deadline` (if any)."""
         raise NotImplementedError
 
     def start(self, spaces_at: SpacesAt, budget: int, config, evaluator) -> tuple[Allocation, list[dict]]:
@@ -389,7 +420,7 @@ ALLOCATORS: Registry[Allocator] = Registry("allocator")
 class UniformAllocator(Allocator):
     """Every layer keeps the same fraction of its parameters (`uniform_allocation`)."""
 
-    def allocate(self, spaces_at, budget, config, evaluator, progress=True):
+    def allocate(self, spaces_at, budget, config, evaluator, progress=True, deadline=None):
         return self.start(spaces_at, budget, config, evaluator)[0]
 
 
@@ -398,16 +429,19 @@ class SearchAllocator(Allocator):
     """Rank moved between layers from the uniform start, judged end to end
     (`search_allocation`), at the best precision family of `Allocator.start`."""
 
-    settings = ("search.rounds", "search.evals", "search.seconds")
+    settings = ("search.rounds", "search.evals", "search.seconds", "search.groups")
 
-    def allocate(self, spaces_at, budget, config, evaluator, progress=True):
+    def allocate(self, spaces_at, budget, config, evaluator, progress=True, deadline=None):
         best, families = self.start(spaces_at, budget, config, evaluator)
         if all(r is None for r in best.ranks.values()):
             return best  # quantization alone won: nothing to move rank between
         s = config.search
+        seconds = s.seconds if deadline is None else deadline.cap(s.seconds, share=0.4)
         ranks, cands, stop = search_allocation(best.spaces, budget, config.selection.rank_step, evaluator,
-                                               s.rounds, max(1, s.evals - len(families) + 1), s.seconds,
-                                               progress=progress)
+                                               s.rounds, max(1, s.evals - len(families) + 1), seconds,
+                                               progress=progress, groups=s.groups)
+        if deadline is not None:
+            deadline.note("search", stop == "seconds")
         if config.storage == "auto":  # the search's own uniform start is the chosen family
             cands = [*families, *cands[1:]]
         return Allocation(ranks, best.spaces, cands, stop, best.family)

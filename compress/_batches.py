@@ -70,6 +70,18 @@ def limit_samples(batches: list, max_samples: int | None) -> list:
     return out
 
 
+def model_output(model: nn.Module, batch: Batch, token_mask: str | None = None) -> torch.Tensor:
+    """The main output tensor of ``model`` on ``batch``. With ``token_mask`` (the key of a
+    (batch, tokens) mask in dict batches), an output with one row per token is zeroed at
+    the masked-out (padding) tokens, so no score or loss counts them."""
+    y = first_tensor(run_model(model, batch))
+    if token_mask is not None and isinstance(batch, Mapping) and token_mask in batch:
+        mask = batch[token_mask]
+        if y.ndim >= 3 and tuple(y.shape[:2]) == tuple(mask.shape):
+            y = y * mask.to(y.device, y.dtype).reshape(*mask.shape, *([1] * (y.ndim - 2)))
+    return y
+
+
 def first_tensor(out) -> torch.Tensor:
     """The main output tensor of a model call (``logits`` of a dict/ModelOutput,
     the first element of a tuple)."""

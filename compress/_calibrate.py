@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import mmap
+import os
+import shutil
+import tempfile
+import weakref
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
@@ -13,23 +19,118 @@ from ._batches import Batch, batch_size, move_batch, run_model
 from ._errors import MixrankError
 
 
-@dataclass
 class LayerStats:
     """Input statistics of one Linear layer.
 
     Attributes:
-        gram: ``G = Σ x xᵀ`` over every counted token, float64, (n, n).
+        gram: ``G = Σ x xᵀ`` over every counted token, float64, (n, n). A spilled Gram
+            lives in a memory-mapped file, and every read of ``gram`` is a fresh copy
+            in memory that is freed when the reader drops it.
         tokens: number of token vectors summed into ``gram``.
         abs_sum: per-channel sum of absolute inputs (for ASVD's scaling).
     """
 
-    gram: torch.Tensor
-    tokens: int = 0
-    abs_sum: torch.Tensor | None = None  # Σ |x| per input channel, float64, (n,)
+    def __init__(self, gram: torch.Tensor | None = None, tokens: int = 0, abs_sum: torch.Tensor | None = None,
+                 *, spill: np.memmap | None = None):
+        self._gram, self._spill = gram, spill
+        self.tokens = tokens
+        self.abs_sum = abs_sum  # Σ |x| per input channel, float64, (n,)
+
+    @classmethod
+    def zeros(cls, n: int, device, spill_to: str | None = None) -> LayerStats:
+        abs_sum = torch.zeros(n, dtype=torch.float64, device=device)
+        if spill_to is None:
+            return cls(torch.zeros(n, n, dtype=torch.float64, device=device), abs_sum=abs_sum)
+        fd = os.open(spill_to, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:  # the blocks exist before they are mapped: a full disk is an error here, not a SIGBUS later
+            os.posix_fallocate(fd, 0, gram_bytes(n))
+        except OSError as e:
+            raise MixrankError(f"cannot spill a {n}x{n} Gram matrix to {os.path.dirname(spill_to)}: "
+                               f"{e.strerror or e}; free disk space, set MIXRANK_SPILL_DIR or raise "
+                               "--max-memory") from None
+        finally:
+            os.close(fd)
+        return cls(abs_sum=abs_sum, spill=np.memmap(spill_to, dtype=np.float64, mode="r+", shape=(n, n)))
+
+    @property
+    def spilled(self) -> bool:
+        return self._spill is not None
+
+    @property
+    def gram(self) -> torch.Tensor:
+        if self._spill is None:
+            return self._gram
+        out = torch.from_numpy(np.array(self._spill))
+        self._release()
+        return out
+
+    def add_(self, x: torch.Tensor) -> None:
+        """Fold the (tokens, n) float64 inputs ``x`` in."""
+        if self._spill is None:
+            self._gram.addmm_(x.T, x)
+        else:  # in place in the mapped file, whose pages are then given back
+            torch.from_numpy(self._spill).addmm_(x.T.cpu(), x.cpu())
+            self._release()
+        self.abs_sum.add_(x.abs().sum(0))
+        self.tokens += x.shape[0]
+
+    def all_reduce_(self) -> None:
+        """Sum over the ranks of a ``torchrun`` launch (float64)."""
+        from . import _dist
+
+        if self._spill is None:
+            _dist.all_reduce_sum_(self._gram)
+        else:
+            _dist.all_reduce_sum_(torch.from_numpy(self._spill))
+            self._release()
+        _dist.all_reduce_sum_(self.abs_sum)
+        self.tokens = _dist.all_reduce_sum_int(self.tokens)
+
+    def _release(self) -> None:
+        """Write the mapped pages back and drop them from this process's memory."""
+        self._spill.flush()
+        self._spill._mmap.madvise(mmap.MADV_DONTNEED)
 
     @property
     def abs_mean(self) -> torch.Tensor:
         return self.abs_sum / max(self.tokens, 1)
+
+
+class GramView(Mapping):
+    """``{layer: Gram}`` read on demand (a spilled Gram is read from its file each time)."""
+
+    def __init__(self, calib: Calibration, names: Iterable[str]):
+        self.calib, self.names = calib, list(names)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.names:
+            raise KeyError(name)
+        return self.calib.layers[name].gram
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def gram_bytes(n_in: int) -> int:
+    return 8 * n_in * n_in
+
+
+def spill_plan(sizes: dict[str, int], max_memory: int | None) -> list[str]:
+    """The layers whose Grams go to disk so that those kept in memory fit ``max_memory``
+    bytes (the largest spill first; ``None``: none spills)."""
+    if max_memory is None:
+        return []
+    total = sum(gram_bytes(n) for n in sizes.values())
+    out = []
+    for name in sorted(sizes, key=lambda k: -sizes[k]):
+        if total <= max_memory:
+            break
+        out.append(name)
+        total -= gram_bytes(sizes[name])
+    return out
 
 
 @dataclass
@@ -39,6 +140,14 @@ class Calibration:
     layers: dict[str, LayerStats] = field(default_factory=dict)
     batches: int = 0
     samples: int = 0
+    spill_dir: str | None = None  # where spilled Grams live (removed with this object)
+    spilled_bytes: int = 0
+
+    @property
+    def tokens_per_sample(self) -> float:
+        """Token vectors per sample at the layer that sees most (padding excluded): what a
+        forward pass costs, per sample, in the bounds counted in tokens."""
+        return max((st.tokens for st in self.layers.values()), default=0) / max(self.samples, 1)
 
 
 def _token_mask(batch: Batch, key: str | None) -> torch.Tensor | None:
@@ -59,6 +168,7 @@ def collect_stats(
     token_mask: str | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
+    max_memory: int | None = None,
 ) -> Calibration:
     """Run ``batches`` through ``model`` and accumulate each layer's input Gram matrix.
 
@@ -72,17 +182,44 @@ def collect_stats(
         token_mask: key of a (batch, tokens) mask in dict batches; masked-out
             tokens (padding) are not counted.
         device: where to run; ``None`` keeps the model where it is.
+        max_memory: bytes the Grams may hold in memory; the largest beyond it are
+            accumulated in memory-mapped files (``MIXRANK_SPILL_DIR`` or the system's
+            temporary folder, removed when the statistics are dropped). ``None``: all in
+            memory.
 
     Raises:
         MixrankError: no batch, a non-finite input (names the layer), or a layer
             whose forward never ran.
     """
+    from . import _dist
+
     modules = dict(model.named_modules())
     if device is not None:
         model.to(device)
     dev = next(model.parameters()).device
     calib = Calibration()
     current_mask: list[torch.Tensor | None] = [None]
+    batches = list(batches)
+    local = _dist.shard(batches)  # under torchrun each rank sums its share; the sums are all-reduced
+    index = [0]
+    sizes = {}
+    for name in layers:
+        mod = modules.get(name)
+        if not isinstance(mod, nn.Linear):
+            raise MixrankError(f"{name!r} is not an nn.Linear of {type(model).__name__}")
+        sizes[name] = mod.in_features
+    spill = set(spill_plan(sizes, max_memory))
+    if spill:
+        calib.spill_dir = _spill_dir()
+        weakref.finalize(calib, shutil.rmtree, calib.spill_dir, True)
+        calib.spilled_bytes = sum(gram_bytes(sizes[n]) for n in spill)
+
+    def stats_of(name: str, device) -> LayerStats:
+        st = calib.layers.get(name)
+        if st is None:
+            path = os.path.join(calib.spill_dir, f"{len(calib.layers)}.f64") if name in spill else None
+            st = calib.layers[name] = LayerStats.zeros(sizes[name], device, path)
+        return st
 
     def make_hook(name: str, n_in: int):
         def hook(_mod, args):
@@ -90,35 +227,24 @@ def collect_stats(
             if not torch.isfinite(x).all():
                 raise MixrankError(
                     f"layer {name!r} received NaN or Inf inputs in calibration batch "
-                    f"{calib.batches}; check the calibration data and the model's weights"
+                    f"{index[0]}; check the calibration data and the model's weights"
                 )
             mask = current_mask[0]
             if mask is not None and x.ndim >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
                 x = x[mask.to(x.device)]  # (kept tokens, n)
-            x = x.reshape(-1, n_in).to(torch.float64)
-            st = calib.layers.get(name)
-            if st is None:
-                st = calib.layers[name] = LayerStats(
-                    torch.zeros(n_in, n_in, dtype=torch.float64, device=x.device),
-                    abs_sum=torch.zeros(n_in, dtype=torch.float64, device=x.device),
-                )
-            st.gram.addmm_(x.T, x)
-            st.abs_sum.add_(x.abs().sum(0))
-            st.tokens += x.shape[0]
+            stats_of(name, x.device).add_(x.reshape(-1, n_in).to(torch.float64))
 
         return hook
 
     handles = []
     for name in layers:
-        mod = modules.get(name)
-        if not isinstance(mod, nn.Linear):
-            raise MixrankError(f"{name!r} is not an nn.Linear of {type(model).__name__}")
-        handles.append(mod.register_forward_pre_hook(make_hook(name, mod.in_features)))
+        handles.append(modules[name].register_forward_pre_hook(make_hook(name, sizes[name])))
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for batch in tqdm(batches, desc="calibrate", unit="batch", disable=not progress):
+            for i in tqdm(local, desc="calibrate", unit="batch", disable=not progress):
+                batch, index[0] = batches[i], i
                 current_mask[0] = _token_mask(batch, token_mask)
                 run_model(model, move_batch(batch, dev))
                 calib.batches += 1
@@ -127,6 +253,11 @@ def collect_stats(
         for h in handles:
             h.remove()
         model.train(was_training)
+    if _dist.active():
+        for name in layers:  # a rank whose share never reached a layer contributes zeros
+            stats_of(name, dev).all_reduce_()
+        calib.batches = _dist.all_reduce_sum_int(calib.batches)
+        calib.samples = _dist.all_reduce_sum_int(calib.samples)
     if calib.batches == 0:
         raise MixrankError("the calibration data is empty: give at least one batch")
     silent = [n for n in layers if n not in calib.layers or calib.layers[n].tokens == 0]
@@ -137,3 +268,12 @@ def collect_stats(
             "was masked; exclude them"
         )
     return calib
+
+
+def _spill_dir() -> str:
+    root = os.environ.get("MIXRANK_SPILL_DIR") or None
+    try:
+        return tempfile.mkdtemp(prefix="mixrank-grams-", dir=root)
+    except OSError as e:
+        raise MixrankError(f"cannot create a folder for spilled Gram matrices in {root or tempfile.gettempdir()}: "
+                           f"{e.strerror or e}; set MIXRANK_SPILL_DIR to a writable folder") from None

@@ -8,6 +8,7 @@ added (docs/design.md, "Architecture").
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections.abc import Iterable
 
@@ -17,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ._allocate import ALLOCATORS, AUTO_PRECISIONS, alloc_cost, feasible_range, layer_spaces, uniform_allocation
 from ._batches import Batch, batch_size, split_holdout
-from ._calibrate import Calibration, collect_stats
+from ._calibrate import Calibration, GramView, collect_stats
 from ._config import CompressConfig
 from ._errors import MixrankError, close_matches
 from ._factor import Spectrum
@@ -25,6 +26,7 @@ from ._factorizers import FACTORIZERS
 from ._factors import Factors, weight_fingerprint
 from ._fit import LayerFit, nmse
 from ._methods import METHODS
+from ._optim import Deadline
 from ._plan import (
     FORMAT_VERSION,
     AllocationInfo,
@@ -102,6 +104,7 @@ def compress_model(
     sel, storage = config.selection, config.storage
     t0 = time.perf_counter()
     timings = {}
+    deadline = Deadline(config.max_seconds)
     selected = select_layers(model, sel.include, sel.exclude)
     linears = linear_layers(model)
     _check_overrides(sel.overrides, selected, linears)
@@ -132,9 +135,10 @@ def compress_model(
     model.eval()
     try:
         model.to(device)
-        calib = collect_stats(model, selected, stat_batches, config.token_mask, progress=progress)
-        grams = {n: calib.layers[n].gram for n in selected}
-        silent = [n for n in selected if not float(torch.diagonal(grams[n]).max()) > 0]
+        calib = collect_stats(model, selected, stat_batches, config.token_mask, progress=progress,
+                              max_memory=config.max_memory)
+        grams = GramView(calib, selected)  # read on demand: a spilled Gram comes from its file each time
+        silent = [n for n in selected if not float(calib.layers[n].abs_sum.max()) > 0]
         if silent:
             raise MixrankError(
                 f"layer(s) {', '.join(silent[:5])} received only zero inputs on the calibration data, so "
@@ -152,9 +156,11 @@ def compress_model(
         t2 = time.perf_counter()
         widest = layer_spaces(shapes, sel.rank_step, sel.min_rank, sel.overrides)
         caps = {n: max(sp.cap, sp.fixed or 0) for n, sp in widest.items()}
-        evaluator = Evaluator(model, spectra, caps, holdout, config.metric, config.search.samples,
-                              grams, config.quantize)
-        allocation = ALLOCATORS[method.allocator].allocate(spaces_at, budget, config, evaluator, progress)
+        scored = min(config.search.samples, max(1, math.ceil(config.search.tokens / max(calib.tokens_per_sample, 1))))
+        evaluator = Evaluator(model, spectra, caps, holdout, config.metric, scored,
+                              grams, config.quantize, config.token_mask)
+        allocation = ALLOCATORS[method.allocator].allocate(spaces_at, budget, config, evaluator, progress,
+                                                           deadline=deadline)
         alloc, spaces, cands = allocation.ranks, allocation.spaces, allocation.candidates
         precisions = allocation.precisions
         evaluator.precisions = precisions
@@ -172,7 +178,7 @@ def compress_model(
             return evaluator.score_fits({**read, **read_dense})
 
         ctx = RefineContext(model, config, calib, spectra, spaces, alloc, weights, stat_batches,
-                            score_stored, evaluator.batches, value_bytes, progress)
+                            score_stored, evaluator.batches, value_bytes, progress, deadline)
         fits: dict[str, LayerFit] = {}
         for name, r in tqdm([(n, r) for n, r in alloc.items() if r is not None], desc=factorizer.fit_name,
                             unit="layer", disable=not progress or factorizer.closed_form):
@@ -233,9 +239,9 @@ def compress_model(
             bytes_before=4 * before,
             bytes_after=sum(i.bytes_after for i in layers_plan.values()),
             model_params_before=model_params, model_params_after=model_params - before + after),
-        timings={**timings, "total_s": time.perf_counter() - t0},
+        limits=deadline.record(),
     )
-    return Factors(tensors=tensors, plan=plan)
+    return Factors(tensors=tensors, plan=plan, timings={**timings, "total_s": time.perf_counter() - t0})
 
 
 def _check_feasible(spaces_at, budget: int, step: int, storage: str) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -216,20 +217,30 @@ class Search:
         seconds: wall-clock bound (``None``: none); the plan records a stop on it.
         samples: at most this many held-out samples score an allocation (one forward
             pass over them per candidate). Every method scores its allocation on them.
+        tokens: and at most about this many tokens (input rows of the first selected
+            layer, padding excluded): 128 samples of 17 tokens, but 21 images of 197,
+            so a candidate costs about the same on any model.
+        groups: probe layers in groups of one role within each of this many spans of the
+            depth (a round then costs ~2·roles·groups evaluations instead of 2 per layer);
+            0 probes each layer alone.
     """
 
     rounds: int = 6
     evals: int = 200
-    seconds: float | None = 300.0
+    seconds: float | None = None
     samples: int = 128
+    tokens: int = 4096
+    groups: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 0:
             raise MixrankError(f"search_rounds must be >= 0, got {self.rounds}")
-        for name in ("evals", "samples"):
+        for name in ("evals", "samples", "tokens"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise MixrankError(f"search_{name} must be >= 1, got {v}")
+        if isinstance(self.groups, bool) or not isinstance(self.groups, int) or self.groups < 0:
+            raise MixrankError(f"search_groups must be >= 0, got {self.groups}")
         _check_seconds("search_seconds", self.seconds)
 
 
@@ -252,6 +263,10 @@ class Refine:
         distill_steps: Adam steps of end-to-end distillation of all factors (0: off).
         distill_lr: its starting learning rate, relative to each tensor's magnitude.
         distill_seconds: wall-clock bound of the distillation (``None``: none).
+        distill_tokens: at most this many tokens (steps × tokens of a step's batch) go
+            through distillation (``None``: ``distill_steps`` alone bounds it), so that its
+            cost follows the data: 230 steps of 32 crops of 17 tokens, 39 of 16 images of
+            197.
     """
 
     sparse: str = "none"
@@ -262,10 +277,11 @@ class Refine:
     sequential: bool = True
     block_steps: int = 300
     block_lr: float = 1e-3
-    block_seconds: float | None = 300.0
+    block_seconds: float | None = None
     distill_steps: int = 300
     distill_lr: float = 1e-3
-    distill_seconds: float | None = 300.0
+    distill_seconds: float | None = None
+    distill_tokens: int | None = None
 
     def __post_init__(self) -> None:
         from ._sparse import SPARSE
@@ -287,6 +303,9 @@ class Refine:
                 raise MixrankError(f"{name} must be > 0, got {v}")
         if not isinstance(self.sequential, bool):
             raise MixrankError(f"sequential must be true or false, got {self.sequential!r}")
+        v = self.distill_tokens
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise MixrankError(f"distill_tokens must be >= 1 or None, got {v}")
         for name in ("block_seconds", "distill_seconds"):
             _check_seconds(name, getattr(self, name))
 
@@ -302,16 +321,75 @@ def _check_seconds(name: str, v) -> None:
         raise MixrankError(f"{name} must be > 0 or None, got {v}")
 
 
+_MEMORY_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
+                 "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
+
+
+def parse_memory(v) -> int | None:
+    """Bytes from an integer or a size such as ``"4GB"``, ``"512MiB"`` (``None`` stays;
+    0 spills every Gram).
+
+    Raises:
+        MixrankError: anything else.
+    """
+    if v is None:
+        return None
+    n = None
+    if isinstance(v, int) and not isinstance(v, bool):
+        n = v
+    elif isinstance(v, str):
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", v)
+        if m and m.group(2).lower() in _MEMORY_UNITS:
+            n = int(float(m.group(1)) * _MEMORY_UNITS[m.group(2).lower()])
+    if n is None:
+        raise MixrankError(f"max_memory must be a number of bytes or a size such as 4GB or 512MiB, got {v!r}")
+    if n < 0:
+        raise MixrankError(f"max_memory must be >= 0, got {v!r}")
+    return n
+
+
 SECTIONS = {"budget": Budget, "selection": Selection, "search": Search, "refine": Refine, "quantize": Quantize}
-GENERAL = ("method", "metric", "damping", "holdout", "token_mask", "device", "seed")
+GENERAL = ("method", "effort", "metric", "damping", "holdout", "token_mask", "device", "seed", "max_seconds",
+           "max_memory")
+# Effort presets (like compression levels): what each fills in, for the settings the user
+# left unset and the method reads. The measured time and error of each: README, "Effort".
+EFFORTS: dict[str, dict[str, Any]] = {
+    "fast": {"search_rounds": 1, "search_evals": 40, "search_groups": 1, "compensate_steps": 0,
+             "sequential": False, "distill_steps": 0},
+    "balanced": {"search_rounds": 3, "search_evals": 120, "search_groups": 3, "compensate_steps": 0,
+                 "sequential": False, "block_steps": 0, "distill_steps": 230, "distill_tokens": 125_000},
+    "best": {"search_rounds": 6, "search_evals": 200, "compensate_steps": 200, "sequential": True,
+             "block_steps": 300, "distill_steps": 300},
+}
 # flat names of section fields (the keyword arguments of CompressConfig and format-1 plans)
 FLAT: dict[str, tuple[str, str]] = {
     **{k: ("budget", k) for k in ("keep", "params", "bytes", "dtype")},
     **{k: ("selection", k) for k in ("include", "exclude", "overrides", "rank_step", "min_rank")},
-    **{f"search_{k}": ("search", k) for k in ("rounds", "evals", "seconds", "samples")},
+    **{f"search_{k}": ("search", k) for k in ("rounds", "evals", "seconds", "samples", "tokens", "groups")},
     **{k: ("quantize", k) for k in ("precision", "block", "quantizer", "split", "scheme")},
     **{f.name: ("refine", f.name) for f in dataclasses.fields(Refine)},
 }
+
+
+def _check_device(device) -> None:
+    """A device this machine has: ``None``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise MixrankError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MixrankError(f"device {device!r} asked for, but this machine has no usable CUDA GPU "
+                               f"(torch {torch.__version__}); use --device cpu")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise MixrankError(f"device {device!r} asked for, but this machine has "
+                               f"{torch.cuda.device_count()} CUDA device(s)")
+    elif d.type != "cpu":
+        raise MixrankError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
 
 
 def flat_name(section: str, name: str) -> str:
@@ -326,6 +404,16 @@ class CompressConfig:
     Args:
         method: a registered method (``"mixrank"``, ``"whiten"``, ``"svd"``, ``"asvd"``,
             ``"oats"``; see `mixrank.compress.METHODS`).
+        effort: ``"fast"`` (the closed form and a cheap allocation), ``"balanced"`` (the
+            default) or ``"best"`` (every refinement at full length): a preset for the
+            search and refinement settings left unset (`EFFORTS`).
+        max_seconds: a wall-clock cap on the whole compression (``None``: none). Without
+            one every bound counts work, so results do not depend on the machine's speed
+            or load; with one, the plan records the stages it stopped.
+        max_memory: bytes (or a size such as ``"4GB"``) the calibration Gram matrices
+            may hold in memory; the largest beyond it are accumulated in memory-mapped
+            files instead (``MIXRANK_SPILL_DIR``; the results do not change). ``None``:
+            all in memory.
         metric: end-to-end output error that scores allocations and refinements:
             ``"kl"`` (logits), ``"mse"`` (normalised), ``"cosine"`` (1 − cosine) or
             ``"auto"`` (normalised MSE: a KL-scored search overfits the few ambiguous
@@ -345,12 +433,18 @@ class CompressConfig:
         MixrankError: an unknown or malformed setting, or one the method ignores.
     """
 
-    def __init__(self, method: str = "mixrank", *, metric: str = "auto", damping: float = 1e-2,
-                 holdout: float = 0.5, token_mask: str | None = None, device: str | None = None,
-                 seed: int = 0, budget: Budget | dict | None = None,
+    def __init__(self, method: str = "mixrank", *, effort: str | None = None, metric: str = "auto",
+                 damping: float = 1e-2, holdout: float = 0.5, token_mask: str | None = None,
+                 device: str | None = None, seed: int = 0, max_seconds: float | None = None,
+                 max_memory: int | str | None = None,
+                 budget: Budget | dict | None = None,
                  selection: Selection | dict | None = None, search: Search | dict | None = None,
                  refine: Refine | dict | None = None, quantize: Quantize | dict | None = None, **flat: Any):
         self.method = method
+        effort = "balanced" if effort is None else effort  # None means the default
+        self.effort = effort
+        self.max_seconds = max_seconds
+        self.max_memory = parse_memory(max_memory)
         self.metric = metric
         self.damping = damping
         self.holdout = holdout
@@ -372,6 +466,7 @@ class CompressConfig:
                 raise MixrankError(f"unknown setting {key!r}{close_matches(key, [*FLAT, *GENERAL])}")
             s, name = FLAT[key]
             parts[s][name] = value
+        self._fill_effort(effort, parts)
         for s, cls in SECTIONS.items():
             known = {f.name for f in dataclasses.fields(cls)}
             bad = set(parts[s]) - known
@@ -379,6 +474,21 @@ class CompressConfig:
                 raise MixrankError(f"unknown [{s}] setting(s) {sorted(bad)}; known: {sorted(known)}")
             setattr(self, s, cls(**parts[s]))
         self._validate()
+
+    def _fill_effort(self, effort: str, parts: dict[str, dict[str, Any]]) -> None:
+        """Fill in the preset's settings that the user left unset and the method reads."""
+        from ._methods import METHODS
+
+        if effort not in EFFORTS:
+            raise MixrankError(f"unknown effort {effort!r}; choose one of {', '.join(EFFORTS)}"
+                               f"{close_matches(str(effort), EFFORTS)}")
+        reads = METHODS[self.method].settings()
+        for flat, value in EFFORTS[effort].items():
+            s, name = FLAT[flat]
+            key = f"{s}.{name}"
+            if s in ("search", "refine") and key not in reads:
+                continue
+            parts[s].setdefault(name, value)
 
     # ------------------------------------------------------------------ checks
 
@@ -395,6 +505,8 @@ class CompressConfig:
         if not ok:
             raise MixrankError(f"damping must be >= 0, got {self.damping}")
         _fraction("holdout", self.holdout)
+        _check_device(self.device)
+        _check_seconds("max_seconds", self.max_seconds)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise MixrankError(f"seed must be an integer, got {self.seed!r}")
         if self.token_mask is not None and not isinstance(self.token_mask, str):

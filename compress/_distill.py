@@ -13,17 +13,37 @@ ends worse on them than it started.
 from __future__ import annotations
 
 import copy
-import time
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ._batches import batch_size, first_tensor, move_batch, run_model
+from . import _dist
+from ._batches import batch_size, model_output, move_batch, slice_batch
 from ._fit import LayerFit
 from ._optim import Schedule, descend
 from ._refine import REFINEMENTS, Outcome, Refinement
 from ._scoring import output_loss
+
+CHUNK_TOKENS = 2048  # rows of a step go through the model in pieces of at most this many tokens
+
+
+def _mse(metric: str) -> bool:
+    return metric in ("auto", "mse")
+
+
+def output_loss_sum(y: torch.Tensor, ref: torch.Tensor, metric: str) -> torch.Tensor:
+    """`output_loss` before its normalisation: the sum over rows (KL, 1 − cosine) or the
+    squared error (MSE), to be divided by the whole batch's normaliser."""
+    import torch.nn.functional as F
+
+    y, ref = y.double(), ref.double()
+    if _mse(metric):
+        return ((y - ref) ** 2).sum()
+    if metric == "kl":
+        lp, lq = F.log_softmax(ref, -1), F.log_softmax(y, -1)
+        return (lp.exp() * (lp - lq)).sum()
+    return (1.0 - F.cosine_similarity(y.flatten(1), ref.flatten(1), dim=-1)).sum()
 
 
 def distill(
@@ -39,6 +59,8 @@ def distill(
     patience: int = 3,
     max_backoffs: int = 6,
     stored: dict[str, tuple] | None = None,
+    token_mask: str | None = None,
+    tokens_per_sample: int = 1,
 ) -> tuple[dict[str, LayerFit], dict]:
     """Refine ``fits`` end to end.
 
@@ -55,18 +77,36 @@ def distill(
             to a third (back at the best iterate), and how often that may happen.
         stored: layer → (precision, `Quantize`) of layers to train as they will be
             stored (straight-through rounding); others train in float32.
+        token_mask: key of the padding mask in dict batches: per-token outputs count
+            only the real tokens.
+        tokens_per_sample: tokens in one sample (its longest sequence): a step's batch
+            goes through the model in pieces of at most `CHUNK_TOKENS` tokens, their
+            gradients summed, so that the activations kept for the backward pass stay
+            small on large models (deit_base: 16 images of 197 tokens per step).
 
     Returns:
         (fits at the best held-out iterate, a record: start and best held-out error,
         steps run, step of the best iterate, whether it stopped on time).
     """
-    from ._factored import FactoredLinear, _set_module, factored_from_fit, fit_from_factored
-
-    t0 = time.perf_counter()
     dev = next(model.parameters()).device
-    comp = copy.deepcopy(model).eval()
+    # the copy shares every tensor of the original but the factored layers' (no second copy
+    # of a large model in memory); the original's flags are restored on the way out
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    comp = copy.deepcopy(model, memo={id(t): t for t in (*model.parameters(), *model.buffers())}).eval()
     for p in comp.parameters():
         p.requires_grad_(False)
+    try:
+        return _distill(model, comp, fits, train, held, metric, steps, lr, max_seconds, progress, patience,
+                        max_backoffs, stored, token_mask, tokens_per_sample, dev)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _distill(model, comp, fits, train, held, metric, steps, lr, max_seconds, progress, patience, max_backoffs,
+             stored, token_mask, tokens_per_sample, dev):
+    from ._factored import FactoredLinear, _set_module, factored_from_fit, fit_from_factored
+
     mods: dict[str, FactoredLinear] = {}
     for name, f in fits.items():
         fl = factored_from_fit(f, comp.get_submodule(name))
@@ -76,33 +116,57 @@ def distill(
         _set_module(comp, name, fl)
         mods[name] = fl
     params = [p for m in mods.values() for p in (m.A, m.B, m.sparse_value) if p is not None]
-    train = [move_batch(b, dev) for b in train]
-    held = [move_batch(b, dev) for b in held]
-    with torch.no_grad():
-        ref_train = [first_tensor(run_model(model, b)).detach() for b in train]
-        ref_held = [first_tensor(run_model(model, b)).detach() for b in held]
     sizes = [batch_size(b) for b in held]
+    # under torchrun each step's batch is split by rows and each rank's loss is normalised by
+    # the whole batch, so the summed gradients are one process's; held-out batches are shared out
+    parts = [_dist.row_split(move_batch(b, dev), batch_size(b)) for b in train]
+    local_held = _dist.shard(held)
+    held = {i: move_batch(held[i], dev) for i in local_held}
+    with torch.no_grad():
+        ref_train = [model_output(model, b, token_mask).detach() for b, _ in parts]
+        ref_held = {i: model_output(model, b, token_mask).detach() for i, b in held.items()}
+    norms = [_dist.all_reduce_sum_(((r.double() ** 2).sum() if _mse(metric) else
+                                    torch.tensor(float(n), dtype=torch.float64)).reshape(1))
+             for r, (_, n) in zip(ref_train, parts, strict=True)]
+    rows = max(1, CHUNK_TOKENS // max(tokens_per_sample, 1))
 
     def loss(step: int) -> torch.Tensor:
-        i = step % len(train)
-        return output_loss(first_tensor(run_model(comp, train[i])), ref_train[i], metric)
+        i = step % len(parts)
+        b, n = parts[i]
+        if n <= rows and not _dist.active():
+            return output_loss(model_output(comp, b, token_mask), ref_train[i], metric)
+        # pieces of the batch, each backpropagated at once; the sum is returned detached
+        total = torch.zeros((), dtype=torch.float64, device=dev)
+        for lo in range(0, n, rows):
+            hi = min(n, lo + rows)
+            y = model_output(comp, slice_batch(b, lo, hi, n), token_mask)
+            part = output_loss_sum(y, ref_train[i][lo:hi], metric) / norms[i][0]
+            part.backward()
+            total += part.detach()
+        return total
 
     def held_error() -> float:
         with torch.no_grad():
-            errs = [float(output_loss(first_tensor(run_model(comp, b)), r, metric)) * s
-                    for b, r, s in zip(held, ref_held, sizes, strict=True)]
-        return sum(errs) / sum(sizes)
+            errs = {i: float(output_loss(model_output(comp, b, token_mask), ref_held[i], metric)) * sizes[i]
+                    for i, b in held.items()}
+        return sum(_dist.gather_by_index(errs, len(sizes))) / sum(sizes)
+
+    def sync(ps: list[torch.Tensor]) -> None:
+        if _dist.active():
+            for p in ps:
+                if p.grad is not None:
+                    _dist.all_reduce_sum_(p.grad)
 
     every = max(1, min(10, steps // 10))
     sched = Schedule(steps=steps, lr=lr, every=every, warmup=2 * every, patience=patience,
                      max_backoffs=max_backoffs, max_seconds=max_seconds)
     bar = tqdm(total=steps, desc="distill", unit="step", disable=not progress)
-    rec = descend(params, loss, held_error, sched, bar)
+    rec = descend(params, loss, held_error, sched, bar, sync=sync)
     bar.close()
     out = {name: fit_from_factored(mods[name], f) for name, f in fits.items()}
     record = {"held_start": rec["start"], "held_best": rec["best"], "steps": rec["steps"],
               "best_step": rec["best_step"], "stopped_on_time": rec["stopped_on_time"],
-              "final_lr": rec["final_lr"], "seconds": time.perf_counter() - t0}
+              "final_lr": rec["final_lr"]}  # no seconds: the plan holds nothing that depends on the clock
     return out, record
 
 
@@ -110,13 +174,15 @@ def distill(
 class Distill(Refinement):
     """All factors tuned jointly on the model's output (`distill`)."""
 
-    settings = ("refine.distill_steps", "refine.distill_lr", "refine.distill_seconds")
+    settings = ("refine.distill_steps", "refine.distill_lr", "refine.distill_seconds", "refine.distill_tokens")
     switch = "distill_steps"
 
     def run(self, ctx, fits, chosen):
         cfg = ctx.config
-        out, rec = distill(ctx.model, fits, ctx.train, ctx.held, cfg.metric, cfg.refine.distill_steps,
-                           cfg.refine.distill_lr, cfg.refine.distill_seconds, progress=ctx.progress)
+        out, rec = distill(ctx.model, fits, ctx.train, ctx.held, cfg.metric, _steps(ctx),
+                           cfg.refine.distill_lr, _cap(ctx, cfg.refine.distill_seconds), progress=ctx.progress,
+                           token_mask=cfg.token_mask, tokens_per_sample=int(ctx.tokens_per_sample))
+        _note(ctx, "distill", rec)
         return Outcome(chosen + "+distill", out, rec)
 
 
@@ -127,7 +193,7 @@ class QuantAwareDistill(Refinement):
     applies when some layer is stored as int8/int4, and ships only if the stored model's
     held-out error falls."""
 
-    settings = ("refine.distill_steps", "refine.distill_lr", "refine.distill_seconds")
+    settings = ("refine.distill_steps", "refine.distill_lr", "refine.distill_seconds", "refine.distill_tokens")
 
     def enabled(self, config) -> bool:
         return config.refine.distill_steps > 0 and config.storage in ("int8", "int4", "auto")
@@ -138,6 +204,26 @@ class QuantAwareDistill(Refinement):
                   if ctx.spaces[n].precision in ("int8", "int4")}
         if not stored:
             return Outcome("quantization-aware distill", None, note="not applicable: no layer is stored as an integer")
-        out, rec = distill(ctx.model, fits, ctx.train, ctx.held, cfg.metric, cfg.refine.distill_steps,
-                           cfg.refine.distill_lr, cfg.refine.distill_seconds, progress=ctx.progress, stored=stored)
+        out, rec = distill(ctx.model, fits, ctx.train, ctx.held, cfg.metric, _steps(ctx),
+                           cfg.refine.distill_lr, _cap(ctx, cfg.refine.distill_seconds), progress=ctx.progress,
+                           stored=stored, token_mask=cfg.token_mask, tokens_per_sample=int(ctx.tokens_per_sample))
+        _note(ctx, "qdistill", rec)
         return Outcome(chosen + "+qdistill", out, rec)
+
+
+def _steps(ctx) -> int:
+    """``distill_steps``, cut so that no more than ``distill_tokens`` tokens go through."""
+    cfg = ctx.config.refine
+    if cfg.distill_tokens is None or not ctx.train:
+        return cfg.distill_steps
+    per_step = ctx.tokens_per_sample * sum(batch_size(b) for b in ctx.train) / len(ctx.train)
+    return max(1, min(cfg.distill_steps, int(cfg.distill_tokens // max(per_step, 1.0))))
+
+
+def _cap(ctx, own: float | None) -> float | None:
+    return own if ctx.deadline is None else ctx.deadline.cap(own)
+
+
+def _note(ctx, stage: str, rec: dict) -> None:
+    if ctx.deadline is not None:
+        ctx.deadline.note(stage, rec["stopped_on_time"])

@@ -39,10 +39,13 @@ class Factors:
         tensors: ``"<layer>.A"`` (m, r) and ``"<layer>.B"`` (r, n), float32, and for a
             sparse term ``"<layer>.sparse_index"`` (int32) and ``"<layer>.sparse_value"``.
         plan: the typed `Plan` (a dict given here is read with `Plan.read`).
+        timings: seconds per stage of the compression that made them (not in the file:
+            the file is the same for the same inputs on any machine).
     """
 
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     plan: Plan = field(default_factory=Plan.empty)
+    timings: dict = field(default_factory=dict)  # seconds per stage; not written to the file
 
     def __post_init__(self) -> None:
         if not isinstance(self.plan, Plan):
@@ -84,7 +87,7 @@ def save_factors(factors: Factors, path: str | os.PathLike) -> Path:
     Raises:
         MixrankError: the path is a directory or not writable.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path = Path(path)
     if path.is_dir():
@@ -92,7 +95,23 @@ def save_factors(factors: Factors, path: str | os.PathLike) -> Path:
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in factors.tensors.items()}
     plan_json = json.dumps(factors.plan, sort_keys=True, separators=(",", ":"))
     meta = {PLAN_KEY: plan_json, DIGEST_KEY: _digest(plan_json, tensors)}
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    data = _canonical(save(tensors, metadata=meta))
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def _canonical(data: bytes) -> bytes:
+    """The same safetensors bytes with the header's metadata in sorted key order.
+
+    safetensors keeps the metadata in a hash map, so its key order (and with it the file's
+    SHA-256) changes from one process to the next; the tensors' offsets are relative to the
+    end of the header, so re-serialising the header alone keeps the file valid."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    meta = header.pop("__metadata__", None)
+    ordered = ({"__metadata__": dict(sorted(meta.items()))} if meta else {}) | header
+    raw = json.dumps(ordered, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors aligns the data to 8 bytes
+    return len(raw).to_bytes(8, "little") + raw + data[8 + n:]
 
 
 def load_factors(path: str | os.PathLike) -> Factors:

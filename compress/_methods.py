@@ -44,10 +44,10 @@ METHODS.add("oats", Method("oats"))
 
 def optional_settings() -> tuple[str, ...]:
     """Settings that only some components read. Everything else (budget, selection,
-    metric, holdout, token_mask, device, seed, search.samples) matters to every method."""
+    metric, holdout, token_mask, device, seed, search.samples, search.tokens) matters to every method."""
     from ._config import Refine
 
-    return ("damping", "search.rounds", "search.evals", "search.seconds",
+    return ("damping", "search.rounds", "search.evals", "search.seconds", "search.groups",
             *(f"refine.{f.name}" for f in dataclasses.fields(Refine)))
 
 

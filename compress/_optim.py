@@ -15,6 +15,35 @@ from dataclasses import dataclass
 import torch
 
 
+class Deadline:
+    """The wall-clock cap a user asked for (``max_seconds``; ``None``: none, the default).
+
+    Without a cap every bound is a count of work (steps, evaluations), so the same inputs
+    give the same factors on any machine under any load. With one, each stage gets a
+    bound from the time left, and the stages that stopped on it are named (`hit`): the
+    plan records them, because such a result depends on the machine.
+    """
+
+    def __init__(self, seconds: float | None = None):
+        self.seconds = seconds
+        self.t0 = time.monotonic()
+        self.hit: list[str] = []
+
+    def cap(self, own: float | None, share: float = 1.0) -> float | None:
+        """A stage's bound: its own setting, within ``share`` of the time left."""
+        if self.seconds is None:
+            return own
+        left = max(0.0, self.t0 + self.seconds - time.monotonic()) * share
+        return left if own is None else min(own, left)
+
+    def note(self, stage: str, stopped: bool) -> None:
+        if stopped and stage not in self.hit:
+            self.hit.append(stage)
+
+    def record(self) -> dict:
+        return {"max_seconds": self.seconds, "stopped_on_time": list(self.hit)}
+
+
 @dataclass
 class Schedule:
     """How `descend` runs.
@@ -40,19 +69,24 @@ class Schedule:
 
 
 def descend(params: list[torch.Tensor], loss: Callable[[int], torch.Tensor],
-            score: Callable[[], float] | None, sched: Schedule, bar=None) -> dict:
+            score: Callable[[], float] | None, sched: Schedule, bar=None,
+            sync: Callable[[list[torch.Tensor]], None] | None = None) -> dict:
     """Minimise ``loss(step)`` over ``params`` by Adam; leave ``params`` at the best iterate.
 
     Args:
         params: leaf tensors with ``requires_grad``; each gets the learning rate
             ``sched.lr · mean|p|`` (its own Adam parameter group).
-        loss: the training loss of step ``i`` (for example on batch ``i % len(train)``).
+        loss: the training loss of step ``i`` (for example on batch ``i % len(train)``);
+            it may run its own backward passes (a batch in pieces) and return their sum
+            detached.
         score: the error that picks the iterate kept (held-out data), evaluated at the
             start and every ``sched.every`` steps. ``None``: the loss is a full-batch
             objective and is its own score, read from each step's forward pass (no extra
             evaluation); the state after the last step is scored once more.
         sched: the `Schedule`.
         bar: a tqdm bar to advance per step (optional).
+        sync: called with ``params`` after each backward pass (data parallelism: sums the
+            gradients over the ranks).
 
     Returns:
         ``{"start", "best", "steps", "best_step", "stopped_on_time", "final_lr"}``.
@@ -93,7 +127,10 @@ def descend(params: list[torch.Tensor], loss: Callable[[int], torch.Tensor],
                 start = v
             if v < best:
                 best, best_step, best_state = v, step, snapshot()
-        value.backward()
+        if value.requires_grad:  # a loss may backpropagate itself in pieces and return the sum detached
+            value.backward()
+        if sync is not None:
+            sync(params)
         opt.step()
         done = step + 1
         if bar is not None:

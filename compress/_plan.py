@@ -249,7 +249,9 @@ class Totals(Record):
 @dataclass(eq=False)
 class Plan(Record):
     """The whole plan. ``config`` is the `CompressConfig` as a dict (nested since format
-    2; `CompressConfig.from_dict` reads both forms)."""
+    2; `CompressConfig.from_dict` reads both forms). Nothing in it depends on the clock
+    (timings live on `Factors.timings`, not in the file), so the same inputs give the
+    same bytes."""
 
     _nested: ClassVar[dict[str, type]] = {
         "source": SourceInfo, "budget": BudgetInfo, "calibration": CalibrationInfo,
@@ -265,7 +267,9 @@ class Plan(Record):
     layers: dict[str, LayerPlan]
     allocation: AllocationInfo
     totals: Totals
-    timings: dict
+    limits: dict
+    """``max_seconds`` (the wall-clock cap asked for, ``None``: none) and the stages that
+    stopped on it: a result with stages listed there depends on the machine's speed."""
 
     def factored_layers(self) -> list[str]:
         return [n for n, info in self.layers.items() if not info.dense]

@@ -42,6 +42,11 @@ class RefineContext:
     held: list
     value_bytes: int = 4
     progress: bool = True
+    deadline: object = None  # the `Deadline`: a stage's time bound comes from `deadline.cap`
+
+    @property
+    def tokens_per_sample(self) -> float:
+        return self.calib.tokens_per_sample
 
 
 @dataclass

@@ -5,14 +5,17 @@ by `output_loss` (docs/design.md, "Scoring")."""
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._batches import first_tensor, limit_samples, move_batch, run_model
+from . import _dist
+from ._batches import batch_size, limit_samples, model_output, move_batch, run_model
 from ._errors import MixrankError
 from ._factor import Spectrum
+from ._select import block_sequence
 from ._storage import store_pair, store_weight
 
 
@@ -54,8 +57,7 @@ class _SwitchLinear(nn.Module):
 
     CACHE = 8  # stored variants kept per layer (a search revisits a few ranks)
 
-    def __init__(self, lin: nn.Linear, spec: Spectrum, cap: int, gram: torch.Tensor | None = None,
-                 quant=None):
+    def __init__(self, lin: nn.Linear, spec: Spectrum, cap: int, gram=None, quant=None):
         super().__init__()
         dev, dt = lin.weight.device, lin.weight.dtype
         self.weight = lin.weight
@@ -64,7 +66,7 @@ class _SwitchLinear(nn.Module):
         self.vt = spec.vt[:cap].to(dev, dt)
         self.rank: int | None = None
         self.precision = "fp32"
-        self.gram, self.quant = gram, quant
+        self.gram, self.quant = gram, quant  # a tensor, or a callable reading it when needed
         self.stored: dict[tuple, tuple] = {}
         self.fit: tuple | None = None  # (A, B, sparse) overriding the rank switch when set
 
@@ -74,14 +76,17 @@ class _SwitchLinear(nn.Module):
         if key not in self.stored:
             dev, dt = self.weight.device, self.weight.dtype
             if r is None:
-                val = (store_weight(self.weight.detach(), p, self.quant, self.gram)[1].to(dev, dt),)
+                val = (store_weight(self.weight.detach(), p, self.quant, self._gram())[1].to(dev, dt),)
             else:
-                _, A, B = store_pair(self.us[:, :r], self.vt[:r], p, self.quant, self.gram)
+                _, A, B = store_pair(self.us[:, :r], self.vt[:r], p, self.quant, self._gram())
                 val = (A.to(dev, dt), B.to(dev, dt))
             if len(self.stored) >= self.CACHE:
                 self.stored.pop(next(iter(self.stored)))
             self.stored[key] = val
         return self.stored[key]
+
+    def _gram(self) -> torch.Tensor | None:
+        return self.gram() if callable(self.gram) else self.gram
 
     def set_fit(self, fit) -> None:
         """Use a `LayerFit`'s factors, or a dense weight given as a tensor (``None``
@@ -129,10 +134,13 @@ class Evaluator:
 
     def __init__(self, model: nn.Module, spectra: dict[str, Spectrum], caps: dict[str, int],
                  batches: list, metric: str, max_samples: int | None = None,
-                 grams: dict[str, torch.Tensor] | None = None, quant=None):
+                 grams: dict[str, torch.Tensor] | None = None, quant=None, token_mask: str | None = None):
         self.model = copy.deepcopy(model).eval()
+        self.token_mask = token_mask
         self.device = next(self.model.parameters()).device
         self.batches = [move_batch(b, self.device) for b in limit_samples(batches, max_samples)]
+        self.weights = [batch_size(b) for b in self.batches]
+        self.local = _dist.shard(self.batches)  # the batches this rank scores (all, on one process)
         self.metric = metric
         self.switches: dict[str, _SwitchLinear] = {}
         for i, b in enumerate(self.batches):
@@ -140,29 +148,71 @@ class Evaluator:
                 raise MixrankError(f"held-out calibration batch {i} holds NaN or Inf values; check the "
                                    "calibration data")
         with torch.no_grad():
-            self.refs = [first_tensor(run_model(self.model, b)).detach() for b in self.batches]
-        for i, r in enumerate(self.refs):
+            self.refs = {i: model_output(self.model, self.batches[i], token_mask).detach() for i in self.local}
+        for i, r in self.refs.items():
             if not torch.isfinite(r).all():
                 raise MixrankError(f"the model's output on held-out calibration batch {i} holds NaN or Inf "
                                    "values; check the model's weights and the calibration data")
         self.precisions: dict[str, str] = {}
+        seq = block_sequence(self.model, list(spectra))  # before the Linears become switches
         for name, spec in spectra.items():
             sw = _SwitchLinear(self.model.get_submodule(name), spec, caps[name],
-                               None if grams is None else grams[name], quant)
+                               None if grams is None else functools.partial(grams.__getitem__, name), quant)
             parent, _, child = name.rpartition(".")
             setattr(self.model.get_submodule(parent) if parent else self.model, child, sw)
             self.switches[name] = sw
         self.cache: dict[tuple, float] = {}
         self.evals = 0
+        self.blocks = None if seq is None else self.model.get_submodule(seq[0])
+        self.block_of = {} if seq is None else {n: b for b, group in enumerate(seq[1]) for n in group}
+        self.base: dict | None = None  # layer -> (rank, precision) whose block outputs are cached
+        self.outputs: list[list] = []  # outputs[j][i]: block j's output on held-out batch i, at the base
+
+    def _state(self, alloc: dict[str, int | None]) -> dict:
+        return {n: (r, self.precisions.get(n, "fp32")) for n, r in alloc.items()}
+
+    def set_base(self, alloc: dict[str, int | None]) -> None:
+        """Cache every block's output on the held-out batches at ``alloc``, so that an
+        allocation that differs from it only from block b on re-runs blocks b.. alone
+        (the blocks before b replay their cached outputs)."""
+        if self.blocks is None:
+            return
+        self._set(alloc)
+        outs = [[None] * len(self.batches) for _ in range(len(self.blocks))]
+        current = [0]
+        hooks = [blk.register_forward_hook(lambda _m, _a, out, j=j: outs[j].__setitem__(current[0], out))
+                 for j, blk in enumerate(self.blocks)]
+        try:
+            with torch.no_grad():
+                for i in self.local:
+                    current[0] = i
+                    run_model(self.model, self.batches[i])
+        finally:
+            for h in hooks:
+                h.remove()
+        self.base, self.outputs = self._state(alloc), outs
+
+    def _first_changed_block(self, alloc: dict[str, int | None]) -> int:
+        """The first block whose layers differ from the cached base (0: run everything)."""
+        if self.base is None:
+            return 0
+        state = self._state(alloc)
+        changed = [n for n, v in state.items() if self.base.get(n) != v]
+        if any(n not in self.block_of for n in changed) or set(self.base) != set(state):
+            return 0
+        return min((self.block_of[n] for n in changed), default=len(self.blocks) - 1)
+
+    def _set(self, alloc: dict[str, int | None]) -> None:
+        for name, r in alloc.items():
+            self.switches[name].rank = r
+            self.switches[name].precision = self.precisions.get(name, "fp32")
 
     def __call__(self, alloc: dict[str, int | None]) -> float:
         key = tuple(sorted((n, r, self.precisions.get(n, "fp32")) for n, r in alloc.items()))
         if key in self.cache:
             return self.cache[key]
-        for name, r in alloc.items():
-            self.switches[name].rank = r
-            self.switches[name].precision = self.precisions.get(name, "fp32")
-        score = self._score()
+        self._set(alloc)
+        score = self._score(self._first_changed_block(alloc))
         self.cache[key] = score
         self.evals += 1
         return score
@@ -179,11 +229,35 @@ class Evaluator:
             for sw in self.switches.values():
                 sw.set_fit(None)
 
-    def _score(self) -> float:
-        errs, weights = [], []
-        with torch.no_grad():
-            for b, ref in zip(self.batches, self.refs, strict=True):
-                y = first_tensor(run_model(self.model, b))
-                errs.append(output_error(y, ref, self.metric))
-                weights.append(ref.shape[0] if ref.ndim else 1)
-        return sum(e * w for e, w in zip(errs, weights, strict=True)) / sum(weights)
+    def _score(self, start: int = 0) -> float:
+        """The weighted mean output error over the held-out batches; blocks before
+        ``start`` replay their outputs at the cached base."""
+        errs = {}
+        current = [0]
+        saved = []
+        if start > 0:
+            for j in range(start):
+                saved.append(self.blocks[j])
+                self.blocks[j] = _Replay(self.outputs[j], current)
+        try:
+            with torch.no_grad():
+                for i in self.local:
+                    current[0] = i
+                    y = model_output(self.model, self.batches[i], self.token_mask)
+                    errs[i] = output_error(y, self.refs[i], self.metric)
+        finally:
+            for j, blk in enumerate(saved):
+                self.blocks[j] = blk
+        every = _dist.gather_by_index(errs, len(self.batches))  # in batch order: as one process sums
+        return sum(e * w for e, w in zip(every, self.weights, strict=True)) / sum(self.weights)
+
+
+class _Replay(nn.Module):
+    """Stands in for a block whose output on the current batch is known: returns it."""
+
+    def __init__(self, outputs: list, current: list):
+        super().__init__()
+        self.outputs, self.current = outputs, current
+
+    def forward(self, *args, **kwargs):
+        return self.outputs[self.current[0]]

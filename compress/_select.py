@@ -75,3 +75,17 @@ def select_layers(
             "pass include=[...] glob patterns"
         )
     return names
+
+
+def block_sequence(model: nn.Module, layers: list[str]) -> tuple[str, list[list[str]]] | None:
+    """The repeated-block container holding the selected layers and, per block, its
+    selected layers; ``None`` when the layers are not all in one such container."""
+    for cname in _block_containers(model):
+        cont = model.get_submodule(cname)
+        groups = []
+        for i in range(len(cont)):
+            prefix = f"{cname}.{i}." if cname else f"{i}."
+            groups.append([n for n in layers if n.startswith(prefix)])
+        if sum(len(g) for g in groups) == len(layers):
+            return cname, groups
+    return None

@@ -30,25 +30,11 @@ from ._batches import move_batch, run_model
 from ._fit import LayerFit, compensate, fit_layer
 from ._optim import Schedule, descend
 from ._refine import REFINEMENTS, Outcome, Refinement
-from ._select import _block_containers
+from ._select import block_sequence
 
 
 class _Stop(Exception):
     pass
-
-
-def block_sequence(model: nn.Module, layers: list[str]) -> tuple[str, list[list[str]]] | None:
-    """The repeated-block container holding the selected layers and, per block, its
-    selected layers; ``None`` when the layers are not all in one such container."""
-    for cname in _block_containers(model):
-        cont = model.get_submodule(cname)
-        groups = []
-        for i in range(len(cont)):
-            prefix = f"{cname}.{i}." if cname else f"{i}."
-            groups.append([n for n in layers if n.startswith(prefix)])
-        if sum(len(g) for g in groups) == len(layers):
-            return cname, groups
-    return None
 
 
 def _block_inputs(model: nn.Module, first_block: nn.Module, batches: list, device) -> list:
@@ -86,6 +72,7 @@ def sequential_refit(
     block_steps: int = 0,
     block_lr: float = 1e-3,
     block_seconds: float | None = None,
+    timed_out: list | None = None,
 ) -> dict[str, LayerFit] | None:
     """Refit every layer block by block on compressed-path statistics.
 
@@ -144,12 +131,13 @@ def sequential_refit(
                         cap.clear()
                         blk_o(ho, **kw)
                         blk_c(hc, **kw)
-                        for n in group:
-                            xo = cap["o", n].reshape(-1, cap["o", n].shape[-1]).double()
-                            xc = cap["c", n].reshape(-1, cap["c", n].shape[-1]).double()
+                        for n in group:  # per-batch products in float32, sums over batches in float64
+                            xo = cap["o", n].reshape(-1, cap["o", n].shape[-1]).float()
+                            xc = cap["c", n].reshape(-1, cap["c", n].shape[-1]).float()
                             st = stats[n]
-                            st["cc"] = xc.T @ xc if st["cc"] is None else st["cc"].addmm_(xc.T, xc)
-                            st["oc"] = xo.T @ xc if st["oc"] is None else st["oc"].addmm_(xo.T, xc)
+                            cc, oc = (xc.T @ xc).double(), (xo.T @ xc).double()
+                            st["cc"] = cc if st["cc"] is None else st["cc"].add_(cc)
+                            st["oc"] = oc if st["oc"] is None else st["oc"].add_(oc)
             finally:
                 for h in hooks:
                     h.remove()
@@ -167,8 +155,10 @@ def sequential_refit(
         with torch.no_grad():
             h_o = [_hidden(blk_o(h, **kw)) for h, kw in zip(h_o, kws, strict=True)]
         if group and block_steps > 0 and len(h_c) >= 2:
-            _reconstruct_block(blk_c, h_c, h_o, kws, block_steps, block_lr,
-                               None if block_seconds is None else block_seconds / len(groups))
+            improved, stopped = _reconstruct_block(blk_c, h_c, h_o, kws, block_steps, block_lr,
+                                                   None if block_seconds is None else block_seconds / len(groups))
+            if timed_out is not None:
+                timed_out.append(stopped)
             for n in group:
                 fits[n] = fit_from_factored(comp.get_submodule(n), fits[n])
         with torch.no_grad():
@@ -177,11 +167,11 @@ def sequential_refit(
 
 
 def _reconstruct_block(blk: nn.Module, h_c: list, h_o_next: list, kws: list, steps: int,
-                       lr: float, max_seconds: float | None = None) -> bool:
+                       lr: float, max_seconds: float | None = None) -> tuple[bool, bool]:
     """Adam on the FactoredLinear parameters of ``blk`` (A, B, sparse values) so that
     ``blk(h_c)`` matches the original block's output ``h_o_next``; the last quarter of
     the batches is held out and the best held-out state is kept (`descend`). Returns
-    whether the held-out error improved."""
+    (whether the held-out error improved, whether it stopped on its time bound)."""
     from ._factored import FactoredLinear
 
     params = []
@@ -191,7 +181,7 @@ def _reconstruct_block(blk: nn.Module, h_c: list, h_o_next: list, kws: list, ste
                 if p is not None:
                     params.append(p)
     if not params:
-        return False
+        return False, False
     frozen = [p for p in blk.parameters() if all(p is not q for q in params)]
     saved_flags = [p.requires_grad for p in frozen]
     for p in frozen:
@@ -212,7 +202,7 @@ def _reconstruct_block(blk: nn.Module, h_c: list, h_o_next: list, kws: list, ste
     rec = descend(params, loss, held_err, Schedule(steps=steps, lr=lr, every=10, max_seconds=max_seconds))
     for p, f in zip(frozen, saved_flags, strict=True):
         p.requires_grad_(f)
-    return rec["best"] < rec["start"]
+    return rec["best"] < rec["start"], rec["stopped_on_time"]
 
 
 @REFINEMENTS.register("sequential")
@@ -238,8 +228,13 @@ class Sequential(Refinement):
                 f = compensate(f, Wt, Gcc, ref, r.compensate_steps, r.compensate_lr, cfg.damping)
             return f
 
+        seconds = r.block_seconds if ctx.deadline is None else ctx.deadline.cap(r.block_seconds, share=0.5)
+        timed_out: list[bool] = []
         seq = sequential_refit(ctx.model, list(fits), ctx.train, refit, cfg.damping, progress=ctx.progress,
-                               block_steps=r.block_steps, block_lr=r.block_lr, block_seconds=r.block_seconds)
+                               block_steps=r.block_steps, block_lr=r.block_lr, block_seconds=seconds,
+                               timed_out=timed_out)
+        if ctx.deadline is not None:
+            ctx.deadline.note("block", any(timed_out))
         if seq is None:
             return Outcome("sequential", None, note="not applicable: blocks cannot be run in sequence")
         tag = "+sequential" + ("+block" if r.block_steps else "")

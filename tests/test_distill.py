@@ -74,6 +74,26 @@ def test_distillation_never_ends_worse_than_it_started(digits, closed_form):
         assert torch.equal(out[n].A, start[n].A) and torch.equal(out[n].B, start[n].B)
 
 
+@pytest.mark.parametrize("metric", ["auto", "kl"])
+def test_distillation_in_pieces_follows_the_same_path(digits, closed_form, monkeypatch, metric):
+    """A step's batch split into pieces (large models: less activation memory) sums the
+    same gradients, so the distillation takes the same path; and the original model's
+    parameters, shared with the student, come back untouched with their flags."""
+    import mixrank.compress._distill as d
+
+    f, train, held = closed_form
+    model = digits["model"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    _, whole = distill(model, _fits(f), train, held, metric, 20, 1e-3, progress=False)
+    monkeypatch.setattr(d, "CHUNK_TOKENS", 5 * 17)  # 64-row batches of 17 tokens: 13 pieces each
+    _, pieces = distill(model, _fits(f), train, held, metric, 20, 1e-3, progress=False, tokens_per_sample=17)
+    assert pieces["steps"] == whole["steps"] and pieces["best_step"] == whole["best_step"]
+    assert pieces["held_best"] == pytest.approx(whole["held_best"], rel=1e-3)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert [p.requires_grad for p in model.parameters()] == flags
+
+
 def test_output_loss_matches_the_scoring_metric():
     g = torch.Generator().manual_seed(0)
     ref = torch.randn(16, 10, generator=g)
