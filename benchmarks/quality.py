@@ -7,14 +7,18 @@ selected layers' parameters, on:
 - the digits ViT (width 128, depth 4; trained on scikit-learn's digits, cached),
 - a wider digits ViT (width 192, depth 6; trained and cached by this script),
 - two timm architectures with random weights (structure only) at 64x64, fed
-  crops of scikit-image's sample photographs (1024 to calibrate, 256 to test).
+  crops of scikit-image's sample photographs (1024 to calibrate, 256 to test),
+- ``minilm``: the pretrained all-MiniLM-L6-v2 sentence encoder (needs ``.[text]``), every
+  encoder Linear, calibrated on 512 and scored on 512 other paragraphs of the standard
+  library's docstrings (benchmarks/minilm.py), at keep 0.6 and 0.4, by the mean cosine of
+  the sentence embeddings to the original's (the error column is 1 − cosine).
 
 Reports logits KL to the original on held-out data (digits test split / held-out
 crops), top-1 agreement with the original, held-out accuracy where labels exist,
 mean and max layer NMSE, and compression time; writes a Markdown table and a plot
 (KL vs parameters, one line per method) per model, and checks issue 3's targets.
 
-    python benchmarks/quality.py [--out benchmarks/results] [--models digits,wide,deit_tiny,vit_small]
+    python benchmarks/quality.py [--out benchmarks/results] [--models digits,wide,deit_tiny,vit_small,minilm]
 """
 
 from __future__ import annotations
@@ -39,8 +43,17 @@ METHODS = {
     "mixrank-channel": {"sparse": "channel"},  # every other default kept
     "mixrank-row": {"sparse": "row"},
 }
+# issue 15's levers, one at a time against the default (``--methods``; not in the default list)
+LEVERS = {
+    "mixrank-fast": {"effort": "fast"},
+    "mixrank-best": {"effort": "best"},
+    "mixrank-holdout0.25": {"holdout": 0.25},  # more of the calibration data for statistics
+    "mixrank-distill600": {"distill_steps": 600, "distill_tokens": None},  # no token cap, 600 steps
+    "mixrank-cosine": {"metric": "cosine"},  # score by what is evaluated
+}
 BASELINES = ("svd", "asvd", "whiten", "oats")
 CALIB_CROPS = 1024  # timm cases
+TEXT_KEEPS = (0.6, 0.4)  # minilm: the keeps of issue 15's targets
 
 
 def photo_crops(count: int, size: int, seed: int) -> torch.Tensor:
@@ -109,7 +122,8 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--models", default="digits,wide,deit_tiny,vit_small")
     ap.add_argument("--keeps", default=",".join(map(str, KEEPS)))
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help=f"comma-separated; also the levers {', '.join(LEVERS)}")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (compression and evaluation)")
     args = ap.parse_args()
     out = Path(args.out)
@@ -120,6 +134,13 @@ def main() -> None:
     all_rows = {}
     verdicts = []
     for case in args.models.split(","):
+        if case == "minilm":
+            rows = text_rows(methods, args)
+            all_rows[case] = rows
+            write_table(out / f"quality_{case}.md", case, rows)
+            plot(out / f"quality_{case}.png", case, rows)
+            verdicts += check_targets(case, rows)
+            continue
         model, calib, xte, yte = load_case(case)
         model = model.to(args.device)
         calib = [b.to(args.device) for b in calib]
@@ -130,7 +151,7 @@ def main() -> None:
             for meth in methods:
                 t0 = time.perf_counter()
                 f = compress_model(model, calib, CompressConfig(keep=keep, device=args.device,
-                                                                **METHODS[meth]), progress=False)
+                                                                **{**METHODS, **LEVERS}[meth]), progress=False)
                 secs = time.perf_counter() - t0
                 small = apply_factors(model, f)
                 nm = [i["nmse"] for i in f.layers.values() if not i["dense"]]
@@ -139,7 +160,8 @@ def main() -> None:
                      "budget": f.plan["budget"]["budget_params"],
                      "nmse_mean": float(np.mean(nm)), "nmse_max": float(np.max(nm)),
                      "seconds": secs, "variant": f.plan["allocation"]["refinement"]["chosen"],
-                     **evaluate(model, small, xte, yte), **stage_record(f.plan)}
+                     **evaluate(model, small, xte, yte), **stage_record(f)}
+                r["err"] = r["kl"]
                 rows.append(r)
                 print(json.dumps(r), flush=True)
         all_rows[case] = rows
@@ -150,10 +172,40 @@ def main() -> None:
     print("\n".join(verdicts))
 
 
-def stage_record(plan: dict) -> dict:
+def text_rows(methods: list[str], args) -> list[dict]:
+    """The MiniLM case: every method at `TEXT_KEEPS`, scored by embedding cosine on held-out
+    text."""
+    import minilm
+
+    from mixrank.compress import CompressConfig, apply_factors, compress_model
+
+    model, calib, held, desc = minilm.load_case()
+    ref = minilm.embed(model, held)
+    rows = []
+    for keep in TEXT_KEEPS:
+        for meth in methods:
+            cfg = CompressConfig(keep=keep, device=args.device, include=minilm.INCLUDE,
+                                 token_mask="attention_mask", **{**METHODS, **LEVERS}[meth])
+            t0 = time.perf_counter()
+            f = compress_model(model, calib, cfg, progress=False)
+            secs = time.perf_counter() - t0
+            cos = minilm.cosine(ref, apply_factors(model, f), held)
+            nm = [i["nmse"] for i in f.layers.values() if not i["dense"]]
+            r = {"model": "minilm", "keep": keep, "method": meth, "params": f.plan["totals"]["cost_params"],
+                 "budget": f.plan["budget"]["budget_params"], "nmse_mean": float(np.mean(nm)),
+                 "nmse_max": float(np.max(nm)), "seconds": secs,
+                 "variant": f.plan["allocation"]["refinement"]["chosen"], "cos": cos, "err": 1 - cos,
+                 "data": desc, **stage_record(f)}
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    return rows
+
+
+def stage_record(f) -> dict:
     """Where the compression time went, and which wall-clock bounds stopped a stage."""
+    plan = f.plan
     alloc = plan["allocation"]
-    rec = {"timings": {k: round(v, 1) for k, v in plan["timings"].items()},
+    rec = {"timings": {k: round(v, 1) for k, v in f.timings.items()},
            "search_stopped": alloc["stopped"]}
     for v in alloc["refinement"]["variants"]:
         if v["name"].endswith("+distill"):
@@ -163,6 +215,15 @@ def stage_record(plan: dict) -> dict:
 
 
 def write_table(path: Path, case: str, rows: list[dict]) -> None:
+    if case == "minilm":
+        lines = [f"## {case}", "", f"Held out: {rows[0]['data']}.", "",
+                 "| keep | method | params (cost) | embedding cosine | 1 − cosine | NMSE mean | NMSE max "
+                 "| time (s) | variant |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['keep']} | {r['method']} | {r['params']:,} | {r['cos']:.4f} | {r['err']:.3e} | "
+                         f"{r['nmse_mean']:.3e} | {r['nmse_max']:.3e} | {r['seconds']:.1f} | {r['variant']} |")
+        path.write_text("\n".join(lines) + "\n")
+        return
     lines = [f"## {case}", "",
              "| keep | method | params (cost) | logits KL | top-1 agree | acc | NMSE mean | NMSE max "
              "| time (s) | variant |",
@@ -183,12 +244,12 @@ def plot(path: Path, case: str, rows: list[dict]) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for meth in dict.fromkeys(r["method"] for r in rows):
-        pts = sorted((r["params"], max(r["kl"], 1e-9)) for r in rows if r["method"] == meth)
+        pts = sorted((r["params"], max(r["err"], 1e-9)) for r in rows if r["method"] == meth)
         ax.plot(*zip(*pts, strict=True), marker="o", label=meth,
                 linewidth=2.5 if meth == "mixrank" else 1.2)
     ax.set_yscale("log")
     ax.set_xlabel("parameters of the selected layers (incl. sparse indices)")
-    ax.set_ylabel("logits KL to the original (held out)")
+    ax.set_ylabel("1 − embedding cosine (held out)" if case == "minilm" else "logits KL to the original (held out)")
     ax.set_title(f"{case}: error vs parameters")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
@@ -200,6 +261,25 @@ def plot(path: Path, case: str, rows: list[dict]) -> None:
 def check_targets(case: str, rows: list[dict]) -> list[str]:
     out = []
     by = {(r["keep"], r["method"]): r for r in rows}
+    if case == "minilm":  # issue 15
+        for keep, goal in ((0.6, 0.95), (0.4, 0.85)):
+            if (keep, "mixrank") not in by:
+                continue
+            mk = by[keep, "mixrank"]
+            out.append(f"minilm keep={keep}: mixrank cosine {mk['cos']:.4f} "
+                       f"({'PASS' if mk['cos'] >= goal else 'FAIL'} target >= {goal})")
+            if (keep, "whiten") in by:
+                w = by[keep, "whiten"]
+                ratio = mk["err"] / w["err"]
+                out.append(f"minilm keep={keep}: 1 - cosine {mk['err']:.4f} vs whiten (SVD-LLM-like) {w['err']:.4f} "
+                           f"-> ratio {ratio:.2f} ({'PASS' if ratio <= 0.5 else 'FAIL'} target <= 0.5)")
+            for lever in (*LEVERS, "mixrank-channel", "mixrank-row"):
+                if (keep, lever) in by:
+                    c = by[keep, lever]["cos"]
+                    out.append(f"minilm keep={keep}: lever {lever} cosine {c:.4f} vs default {mk['cos']:.4f} "
+                               f"({'wins' if c > mk['cos'] else 'does not win'}, {by[keep, lever]['seconds']:.0f} s "
+                               f"vs {mk['seconds']:.0f} s)")
+        return out
     for keep in sorted({r["keep"] for r in rows}):
         if keep > 0.4 or (keep, "mixrank") not in by:
             continue
