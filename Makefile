@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 $(BIN)/mixrank: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[cpu,dev]'
 	touch $@
 
 venv: $(BIN)/mixrank

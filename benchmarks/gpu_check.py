@@ -1,12 +1,16 @@
-"""GPU timings: the compression itself and the factored PyTorch model (one script).
+"""GPU check, one script for a lent GPU: the compression itself, the factored PyTorch
+model, and every engine this machine has.
 
-On a CUDA machine: compresses deit_base_patch16_224 (random weights) with 128
-photographs at 224x224 on the GPU and prints each stage's time, then times the
-original and the factored model at batch 1 and 32 in fp32 and bf16 autocast with
-CUDA events, interleaved, and prints the speedups and the factored model's
-parameter and memory savings.
+On a CUDA machine: compresses deit_base_patch16_224 (random weights) with 128 photographs
+at 224x224 on the GPU (``whiten`` and ``mixrank`` at ``--effort``, default balanced; issue
+13's target: balanced <= 60 s) and prints each stage's time; then times the original and
+the factored model at batch 1 and 32 in fp32, fp16 and bf16 autocast, eager and under
+``torch.compile``, with CUDA events, interleaved; then onnxruntime's CUDA provider and
+TensorRT on the exported and rewritten ONNX files where they are installed. The last lines
+say plainly what could not run here and why.
 
     python benchmarks/gpu_check.py [--model deit_base_patch16_224] [--images 128] [--out DIR]
+        [--effort balanced] [--no-compile]
 """
 
 from __future__ import annotations
@@ -61,10 +65,12 @@ def main() -> None:
     ap.add_argument("--model", default="deit_base_patch16_224")
     ap.add_argument("--images", type=int, default=128)
     ap.add_argument("--keep", type=float, default=0.4)
-    ap.add_argument("--search-seconds", type=float, default=60.0)
+    ap.add_argument("--effort", default="balanced")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--no-compile", action="store_true", help="leave out torch.compile")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    not_run: list[str] = []
     dev = torch.device(args.device)
     out = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
            "torch": torch.__version__, "model": args.model, "keep": args.keep}
@@ -74,40 +80,124 @@ def main() -> None:
         make_photos(Path(tmp), args.images)
         data = image_folder(tmp, model, count=args.images, batch_size=32)
     for method in ("whiten", "mixrank"):
-        search = {"search_seconds": args.search_seconds} if method == "mixrank" else {}  # whiten has no search
-        cfg = CompressConfig(method=method, keep=args.keep, device=args.device, **search)
+        cfg = CompressConfig(method=method, keep=args.keep, device=args.device, effort=args.effort)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         f = compress_model(model, data.batches, cfg, progress=False)
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        out[f"compress_{method}"] = {"total_s": time.perf_counter() - t0, **f.plan["timings"],
+        out[f"compress_{method}"] = {"total_s": time.perf_counter() - t0, **f.timings,
                                      "evaluations": f.plan["allocation"]["evaluations"],
                                      "stopped": f.plan["allocation"]["stopped"],
                                      "variant": f.plan["allocation"]["refinement"]["chosen"],
                                      "uniform_score": f.plan["allocation"]["uniform_score"],
                                      "final_score": f.plan["allocation"]["refinement"]["score"]}
         print(method, json.dumps(out[f"compress_{method}"]), flush=True)
+    if dev.type == "cuda" and args.model == "deit_base_patch16_224" and args.images == 128:
+        t = out["compress_mixrank"]["total_s"]
+        print(f"target: deit_base, 128 images, {args.effort} on the GPU <= 60 s: {t:.1f} s "
+              f"{'PASS' if t <= 60 else 'FAIL'}")
     small = apply_factors(model, f).eval()
     n0 = sum(p.numel() for p in model.parameters())
     n1 = sum(p.numel() for p in small.parameters())
     out["params"] = {"original": n0, "factored": n1, "ratio": n1 / n0}
     out["latency_ms"] = {}
+    compiled = {}
+    if args.no_compile:
+        not_run.append("torch.compile: left out (--no-compile)")
+    else:
+        try:
+            compiled = {"original": torch.compile(model), "factored": torch.compile(small)}
+        except Exception as e:  # noqa: BLE001 - reported, not fatal
+            not_run.append(f"torch.compile: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+    dtypes = [("fp32", torch.float32)] + ([("fp16", torch.float16), ("bf16", torch.bfloat16)]
+                                           if dev.type == "cuda" else [])
+    if dev.type != "cuda":
+        not_run.append("fp16/bf16 latency: no CUDA device (CPU autocast timings would say nothing about a GPU)")
     for bs in (1, 32):
         x = torch.randn(bs, 3, 224, 224, device=dev)
-        for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-            if dev.type == "cpu" and dt != torch.float32:
-                continue
-            r = time_pair({"original": model, "factored": small}, x, dt)
-            r["speedup"] = r["original"] / r["factored"]
-            out["latency_ms"][f"b{bs}_{name}"] = r
-            print(f"batch {bs} {name}: original {r['original']:.3f} ms, factored "
-                  f"{r['factored']:.3f} ms, speedup {r['speedup']:.2f}x", flush=True)
+        for name, dt in dtypes:
+            for mode, pair in (("eager", {"original": model, "factored": small}), ("compile", compiled)):
+                if not pair:
+                    continue
+                try:
+                    r = time_pair(pair, x, dt)
+                except Exception as e:  # noqa: BLE001 - a compile failure is a finding, not a crash
+                    not_run.append(f"{mode} {name} batch {bs}: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+                    continue
+                r["speedup"] = r["original"] / r["factored"]
+                out["latency_ms"][f"b{bs}_{name}_{mode}"] = r
+                print(f"batch {bs} {name} {mode}: original {r['original']:.3f} ms, factored "
+                      f"{r['factored']:.3f} ms, speedup {r['speedup']:.2f}x", flush=True)
+    out["engines"] = engines(model, f, dev, not_run)
+    out["not_run"] = not_run
     print(json.dumps(out, indent=1))
+    print("\ncould not run here:" if not_run else "\neverything ran")
+    for line in not_run:
+        print(f"  - {line}")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "gpu_check.json").write_text(json.dumps(out, indent=1))
+
+
+def engines(model, factors, dev, not_run: list[str]) -> dict:
+    """onnxruntime's CUDA provider and TensorRT on the original and rewritten ONNX, where
+    this machine has them (each missing one is added to ``not_run`` with the reason)."""
+    from mixrank.compress import MixrankError
+    from mixrank.engines import OrtSettings, TimingConfig, measure
+    from mixrank.exporter import export_onnx, rewrite_onnx
+
+    res = {}
+    try:
+        import onnxruntime as ort
+
+        providers = ort.get_available_providers()
+    except ImportError:
+        providers = []
+    have_trt = True
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        have_trt = False
+        not_run.append("TensorRT: the tensorrt package is not installed")
+    if "CUDAExecutionProvider" not in providers:
+        not_run.append(f"onnxruntime CUDA provider: this onnxruntime has only {providers or 'nothing'} "
+                       "(needs onnxruntime-gpu: mixrank[gpu])")
+    if dev.type != "cuda" or not (have_trt or "CUDAExecutionProvider" in providers):
+        return res
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        x = torch.randn(2, 3, 224, 224)
+        export_onnx(model.cpu(), x, tmp / "o.onnx")
+        model.to(dev)
+        if "CUDAExecutionProvider" in providers:
+            rewrite_onnx(tmp / "o.onnx", factors, tmp / "c.onnx")
+            try:
+                m = measure(tmp / "o.onnx", tmp / "c.onnx", (1, 32), OrtSettings(provider="cuda"),
+                            timing=TimingConfig(max_seconds=20), progress=False)
+                res["onnxruntime_cuda"] = {str(t["batch"]): {"speedup": t["speedup"]} for t in m["throughput"]}
+                print("onnxruntime cuda:", json.dumps(res["onnxruntime_cuda"]), flush=True)
+            except MixrankError as e:
+                not_run.append(f"onnxruntime CUDA provider: {e}")
+        if have_trt:
+            from mixrank.engines import TrtSettings, build_engine
+
+            rewrite_onnx(tmp / "o.onnx", factors, tmp / "c.trt.onnx", target="tensorrt")
+            s = TrtSettings(precision="fp16", opt_batch=32, max_batch=32)
+            try:
+                for tag, g in (("o", "o.onnx"), ("c", "c.trt.onnx")):
+                    build_engine(tmp / g, tmp / f"{tag}.engine", s)
+                m = measure(tmp / "o.engine", tmp / "c.engine", (1, 32), s, engine="tensorrt",
+                            graphs=(tmp / "o.onnx", tmp / "c.trt.onnx"), timing=TimingConfig(max_seconds=20),
+                            progress=False)
+                res["tensorrt_fp16"] = {str(t["batch"]): {"speedup": t["speedup"]} for t in m["throughput"]}
+                res["tensorrt_device_memory"] = {k: m["footprint"][k].get("device_memory_bytes")
+                                                 for k in ("original", "compressed")}
+                print("tensorrt fp16:", json.dumps(res["tensorrt_fp16"]), flush=True)
+            except MixrankError as e:
+                not_run.append(f"TensorRT: {e}")
+    return res
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ lazy_exports(globals(), {
     "._compress": ("compress_model", "model_fingerprint"),
     "._config": ("Budget", "CompressConfig", "Refine", "Search", "Selection"),
     "._data": ("ImageBatches", "image_csv", "image_folder", "model_transform"),
-    "._errors": ("MixrankError", "WriteError", "close_matches"),
+    "._errors": ("MixrankError", "WriteError", "close_matches", "import_onnxruntime"),
     "._factor": ("Spectrum", "activation_error", "plain_spectrum", "whitened_spectrum"),
     "._factored": ("FactoredLinear", "apply_factors"),
     "._factorizers": ("FACTORIZERS", "Factorizer"),

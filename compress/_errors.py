@@ -27,3 +27,25 @@ def close_matches(name: str, choices: Iterable[str], n: int = 3) -> str:
         # Suffix matches help with qualified names ("fc1" -> "blocks.0.mlp.fc1").
         hits = [c for c in choices if c.endswith(name) or name in c][:n]
     return f" (did you mean: {', '.join(hits)}?)" if hits else ""
+
+
+ORT_MISSING = ("onnxruntime is not installed: pip install 'mixrank[cpu]' for the CPU build, or 'mixrank[gpu]' "
+               "for onnxruntime-gpu (NVIDIA GPUs); install one of the two, never both")
+
+
+def import_onnxruntime():
+    """The ``onnxruntime`` module, from whichever build is installed (``onnxruntime`` or
+    ``onnxruntime-gpu``: the base package depends on neither).
+
+    Raises:
+        MixrankError: neither is installed (one line naming both extras).
+    """
+    try:
+        import onnxruntime
+    except ImportError:
+        raise MixrankError(ORT_MISSING) from None
+    if not hasattr(onnxruntime, "InferenceSession"):  # two builds installed over each other
+        raise MixrankError("the onnxruntime module is broken (InferenceSession is missing): two onnxruntime "
+                           "builds were installed over each other; pip uninstall -y onnxruntime onnxruntime-gpu, "
+                           "then install one of 'mixrank[cpu]' or 'mixrank[gpu]'")
+    return onnxruntime

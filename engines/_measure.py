@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from mixrank.compress import import_onnxruntime
 from mixrank.exporter import load_onnx, onnx_file_bytes, output_agreement, topk_accuracy
 
 from ._errors import MixrankError
@@ -62,6 +63,7 @@ def matmul_flops(onnx_path: str | os.PathLike, batch: int) -> int:
             dims[0].Clear()
             dims[0].dim_value = batch
     if any(n.domain == "com.microsoft" for n in model.graph.node):
+        import_onnxruntime()
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
         model = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
@@ -209,17 +211,18 @@ def measure(original: str | os.PathLike, compressed: str | os.PathLike,
         graphs: the ONNX files the artifacts were built from, for parameter counts and
             FLOPs (default: the artifacts themselves, which onnxruntime loads directly).
         references: more artifacts measured the same way beside them, by name (e.g.
-            ``{"int8": "original.int8.onnx"}``, the obvious alternative to compression).
+            ``{"int8": "original.int8.onnx"}``, the obvious alternative to compression); a
+            value may be an ``(artifact, graph)`` pair when the artifact is not ONNX.
     """
     cls = RUNNERS[engine]
     s = settings or cls.settings_type()
-    refs = dict(references or {})
-    for p in (original, compressed, *refs.values()):
+    refs = {name: v if isinstance(v, tuple) else (v, v) for name, v in (references or {}).items()}
+    for p in (original, compressed, *(a for a, _ in refs.values())):
         if not Path(p).is_file():
             raise MixrankError(f"{'ONNX' if engine == 'onnxruntime' else engine} file {p} does not exist")
     graphs = graphs or (original, compressed)
     arts = [("original", original, graphs[0]), ("compressed", compressed, graphs[1]),
-            *((name, p, p) for name, p in refs.items())]
+            *((name, a, g) for name, (a, g) in refs.items())]
     res = {"engine": engine, "settings": s.to_dict(), "footprint": {}, "throughput": [], "flops": {}}
     runners = {tag: make_runner(engine, p, s) for tag, p, _ in arts}
     try:

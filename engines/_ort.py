@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mixrank.compress import atomic_write, atomic_write_text
+from mixrank.compress import atomic_write, atomic_write_text, import_onnxruntime
 
 from ._errors import MixrankError, NotInstalledError
 from ._runner import RUNNERS, Runner, TensorSpec
@@ -23,7 +23,7 @@ OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 
 def optimization_level(name: str):
     """onnxruntime's ``GraphOptimizationLevel`` for ``"disable"``/``"basic"``/``"extended"``/``"all"``."""
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     return {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
             "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -65,7 +65,7 @@ class OrtSettings:
 
 
 def available_providers() -> list[str]:
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     return list(ort.get_available_providers())
 
@@ -80,7 +80,7 @@ def ort_session(onnx_path: str | os.PathLike, settings: OrtSettings | None = Non
             package that has it).
         MixrankError: the model cannot be loaded.
     """
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     s = settings or OrtSettings()
     want = PROVIDERS[s.provider]
@@ -133,7 +133,7 @@ class OrtRunner(Runner):
         return self.session.run(None, feeds)
 
     def describe(self) -> dict:
-        import onnxruntime as ort
+        ort = import_onnxruntime()
 
         return {"engine": self.engine, "onnxruntime": ort.__version__, **self.settings.to_dict()}
 
@@ -146,7 +146,7 @@ def build_ort(onnx_path: str | os.PathLike, out_path: str | os.PathLike,
     """"Build" an onnxruntime engine: load the model with ``settings`` and save the
     graph onnxruntime optimised (``SessionOptions.optimized_model_filepath``), written
     atomically; a model that fails to load leaves no file. Returns the build record."""
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     s = settings or OrtSettings()
     out = Path(out_path)

@@ -14,13 +14,21 @@ REPORT_SCHEMA = 1  # report.json's schema version: `mixrank check` refuses any o
 
 
 def _versions() -> dict:
+    import importlib.metadata
+
     import numpy
     import onnx
-    import onnxruntime
     import torch
 
+    ort = "not installed"
+    for dist in ("onnxruntime", "onnxruntime-gpu"):  # which build, not only which version
+        try:
+            ort = f"{importlib.metadata.version(dist)} ({dist})"
+            break
+        except importlib.metadata.PackageNotFoundError:
+            continue
     v = {"python": sys.version.split()[0], "torch": torch.__version__, "onnx": onnx.__version__,
-         "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__}
+         "onnxruntime": ort, "numpy": numpy.__version__}
     try:
         from importlib.metadata import version
 
@@ -115,6 +123,11 @@ def report_markdown(rep: dict) -> str:
         row(f"peak RSS ({m['engine']}, batch 1)", [_fmt_bytes(fp[k]["peak_rss_bytes"]) for k in cols],
             f"{c['peak_rss_bytes'] / o['peak_rss_bytes']:.3f}x"),
     ]
+    for key, label in (("device_memory_bytes", "engine device memory (TensorRT)"),
+                       ("engine_bytes", "engine file bytes")):
+        if all(key in fp[k] for k in cols):
+            rows.append(row(label, [_fmt_bytes(fp[k][key]) for k in cols],
+                            f"{c[key] / max(o[key], 1):.3f}x"))
     for t in m["throughput"]:
         ss, sp = t["sessions"], t["speedup_spread"]
         rows.append(row(f"batch {t['batch']} latency p50 / p99 (ms)",
@@ -154,13 +167,15 @@ def report_markdown(rep: dict) -> str:
 def engine_line(m: dict, rep: dict) -> str:
     """Which engine, with which settings, on which machine produced the numbers."""
     s = m["settings"]
+    device = (m.get("target") or {}).get("device")
+    where = f"device {device}; " if device and device != "cpu" else ""
     if m["engine"] == "onnxruntime":
-        return (f"Engine: {m['engine']} ({s['provider']}, threads={s['threads'] or 'default'}, "
-                f"optimization={s['optimization']}); {rep['machine']['cpus']} CPUs; "
+        return (f"Every number above: {m['engine']} ({s['provider']}, threads={s['threads'] or 'default'}, "
+                f"optimization={s['optimization']}); {where}{rep['machine']['cpus']} CPUs; "
                 f"onnxruntime {rep['versions']['onnxruntime']}.")
     settings = ", ".join(f"{k}={v}" for k, v in s.items() if v is not None)
     version = m.get("runner", {}).get(m["engine"], "unknown version")
-    return f"Engine: {m['engine']} {version} ({settings}); {rep['machine']['cpus']} CPUs."
+    return f"Every number above: {m['engine']} {version} ({settings}); {where}{rep['machine']['cpus']} CPUs."
 
 
 def read_report(path: str | os.PathLike) -> dict:

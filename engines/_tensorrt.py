@@ -265,7 +265,8 @@ class TrtRunner(Runner):
                 "engine_bytes": self.path.stat().st_size}
 
     def describe(self) -> dict:
-        return {"engine": self.engine, "tensorrt": self.trt.__version__, **self.settings.to_dict()}
+        return {"engine": self.engine, "tensorrt": self.trt.__version__,
+                "device": self.torch.cuda.get_device_name(), **self.settings.to_dict()}
 
     def close(self) -> None:
         self.context = self.engine_obj = self.runtime = None

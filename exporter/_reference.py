@@ -8,7 +8,7 @@ import logging
 import os
 from pathlib import Path
 
-from mixrank.compress import MixrankError
+from mixrank.compress import MixrankError, import_onnxruntime
 
 from ._onnxio import load_onnx, save_onnx
 
@@ -17,6 +17,7 @@ def quantize_reference(onnx_path: str | os.PathLike, out_path: str | os.PathLike
                        block: int = 32) -> Path:
     """Write ``onnx_path`` with every MatMul weight quantized by onnxruntime's
     ``MatMulNBitsQuantizer`` (``bits``, ``block``, asymmetric) to ``out_path``."""
+    import_onnxruntime()
     try:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
     except ImportError as e:  # the quantizer needs the onnx_ir package

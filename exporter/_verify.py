@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mixrank.compress import import_onnxruntime
+
 
 @dataclass(frozen=True)
 class Tolerance:
@@ -54,7 +56,7 @@ def output_agreement(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
 
 def run_onnxruntime(path: str | os.PathLike, feeds: dict, threads: int | None = None) -> list:
     """Run an ONNX file once on onnxruntime's CPU provider."""
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     so = ort.SessionOptions()
     if threads:
@@ -109,7 +111,7 @@ def verify_rewrite(onnx_path, model, factors, inputs, tolerance: Tolerance | Non
         MixrankError: the outputs disagree beyond ``tolerance`` (the message names the
             worst element).
     """
-    import onnxruntime as ort
+    ort = import_onnxruntime()
     import torch
 
     from mixrank.compress import MixrankError, apply_factors

@@ -29,9 +29,7 @@ from mixrank.compress import (
     sha256_file,
 )
 from mixrank.engines import (
-    OrtSettings,
     TimingConfig,
-    build_ort,
     build_report,
     check_report,
     junit_xml,
@@ -144,35 +142,50 @@ def _run(args, cfg: CompressConfig, log: Callable[[str], None], out: Path) -> di
     def do_reference():  # what a user gets without mixrank: onnxruntime's int8 weight-only quantizer
         quantize_reference(out / "original.onnx", out / "original.int8.onnx", bits=8, block=32)
 
-    man.stage("reference", _key(sha256_file(out / "original.onnx"), "int8", 32), ["original.int8.onnx"],
-              do_reference, log)
+    if args.target.has_int8_reference:
+        man.stage("reference", _key(sha256_file(out / "original.onnx"), "int8", 32), ["original.int8.onnx"],
+                  do_reference, log)
+
+    target = args.target
+    comp_onnx = "compressed.onnx" if target.rewrite_target == "onnxruntime" else "compressed.tensorrt.onnx"
 
     def do_rewrite():
-        rep = rewrite_onnx(out / "original.onnx", factors, out / "compressed.onnx")
+        rep = rewrite_onnx(out / "original.onnx", factors, out / comp_onnx, target=target.rewrite_target)
         atomic_write_text(out / "rewrite.json", json.dumps(rep.to_dict(), indent=1))
-        v = verify_rewrite(out / "compressed.onnx", model, factors, eval_x[:64])
+        v = verify_rewrite(out / comp_onnx, model, factors, eval_x[:64])
         return {"verify": v["outputs"]}
 
-    k_rw = _key(sha256_file(out / "original.onnx"), sha256_file(out / "model.mixrank.safetensors"))
-    man.stage("rewrite", k_rw, ["compressed.onnx", "rewrite.json"], do_rewrite, log)
-    settings = OrtSettings(threads=args.threads)
-
-    tags = ("original", "compressed", "original.int8")
+    k_rw = _key(sha256_file(out / "original.onnx"), sha256_file(out / "model.mixrank.safetensors"),
+                target.rewrite_target)
+    man.stage("rewrite", k_rw, [comp_onnx, "rewrite.json"], do_rewrite, log)
+    settings = target.settings(args.batch_sizes)
+    graphs = {"original": "original.onnx", "compressed": comp_onnx}
+    if target.has_int8_reference:
+        graphs["original.int8"] = "original.int8.onnx"
+    else:
+        log(f"no int8 reference on {target.label()}: onnxruntime's int8 quantizer writes MatMulNBits, which "
+            "TensorRT cannot run")
+    built = {tag: target.artifact(tag) for tag in graphs}
 
     def do_build():
-        for tag in tags:
-            build_ort(out / f"{tag}.onnx", out / f"{tag}.ort.onnx", settings)
+        calib_x = [b.numpy() for b in calib.batches] if target.engine == "tensorrt" else None
+        for tag, onnx_file in graphs.items():
+            target.build(out / onnx_file, out / built[tag], settings, calib_x)
 
-    k_build = _key(k_rw, sha256_file(out / "original.int8.onnx"), settings.to_dict())
-    man.stage("build", k_build, [f"{t}.ort.onnx" for t in tags], do_build, log)
+    k_build = _key(k_rw, *(sha256_file(out / g) for g in graphs.values()), settings.to_dict(), target.describe())
+    man.stage("build", k_build, list(built.values()), do_build, log)
 
     def do_bench():
-        res = measure(out / "original.onnx", out / "compressed.onnx", args.batch_sizes, settings,
+        refs = ({"int8": (out / built["original.int8"], out / graphs["original.int8"])}
+                if "original.int8" in built else None)
+        res = measure(out / built["original"], out / built["compressed"], args.batch_sizes, settings,
                       eval_x.numpy(), None if eval_y is None else eval_y.numpy(),
-                      TimingConfig(max_seconds=args.seconds), progress=progress,
-                      references={"int8": out / "original.int8.onnx"})
+                      TimingConfig(max_seconds=args.seconds), progress=progress, engine=target.engine,
+                      graphs=(out / graphs["original"], out / graphs["compressed"]), references=refs)
+        res["target"] = target.describe()
         for tag, name in (("original", "original"), ("compressed", "compressed"), ("int8", "original.int8")):
-            res["footprint"][tag]["engine_bytes"] = (out / f"{name}.ort.onnx").stat().st_size
+            if name in built:
+                res["footprint"][tag]["engine_bytes"] = (out / built[name]).stat().st_size
         res["evaluation"] = {"source": ev.source, "held_out": ev.held_out, "samples": len(eval_x),
                              **ev.record, "note": ev.note}
         rep = build_report(res, factors.plan, json.loads((out / "rewrite.json").read_text()))
@@ -187,6 +200,7 @@ def _run(args, cfg: CompressConfig, log: Callable[[str], None], out: Path) -> di
     for i in factors.layers.values():
         used[i.precision] = used.get(i.precision, 0) + 1
     summary = {"out": str(out), "model": source["model"], "method": cfg.method, "keep": budget.keep,
+               "target": rep["measurement"].get("target", {"engine": rep["measurement"]["engine"]}),
                "budget": {"keep": budget.keep, "params": budget.params, "bytes": budget.bytes,
                           "precision": budget.precision, "precisions": used},
                **rep["summary"], "footprint": rep["measurement"]["footprint"],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -44,7 +45,9 @@ def compress_config(args: argparse.Namespace):
 
     flags = {k: v for k, v in (("method", args.method), ("keep", args.keep), ("seed", args.seed),
                                ("bytes", None if args.bytes is None else _bytes_arg(args.bytes)),
-                               ("precision", args.precision)) if v is not None}
+                               ("precision", args.precision), ("effort", args.effort), ("device", args.device),
+                               ("max_seconds", args.max_seconds), ("max_memory", args.max_memory))
+             if v is not None}
     if args.keep is not None and args.bytes is not None:
         raise MixrankError("give --keep or --bytes, not both")
     raw = read_toml(args.config) if args.config else {}
@@ -59,6 +62,9 @@ def compress_config(args: argparse.Namespace):
     if budget_is_bytes and not given("precision", "quantize") and "precision" not in flags \
             and not given("dtype", "budget"):
         defaults["precision"] = "auto"
+    target = getattr(args, "target", None)
+    if target is not None and target.rewrite_target == "tensorrt" and not given("scheme", "quantize"):
+        defaults["scheme"] = "symmetric"  # TensorRT's DequantizeLinear takes no zero points
     try:
         return CompressConfig.from_dict(merge_settings(raw, {**defaults, **flags}))
     except MixrankError:
@@ -83,7 +89,14 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
 def _cmd_run(args: argparse.Namespace) -> dict:
     from ._pipeline import run_pipeline
 
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise MixrankError("mixrank run is one process; scale the compression out with torchrun ... -m mixrank "
+                           "compress, then run the other stages on its factors (mixrank rewrite, build, bench)")
+    from ._target import Target
+
     args.batch_sizes = _batch_sizes(args.batches)
+    args.target = Target.from_args(args.engine, args.provider, args.engine_precision, args.threads)
+    args.target.check()  # a machine without the engine fails here, before any work
     return run_pipeline(args, compress_config(args), _log(args))
 
 
@@ -96,19 +109,27 @@ def _output(path, *inputs, overwrite: bool = False):
 
 
 def _cmd_compress(args: argparse.Namespace) -> dict:
-    from mixrank.compress import compress_model, save_factors
+    from mixrank.compress import _dist, compress_model, save_factors
 
     from ._pipeline import warn
     from ._sources import ModelSource
 
     cfg = compress_config(args)
     _output(args.output, args.checkpoint, overwrite=args.overwrite)  # before the work, not after it
-    src = ModelSource(args.model, args.pretrained, args.checkpoint, not args.quiet, args.max_image_pixels, warn)
+    ranks = _dist.init_from_env(cfg.device)  # under torchrun: data parallel (docs/design.md, "Scaling out")
+    writer = _dist.is_writer()
+    src = ModelSource(args.model, args.pretrained, args.checkpoint, not args.quiet, args.max_image_pixels,
+                      warn if writer else None)
     calib = src.calibration(args.images, args.calib_images, cfg.seed)
-    f = compress_model(src.model, calib.batches, cfg, progress=not args.quiet,
+    f = compress_model(src.model, calib.batches, cfg, progress=not args.quiet and writer,
                        source={"model": src.label, "calibration": calib.source, "calibration_images": calib.record})
-    path = save_factors(f, args.output)
-    return {"factors": str(path), "summary": f.summary(), "totals": f.plan.totals}
+    out = {"summary": f.summary(), "totals": f.plan.totals, "ranks": _dist.world(),
+           "seconds": round(f.timings.get("total_s", 0.0), 2)}
+    if writer:
+        out["factors"] = str(save_factors(f, args.output))
+    if ranks:
+        _dist.barrier()  # no rank leaves before the file is written
+    return out
 
 
 def _cmd_export(args: argparse.Namespace) -> dict:
@@ -459,6 +480,19 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--method", default=None, help="compression method (default: mixrank; also "
                                                            "whiten, svd, asvd, oats)")
             sp.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
+            sp.add_argument("--effort", default=None, choices=["fast", "balanced", "best"],
+                            help="fast: the closed form and a cheap allocation; balanced (default); best: "
+                                 "every refinement at full length")
+            sp.add_argument("--device", default=None,
+                            help="where the compression runs: cpu (default) or cuda[:N]; under torchrun each "
+                                 "rank takes cuda:LOCAL_RANK and nccl")
+            sp.add_argument("--max-seconds", type=float, default=None,
+                            help="a wall-clock cap on the compression (default: none, so that the same "
+                                 "inputs give the same factors on any machine); the plan records it")
+            sp.add_argument("--max-memory", default=None, metavar="SIZE",
+                            help="memory the calibration Gram matrices may hold, e.g. 4GB; the largest beyond "
+                                 "it are accumulated in memory-mapped files in MIXRANK_SPILL_DIR (default: "
+                                 "no limit)")
         sp.add_argument("--json", action="store_true", help="print the result as JSON")
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
@@ -474,6 +508,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="mixrank-out", help="output folder")
     run.add_argument("--batches", default="1,32", help="batch sizes to time")
     run.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all cores)")
+    run.add_argument("--engine", choices=["onnxruntime", "tensorrt"], default=None,
+                     help="engine to build, time and gate (default: onnxruntime)")
+    run.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default=None,
+                     help="onnxruntime execution provider (default: cpu; cuda and tensorrt need mixrank[gpu])")
+    run.add_argument("--engine-precision", choices=["fp32", "fp16", "int8"], default=None,
+                     help="TensorRT's precision (default: fp16), with --engine tensorrt or --provider tensorrt; "
+                          "the factors' own storage is --precision")
     run.add_argument("--seconds", type=float, default=20.0, help="timing limit per batch size")
     run.add_argument("--budget", help="TOML budget file: fail (exit 1) when a limit is missed")
     run.add_argument("--junit", help="write the budget check as JUnit XML here")
@@ -605,7 +646,9 @@ def main(argv: list[str] | None = None) -> int:
         print("mixrank: internal error: this is a bug in mixrank, not in your input; please "
               "report it with the traceback above and the command you ran", file=sys.stderr)
         return EXIT_INTERNAL
-    if args.json:
+    if os.environ.get("RANK", "0") not in ("", "0"):
+        pass  # under torchrun rank 0 speaks for all
+    elif args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:
         args.show(summary)
