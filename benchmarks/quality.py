@@ -48,7 +48,7 @@ LEVERS = {
     "mixrank-fast": {"effort": "fast"},
     "mixrank-best": {"effort": "best"},
     "mixrank-holdout0.25": {"holdout": 0.25},  # more of the calibration data for statistics
-    "mixrank-distill600": {"distill_steps": 600, "distill_tokens": None},  # no token cap, 600 steps
+    "mixrank-distill600": {"distill_steps": 600, "distill_work": None},  # no work cap, 600 steps
     "mixrank-cosine": {"metric": "cosine"},  # score by what is evaluated
 }
 BASELINES = ("svd", "asvd", "whiten", "oats")

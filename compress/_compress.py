@@ -156,7 +156,10 @@ def compress_model(
         t2 = time.perf_counter()
         widest = layer_spaces(shapes, sel.rank_step, sel.min_rank, sel.overrides)
         caps = {n: max(sp.cap, sp.fixed or 0) for n, sp in widest.items()}
-        scored = min(config.search.samples, max(1, math.ceil(config.search.tokens / max(calib.tokens_per_sample, 1))))
+        work = config.search.work  # multiply-adds per candidate: tokens x the selected layers' parameters
+        per_sample = max(calib.tokens_per_sample, 1) * total
+        scored = config.search.samples if work is None else min(config.search.samples,
+                                                                 max(1, math.ceil(work / per_sample)))
         evaluator = Evaluator(model, spectra, caps, holdout, config.metric, scored,
                               grams, config.quantize, config.token_mask)
         allocation = ALLOCATORS[method.allocator].allocate(spaces_at, budget, config, evaluator, progress,

@@ -217,9 +217,11 @@ class Search:
         seconds: wall-clock bound (``None``: none); the plan records a stop on it.
         samples: at most this many held-out samples score an allocation (one forward
             pass over them per candidate). Every method scores its allocation on them.
-        tokens: and at most about this many tokens (input rows of the first selected
-            layer, padding excluded): 128 samples of 17 tokens, but 21 images of 197,
-            so a candidate costs about the same on any model.
+        work: and at most about this many multiply-adds through the selected layers per
+            candidate (held-out tokens × the selected layers' parameters; ``None``: no
+            such bound): all 128 samples on the digits models and vit_small, 21 images of
+            197 tokens on deit_base, so a candidate costs seconds on any model without
+            thinning small models' scoring.
         groups: probe layers in groups of one role within each of this many spans of the
             depth (a round then costs ~2·roles·groups evaluations instead of 2 per layer);
             0 probes each layer alone.
@@ -229,13 +231,16 @@ class Search:
     evals: int = 200
     seconds: float | None = None
     samples: int = 128
-    tokens: int = 4096
+    work: int | None = 350_000_000_000
     groups: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 0:
             raise MixrankError(f"search_rounds must be >= 0, got {self.rounds}")
-        for name in ("evals", "samples", "tokens"):
+        if self.work is not None and (isinstance(self.work, bool) or not isinstance(self.work, int)
+                                      or self.work < 1):
+            raise MixrankError(f"search_work must be >= 1 or None, got {self.work}")
+        for name in ("evals", "samples"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise MixrankError(f"search_{name} must be >= 1, got {v}")
@@ -263,10 +268,11 @@ class Refine:
         distill_steps: Adam steps of end-to-end distillation of all factors (0: off).
         distill_lr: its starting learning rate, relative to each tensor's magnitude.
         distill_seconds: wall-clock bound of the distillation (``None``: none).
-        distill_tokens: at most this many tokens (steps × tokens of a step's batch) go
-            through distillation (``None``: ``distill_steps`` alone bounds it), so that its
-            cost follows the data: 230 steps of 32 crops of 17 tokens, 39 of 16 images of
-            197.
+        distill_work: at most about this many multiply-adds through the selected layers go
+            into distillation (steps × tokens of a step's batch × the selected layers'
+            parameters; ``None``: ``distill_steps`` alone bounds it), so that its cost follows
+            the model and the data: every one of 230 steps on the digits models, vit_small
+            and MiniLM, 39 steps of 16 images of 197 tokens on deit_base.
     """
 
     sparse: str = "none"
@@ -281,7 +287,7 @@ class Refine:
     distill_steps: int = 300
     distill_lr: float = 1e-3
     distill_seconds: float | None = None
-    distill_tokens: int | None = None
+    distill_work: int | None = None
 
     def __post_init__(self) -> None:
         from ._sparse import SPARSE
@@ -303,9 +309,9 @@ class Refine:
                 raise MixrankError(f"{name} must be > 0, got {v}")
         if not isinstance(self.sequential, bool):
             raise MixrankError(f"sequential must be true or false, got {self.sequential!r}")
-        v = self.distill_tokens
+        v = self.distill_work
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise MixrankError(f"distill_tokens must be >= 1 or None, got {v}")
+            raise MixrankError(f"distill_work must be >= 1 or None, got {v}")
         for name in ("block_seconds", "distill_seconds"):
             _check_seconds(name, getattr(self, name))
 
@@ -357,7 +363,8 @@ EFFORTS: dict[str, dict[str, Any]] = {
     "fast": {"search_rounds": 1, "search_evals": 40, "search_groups": 1, "compensate_steps": 0,
              "sequential": False, "distill_steps": 0},
     "balanced": {"search_rounds": 3, "search_evals": 120, "search_groups": 3, "compensate_steps": 0,
-                 "sequential": False, "block_steps": 0, "distill_steps": 230, "distill_tokens": 125_000},
+                 "sequential": False, "block_steps": 0, "distill_steps": 230,
+                 "distill_work": 10_500_000_000_000},
     "best": {"search_rounds": 6, "search_evals": 200, "compensate_steps": 200, "sequential": True,
              "block_steps": 300, "distill_steps": 300},
 }
@@ -365,7 +372,7 @@ EFFORTS: dict[str, dict[str, Any]] = {
 FLAT: dict[str, tuple[str, str]] = {
     **{k: ("budget", k) for k in ("keep", "params", "bytes", "dtype")},
     **{k: ("selection", k) for k in ("include", "exclude", "overrides", "rank_step", "min_rank")},
-    **{f"search_{k}": ("search", k) for k in ("rounds", "evals", "seconds", "samples", "tokens", "groups")},
+    **{f"search_{k}": ("search", k) for k in ("rounds", "evals", "seconds", "samples", "work", "groups")},
     **{k: ("quantize", k) for k in ("precision", "block", "quantizer", "split", "scheme")},
     **{f.name: ("refine", f.name) for f in dataclasses.fields(Refine)},
 }

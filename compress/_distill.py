@@ -174,7 +174,7 @@ def _distill(model, comp, fits, train, held, metric, steps, lr, max_seconds, pro
 class Distill(Refinement):
     """All factors tuned jointly on the model's output (`distill`)."""
 
-    settings = ("refine.distill_steps", "refine.distill_lr", "refine.distill_seconds", "refine.distill_tokens")
+    settings = ("refine.distill_steps", "refine.distill_lr", "refine.distill_seconds", "refine.distill_work")
     switch = "distill_steps"
 
     def run(self, ctx, fits, chosen):
@@ -193,7 +193,7 @@ class QuantAwareDistill(Refinement):
     applies when some layer is stored as int8/int4, and ships only if the stored model's
     held-out error falls."""
 
-    settings = ("refine.distill_steps", "refine.distill_lr", "refine.distill_seconds", "refine.distill_tokens")
+    settings = ("refine.distill_steps", "refine.distill_lr", "refine.distill_seconds", "refine.distill_work")
 
     def enabled(self, config) -> bool:
         return config.refine.distill_steps > 0 and config.storage in ("int8", "int4", "auto")
@@ -212,12 +212,14 @@ class QuantAwareDistill(Refinement):
 
 
 def _steps(ctx) -> int:
-    """``distill_steps``, cut so that no more than ``distill_tokens`` tokens go through."""
+    """``distill_steps``, cut so that no more than ``distill_work`` multiply-adds (tokens
+    of a step's batch × the selected layers' parameters, per step) go into distillation."""
     cfg = ctx.config.refine
-    if cfg.distill_tokens is None or not ctx.train:
+    if cfg.distill_work is None or not ctx.train:
         return cfg.distill_steps
-    per_step = ctx.tokens_per_sample * sum(batch_size(b) for b in ctx.train) / len(ctx.train)
-    return max(1, min(cfg.distill_steps, int(cfg.distill_tokens // max(per_step, 1.0))))
+    params = sum(w.numel() for w in ctx.weights.values())
+    per_step = ctx.tokens_per_sample * sum(batch_size(b) for b in ctx.train) / len(ctx.train) * params
+    return max(1, min(cfg.distill_steps, int(cfg.distill_work // max(per_step, 1.0))))
 
 
 def _cap(ctx, own: float | None) -> float | None:

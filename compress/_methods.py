@@ -44,7 +44,7 @@ METHODS.add("oats", Method("oats"))
 
 def optional_settings() -> tuple[str, ...]:
     """Settings that only some components read. Everything else (budget, selection,
-    metric, holdout, token_mask, device, seed, search.samples, search.tokens) matters to every method."""
+    metric, holdout, token_mask, device, seed, search.samples, search.work) matters to every method."""
     from ._config import Refine
 
     return ("damping", "search.rounds", "search.evals", "search.seconds", "search.groups",
