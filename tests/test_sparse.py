@@ -134,7 +134,8 @@ def test_sequential_and_block_reconstruction_are_guarded(digits):
     x = digits["xtr"][:256]
     calib = [x[i:i + 32] for i in range(0, 256, 32)]
     f = compress_model(digits["model"], calib,
-                       CompressConfig(keep=0.2, block_steps=30, search_evals=30, compensate_steps=0),
+                       CompressConfig(keep=0.2, sequential=True, block_steps=30, search_evals=30,
+                                      compensate_steps=0),
                        progress=False)
     ref = f.plan["allocation"]["refinement"]
     names = [v["name"] for v in ref["variants"]]
