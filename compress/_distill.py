@@ -23,27 +23,9 @@ from ._batches import batch_size, model_output, move_batch, slice_batch
 from ._fit import LayerFit
 from ._optim import Schedule, descend
 from ._refine import REFINEMENTS, Outcome, Refinement
-from ._scoring import output_loss
+from ._scoring import loss_normaliser, output_loss, output_loss_sum
 
 CHUNK_TOKENS = 2048  # rows of a step go through the model in pieces of at most this many tokens
-
-
-def _mse(metric: str) -> bool:
-    return metric in ("auto", "mse")
-
-
-def output_loss_sum(y: torch.Tensor, ref: torch.Tensor, metric: str) -> torch.Tensor:
-    """`output_loss` before its normalisation: the sum over rows (KL, 1 − cosine) or the
-    squared error (MSE), to be divided by the whole batch's normaliser."""
-    import torch.nn.functional as F
-
-    y, ref = y.double(), ref.double()
-    if _mse(metric):
-        return ((y - ref) ** 2).sum()
-    if metric == "kl":
-        lp, lq = F.log_softmax(ref, -1), F.log_softmax(y, -1)
-        return (lp.exp() * (lp - lq)).sum()
-    return (1.0 - F.cosine_similarity(y.flatten(1), ref.flatten(1), dim=-1)).sum()
 
 
 def distill(
@@ -125,8 +107,7 @@ def _distill(model, comp, fits, train, held, metric, steps, lr, max_seconds, pro
     with torch.no_grad():
         ref_train = [model_output(model, b, token_mask).detach() for b, _ in parts]
         ref_held = {i: model_output(model, b, token_mask).detach() for i, b in held.items()}
-    norms = [_dist.all_reduce_sum_(((r.double() ** 2).sum() if _mse(metric) else
-                                    torch.tensor(float(n), dtype=torch.float64)).reshape(1))
+    norms = [_dist.all_reduce_sum_(loss_normaliser(r, n, metric).reshape(1))
              for r, (_, n) in zip(ref_train, parts, strict=True)]
     rows = max(1, CHUNK_TOKENS // max(tokens_per_sample, 1))
 

@@ -43,6 +43,26 @@ def output_loss(y: torch.Tensor, ref: torch.Tensor, metric: str) -> torch.Tensor
     return 1.0 - F.cosine_similarity(y.flatten(1), ref.flatten(1), dim=-1).mean()
 
 
+def output_loss_sum(y: torch.Tensor, ref: torch.Tensor, metric: str) -> torch.Tensor:
+    """`output_loss` before its normalisation: the sum over rows (KL, 1 − cosine) or the
+    squared error (MSE); divided by `loss_normaliser` of the whole batch it is
+    `output_loss`, so a batch can be summed in pieces (or over ranks)."""
+    y, ref = y.double(), ref.double()
+    if metric in ("auto", "mse"):
+        return ((y - ref) ** 2).sum()
+    if metric == "kl":
+        lp, lq = F.log_softmax(ref, -1), F.log_softmax(y, -1)
+        return (lp.exp() * (lp - lq)).sum()
+    return (1.0 - F.cosine_similarity(y.flatten(1), ref.flatten(1), dim=-1)).sum()
+
+
+def loss_normaliser(ref: torch.Tensor, rows: int, metric: str) -> torch.Tensor:
+    """What `output_loss_sum` of a whole batch of ``rows`` rows is divided by (float64)."""
+    if metric in ("auto", "mse"):
+        return (ref.double() ** 2).sum()
+    return torch.tensor(float(rows), dtype=torch.float64, device=ref.device)
+
+
 def output_error(y: torch.Tensor, ref: torch.Tensor, metric: str) -> float:
     """`output_loss` as a float."""
     with torch.no_grad():
