@@ -74,7 +74,11 @@ def model_output(model: nn.Module, batch: Batch, token_mask: str | None = None) 
     """The main output tensor of ``model`` on ``batch``. With ``token_mask`` (the key of a
     (batch, tokens) mask in dict batches), an output with one row per token is zeroed at
     the masked-out (padding) tokens, so no score or loss counts them."""
-    y = first_tensor(run_model(model, batch))
+    return mask_tokens(first_tensor(run_model(model, batch)), batch, token_mask)
+
+
+def mask_tokens(y: torch.Tensor, batch: Batch, token_mask: str | None) -> torch.Tensor:
+    """``y`` zeroed at the masked-out tokens when it has one row per token of ``batch``."""
     if token_mask is not None and isinstance(batch, Mapping) and token_mask in batch:
         mask = batch[token_mask]
         if y.ndim >= 3 and tuple(y.shape[:2]) == tuple(mask.shape):

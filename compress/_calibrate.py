@@ -28,13 +28,16 @@ class LayerStats:
             in memory that is freed when the reader drops it.
         tokens: number of token vectors summed into ``gram``.
         abs_sum: per-channel sum of absolute inputs (for ASVD's scaling).
+        sum: per-channel sum of the inputs (their mean, for the bias terms of pairwise
+            structures).
     """
 
     def __init__(self, gram: torch.Tensor | None = None, tokens: int = 0, abs_sum: torch.Tensor | None = None,
-                 *, spill: np.memmap | None = None):
+                 *, spill: np.memmap | None = None, sum: torch.Tensor | None = None):
         self._gram, self._spill = gram, spill
         self.tokens = tokens
         self.abs_sum = abs_sum  # Σ |x| per input channel, float64, (n,)
+        self.sum = torch.zeros_like(abs_sum) if sum is None and abs_sum is not None else sum  # Σ x, (n,)
 
     @classmethod
     def zeros(cls, n: int, device, spill_to: str | None = None) -> LayerStats:
@@ -72,6 +75,7 @@ class LayerStats:
             torch.from_numpy(self._spill).addmm_(x.T.cpu(), x.cpu())
             self._release()
         self.abs_sum.add_(x.abs().sum(0))
+        self.sum.add_(x.sum(0))
         self.tokens += x.shape[0]
 
     def all_reduce_(self) -> None:
@@ -84,6 +88,7 @@ class LayerStats:
             _dist.all_reduce_sum_(torch.from_numpy(self._spill))
             self._release()
         _dist.all_reduce_sum_(self.abs_sum)
+        _dist.all_reduce_sum_(self.sum)
         self.tokens = _dist.all_reduce_sum_int(self.tokens)
 
     def _release(self) -> None:
@@ -94,6 +99,10 @@ class LayerStats:
     @property
     def abs_mean(self) -> torch.Tensor:
         return self.abs_sum / max(self.tokens, 1)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum / max(self.tokens, 1)
 
 
 class GramView(Mapping):

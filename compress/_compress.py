@@ -24,9 +24,10 @@ from ._errors import MixrankError, close_matches
 from ._factor import Spectrum
 from ._factorizers import FACTORIZERS
 from ._factors import Factors, weight_fingerprint
-from ._fit import LayerFit, nmse
+from ._fit import LayerFit, closed_form_fit, nmse
 from ._methods import METHODS
 from ._optim import Deadline
+from ._pairs import PAIRINGS, find_pairs, pair_spectra
 from ._plan import (
     FORMAT_VERSION,
     AllocationInfo,
@@ -119,9 +120,13 @@ def compress_model(
     model_params = sum(p.numel() for p in model.parameters())
     budget = config.budget.bytes_for(total, model_params) if unit == "bytes" else config.budget_params(total)
 
-    def spaces_at(precision: str):
+    pairs = _pairs_of(model, selected, sel.overrides, config)
+    pair_forms: dict[str, tuple] = {}  # filled once the pairs' spectra exist
+
+    def spaces_at(precision: str, paired: bool = False):
         return layer_spaces(shapes, sel.rank_step, sel.min_rank, sel.overrides, unit, precision,
-                            config.quantize.block, config.quantize.scheme == "symmetric")
+                            config.quantize.block, config.quantize.scheme == "symmetric",
+                            pair_forms if paired else None)
 
     _check_feasible(spaces_at, budget, sel.rank_step, storage)
     value_bytes = 2 if storage == "fp16" else 4  # float values: what a sparse term is stored in
@@ -151,6 +156,10 @@ def compress_model(
         spectra: dict[str, Spectrum] = {}
         for name in tqdm(selected, desc="factor", unit="layer", disable=not progress):
             spectra[name] = factorizer.spectrum(weights[name], calib.layers[name], config)
+        paired = pair_spectra(pairs, model, calib.layers, config.damping)
+        for name, spec in paired.items():
+            partner = next(p for p in paired if p != name and paired[p].pair == spec.pair)
+            pair_forms[name] = (spec.form, spec.has_bias_delta, partner, spec.max_rank)
         timings["factor_s"] = time.perf_counter() - t1
 
         t2 = time.perf_counter()
@@ -161,12 +170,12 @@ def compress_model(
         scored = config.search.samples if work is None else min(config.search.samples,
                                                                  max(1, math.ceil(work / per_sample)))
         evaluator = Evaluator(model, spectra, caps, holdout, config.metric, scored,
-                              grams, config.quantize, config.token_mask)
+                              grams, config.quantize, config.token_mask, paired)
         allocation = ALLOCATORS[method.allocator].allocate(spaces_at, budget, config, evaluator, progress,
                                                            deadline=deadline)
         alloc, spaces, cands = allocation.ranks, allocation.spaces, allocation.candidates
         precisions = allocation.precisions
-        evaluator.precisions = precisions
+        evaluator.use(spaces)
         chosen_score = evaluator(alloc)
         timings["allocate_s"] = time.perf_counter() - t2
 
@@ -185,6 +194,9 @@ def compress_model(
         fits: dict[str, LayerFit] = {}
         for name, r in tqdm([(n, r) for n, r in alloc.items() if r is not None], desc=factorizer.fit_name,
                             unit="layer", disable=not progress or factorizer.closed_form):
+            if spaces[name].form != "lowrank":  # a pair's layer: its own closed form
+                fits[name] = closed_form_fit(paired[name], r)
+                continue
             fits[name] = factorizer.fit(weights[name], calib.layers[name], spectra[name], r,
                                         spaces[name].value_cost(r, value_bytes), config, value_bytes)
         forced = [n for n in fits if "sparse_k" in sel.overrides.get(n, {})]
@@ -198,6 +210,8 @@ def compress_model(
         tensors, shipped, _ = stored(chosen_fits)
         if method.refinements or storage != "fp32":  # the error of what ships, as stored
             for n, f in shipped.items():
+                if f.form != "lowrank":
+                    continue  # a pair's error needs both layers' statistics: the closed form's stays
                 st = calib.layers[n]
                 f.nmse = nmse(weights[n].to(st.gram.device), f.A.to(st.gram.device),
                               f.B.to(st.gram.device), f.sparse, st.gram, spectra[n].ref)
@@ -206,7 +220,9 @@ def compress_model(
         model.to(orig_device)
         model.train(was_training)
 
-    layers_plan = _layer_records(selected, linears, shapes, alloc, spaces, shipped, spectra, calib, value_bytes)
+    layers_plan = _layer_records(selected, linears, shapes, alloc, spaces, shipped,
+                                 {**spectra, **{n: paired[n] for n in paired if spaces[n].form != "lowrank"}},
+                                 calib, value_bytes)
     before = sum(i.params_before for i in layers_plan.values())
     after = sum(i.params_after for i in layers_plan.values())
     source = dict(source or {})
@@ -274,7 +290,10 @@ def _layer_records(selected: list[str], linears: dict, shapes: dict, alloc: dict
         sp_values = 0 if sp is None else sp.values()
         sp_indices = 0 if sp is None else sp.indices()
         sp_cost = 0 if sp is None else sparse_cost(sp.structure, sp.k, m, n, value_bytes)
-        values = m * n if fit is None else fit.rank * (m + n) + sp_values
+        form = "lowrank" if fit is None else fit.form
+        values = m * n if fit is None else {"lowrank": fit.rank * (m + n), "rows": fit.rank * n,
+                                            "cols": m * fit.rank}[form] + sp_values
+        new_bias = m if fit is not None and fit.bias is not None and lin.bias is None else 0  # a bias it lacked
         stored_bytes = sp_.stored_bytes(None if fit is None else fit.rank)
         layers[name] = LayerPlan(
             shape=[m, n],
@@ -286,8 +305,9 @@ def _layer_records(selected: list[str], linears: dict, shapes: dict, alloc: dict
             nmse=0.0 if fit is None else fit.nmse,
             nmse_closed_form=0.0 if r is None else spectra[name].nmse(r),
             params_before=m * n,
-            params_after=values,
-            cost_params=values if fit is None else fit.rank * (m + n) + sp_cost,
+            params_after=values + new_bias,
+            cost_params=values if fit is None else (fit.rank * (m + n) + sp_cost if form == "lowrank"
+                                                    else values + sp_.extra(fit.rank)),
             cost=sp_.cost(None if fit is None else fit.rank) + (
                 0 if sp is None else (sp_cost if sp_.unit == "params" else sp_values * value_bytes + sp_indices * 4)),
             bytes_after=stored_bytes + sp_values * value_bytes + sp_indices * INDEX_BYTES,
@@ -295,5 +315,24 @@ def _layer_records(selected: list[str], linears: dict, shapes: dict, alloc: dict
             sha256_fp16=weight_fingerprint(lin.weight.detach().half()),
             bias=lin.bias is not None,
             tokens=calib.layers[name].tokens,
+            form=form,
+            pair=getattr(spectra[name], "pair", "") if form != "lowrank" else "",
+            bias_delta=fit is not None and fit.bias is not None,
         )
     return layers
+
+
+def _pairs_of(model: nn.Module, selected: list[str], overrides: dict, config: CompressConfig) -> list:
+    """The pairs of selected layers (none for structure ``lowrank``); a layer with an
+    override is left out of pairs.
+
+    Raises:
+        MixrankError: structure ``pairs`` on a model in which no rule finds a pair.
+    """
+    if config.structure == "lowrank":
+        return {}
+    pairs = find_pairs(model, [n for n in selected if n not in overrides])
+    if not pairs and config.structure == "pairs":
+        raise MixrankError(f"structure='pairs', but no pair of selected layers was found in {type(model).__name__} "
+                           f"(rules: {', '.join(PAIRINGS)}); use structure='auto' or 'lowrank'")
+    return pairs

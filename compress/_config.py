@@ -35,6 +35,7 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
 # the storage precision a legacy ``dtype`` stands for (bfloat16 is not stored by any engine here)
 DTYPE_PRECISION = {"float32": "fp32", "float16": "fp16", "int8": "int8"}
 OVERRIDE_KEYS = ("dense", "rank", "min_rank", "sparse_k")
+STRUCTURES = ("auto", "lowrank", "pairs")
 
 
 def _fraction(name: str, value) -> None:
@@ -128,6 +129,11 @@ class Selection:
             ``sparse_k`` (int).
         rank_step: ranks move in multiples of this (8 suits tensor cores).
         min_rank: rank floor of every compressed layer.
+        structure: ``"lowrank"`` (every layer factored on its own), ``"pairs"`` (layers
+            that form a pair — attention query/key, value/output, an MLP's two layers —
+            shrink their shared dimension instead; `mixrank.compress._pairs`) or ``"auto"``
+            (both are scored end to end, the better ships). ``None``: ``"auto"`` for a
+            method that has pairwise forms (``mixrank``), else ``"lowrank"``.
     """
 
     include: list[str] | None = None
@@ -135,6 +141,7 @@ class Selection:
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     rank_step: int = 8
     min_rank: int = 8
+    structure: str | None = None
 
     def __post_init__(self) -> None:
         for pats in (self.include, self.exclude):
@@ -161,6 +168,8 @@ class Selection:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise MixrankError(f"{name} must be >= 1, got {v}")
+        if self.structure not in (None, *STRUCTURES):
+            raise MixrankError(f"unknown structure {self.structure!r}; choose one of {', '.join(STRUCTURES)}")
 
 
 @dataclass
@@ -225,6 +234,9 @@ class Search:
         groups: probe layers in groups of one role within each of this many spans of the
             depth (a round then costs ~2·roles·groups evaluations instead of 2 per layer);
             0 probes each layer alone.
+        role_scales: before the rounds, each role's fraction of the budget scaled by each
+            of these factors (the other roles share what is left), in two passes; the best
+            start wins if it beats uniform (``()``: off). Costs up to 4·roles evaluations.
     """
 
     rounds: int = 6
@@ -233,8 +245,16 @@ class Search:
     samples: int = 128
     work: int | None = 350_000_000_000
     groups: int = 0
+    role_scales: tuple[float, ...] = (0.6, 1.6)
 
     def __post_init__(self) -> None:
+        try:
+            self.role_scales = tuple(float(v) for v in self.role_scales)
+        except (TypeError, ValueError):
+            raise MixrankError(f"search_role_scales must be a list of positive numbers, got "
+                               f"{self.role_scales!r}") from None
+        if not all(math.isfinite(v) and v > 0 for v in self.role_scales):
+            raise MixrankError(f"search_role_scales must be positive numbers, got {list(self.role_scales)}")
         if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 0:
             raise MixrankError(f"search_rounds must be >= 0, got {self.rounds}")
         if self.work is not None and (isinstance(self.work, bool) or not isinstance(self.work, int)
@@ -273,6 +293,10 @@ class Refine:
             parameters; ``None``: ``distill_steps`` alone bounds it), so that its cost follows
             the model and the data: every one of 230 steps on the digits models, vit_small
             and MiniLM, 39 steps of 16 images of 197 tokens on deit_base.
+        distill_target: what distillation trains on: ``"output"`` (the model's output in
+            ``metric``), ``"tokens"`` (every token of the last repeated block's output) or
+            ``"blocks"`` (every token of every block's output); the held-out batches still
+            judge by the output.
     """
 
     sparse: str = "none"
@@ -288,10 +312,13 @@ class Refine:
     distill_lr: float = 1e-3
     distill_seconds: float | None = None
     distill_work: int | None = None
+    distill_target: str = "blocks"
 
     def __post_init__(self) -> None:
         from ._sparse import SPARSE
 
+        if self.distill_target not in ("output", "tokens", "blocks"):
+            raise MixrankError(f"distill_target must be output, tokens or blocks, got {self.distill_target!r}")
         if self.sparse != "none" and self.sparse not in SPARSE:
             raise MixrankError(f"unknown sparse structure {self.sparse!r}; choose one of "
                                f"{', '.join(('none', *SPARSE.names()))}")
@@ -360,8 +387,8 @@ GENERAL = ("method", "effort", "metric", "damping", "holdout", "token_mask", "de
 # Effort presets (like compression levels): what each fills in, for the settings the user
 # left unset and the method reads. The measured time and error of each: README, "Effort".
 EFFORTS: dict[str, dict[str, Any]] = {
-    "fast": {"search_rounds": 1, "search_evals": 40, "search_groups": 1, "compensate_steps": 0,
-             "sequential": False, "distill_steps": 0},
+    "fast": {"search_rounds": 1, "search_evals": 40, "search_groups": 1, "search_role_scales": (),
+             "compensate_steps": 0, "sequential": False, "distill_steps": 0},
     "balanced": {"search_rounds": 3, "search_evals": 120, "search_groups": 3, "compensate_steps": 0,
                  "sequential": False, "block_steps": 0, "distill_steps": 230,
                  "distill_work": 10_500_000_000_000},
@@ -371,8 +398,9 @@ EFFORTS: dict[str, dict[str, Any]] = {
 # flat names of section fields (the keyword arguments of CompressConfig and format-1 plans)
 FLAT: dict[str, tuple[str, str]] = {
     **{k: ("budget", k) for k in ("keep", "params", "bytes", "dtype")},
-    **{k: ("selection", k) for k in ("include", "exclude", "overrides", "rank_step", "min_rank")},
-    **{f"search_{k}": ("search", k) for k in ("rounds", "evals", "seconds", "samples", "work", "groups")},
+    **{k: ("selection", k) for k in ("include", "exclude", "overrides", "rank_step", "min_rank", "structure")},
+    **{f"search_{k}": ("search", k) for k in ("rounds", "evals", "seconds", "samples", "work", "groups",
+                                               "role_scales")},
     **{k: ("quantize", k) for k in ("precision", "block", "quantizer", "split", "scheme")},
     **{f.name: ("refine", f.name) for f in dataclasses.fields(Refine)},
 }
@@ -529,12 +557,26 @@ class CompressConfig:
         if q.precision == "auto" and self.budget.bytes is None:
             raise MixrankError("precision='auto' chooses precision per layer under a bytes budget; give "
                                "bytes= (on the command line --bytes, e.g. --bytes 0.12x)")
+        if self.selection.structure not in (None, "lowrank") and not method.pairs:
+            users = [m for m in METHODS if METHODS[m].pairs]
+            raise MixrankError(f"structure={self.selection.structure!r} is ignored by method {self.method!r}, which "
+                               f"factors every layer on its own; pairwise forms are read by method "
+                               f"{', '.join(users)}")
         if self.refine.sparse != "none" and self.storage in ("int8", "int4", "auto"):
             raise MixrankError(f"a sparse term is stored in floating point; it does not combine with "
                                f"precision {self.storage!r} (use sparse='none')")
         check_settings(self, method)
 
     # ------------------------------------------------------------------ views
+
+    @property
+    def structure(self) -> str:
+        """``selection.structure``, with ``None`` resolved for the method."""
+        from ._methods import METHODS
+
+        if self.selection.structure is not None:
+            return self.selection.structure
+        return "auto" if METHODS[self.method].pairs else "lowrank"
 
     @property
     def storage(self) -> str:

@@ -1,7 +1,7 @@
 """End-to-end distillation of the factors: the last refinement (``distill``).
 
-All factors of the compressed model (``A``, ``B`` and the sparse values; supports,
-ranks, biases and every other weight fixed) move jointly by Adam so that the
+All factors of the compressed model (``A``, ``B``, the sparse values and a pair's
+bias delta; supports, selections, ranks, original biases and every other weight fixed) move jointly by Adam so that the
 compressed model's output matches the original's on the calibration batches, in the
 metric that scores allocations (normalised MSE of the output by default). The
 earlier stages fit each layer, then each block, to the original; only this one sees
@@ -19,11 +19,12 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from . import _dist
-from ._batches import batch_size, model_output, move_batch, slice_batch
+from ._batches import batch_size, mask_tokens, model_output, move_batch, run_model, slice_batch
 from ._fit import LayerFit
 from ._optim import Schedule, descend
 from ._refine import REFINEMENTS, Outcome, Refinement
 from ._scoring import loss_normaliser, output_loss, output_loss_sum
+from ._select import block_sequence
 
 CHUNK_TOKENS = 2048  # rows of a step go through the model in pieces of at most this many tokens
 
@@ -43,6 +44,7 @@ def distill(
     stored: dict[str, tuple] | None = None,
     token_mask: str | None = None,
     tokens_per_sample: int = 1,
+    target: str = "output",
 ) -> tuple[dict[str, LayerFit], dict]:
     """Refine ``fits`` end to end.
 
@@ -65,6 +67,11 @@ def distill(
             goes through the model in pieces of at most `CHUNK_TOKENS` tokens, their
             gradients summed, so that the activations kept for the backward pass stay
             small on large models (deit_base: 16 images of 197 tokens per step).
+        target: what the steps train on: ``"output"`` (the model's output, in
+            ``metric``) or ``"tokens"`` (every token of the last repeated block's output,
+            normalised MSE, padding excluded: a sentence encoder's pooled embedding gives
+            one target row per text, its last block one per token). The held-out batches
+            always judge by the output in ``metric``.
 
     Returns:
         (fits at the best held-out iterate, a record: start and best held-out error,
@@ -79,14 +86,14 @@ def distill(
         p.requires_grad_(False)
     try:
         return _distill(model, comp, fits, train, held, metric, steps, lr, max_seconds, progress, patience,
-                        max_backoffs, stored, token_mask, tokens_per_sample, dev)
+                        max_backoffs, stored, token_mask, tokens_per_sample, dev, target)
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
 
 
 def _distill(model, comp, fits, train, held, metric, steps, lr, max_seconds, progress, patience, max_backoffs,
-             stored, token_mask, tokens_per_sample, dev):
+             stored, token_mask, tokens_per_sample, dev, target):
     from ._factored import FactoredLinear, _set_module, factored_from_fit, fit_from_factored
 
     mods: dict[str, FactoredLinear] = {}
@@ -97,17 +104,19 @@ def _distill(model, comp, fits, train, held, metric, steps, lr, max_seconds, pro
             fl.bias.requires_grad_(False)
         _set_module(comp, name, fl)
         mods[name] = fl
-    params = [p for m in mods.values() for p in (m.A, m.B, m.sparse_value) if p is not None]
+    params = [p for m in mods.values() for p in (m.A, m.B, m.sparse_value, m.bias_delta) if p is not None]
     sizes = [batch_size(b) for b in held]
     # under torchrun each step's batch is split by rows and each rank's loss is normalised by
     # the whole batch, so the summed gradients are one process's; held-out batches are shared out
     parts = [_dist.row_split(move_batch(b, dev), batch_size(b)) for b in train]
     local_held = _dist.shard(held)
     held = {i: move_batch(held[i], dev) for i in local_held}
+    trained = _trained_output(target, model, list(fits), token_mask)
+    train_metric = metric if target == "output" else "mse"
     with torch.no_grad():
-        ref_train = [model_output(model, b, token_mask).detach() for b, _ in parts]
+        ref_train = [trained(model, b).detach() for b, _ in parts]
         ref_held = {i: model_output(model, b, token_mask).detach() for i, b in held.items()}
-    norms = [_dist.all_reduce_sum_(loss_normaliser(r, n, metric).reshape(1))
+    norms = [_dist.all_reduce_sum_(loss_normaliser(r, n, train_metric).reshape(1))
              for r, (_, n) in zip(ref_train, parts, strict=True)]
     rows = max(1, CHUNK_TOKENS // max(tokens_per_sample, 1))
 
@@ -115,13 +124,13 @@ def _distill(model, comp, fits, train, held, metric, steps, lr, max_seconds, pro
         i = step % len(parts)
         b, n = parts[i]
         if n <= rows and not _dist.active():
-            return output_loss(model_output(comp, b, token_mask), ref_train[i], metric)
+            return output_loss(trained(comp, b), ref_train[i], train_metric)
         # pieces of the batch, each backpropagated at once; the sum is returned detached
         total = torch.zeros((), dtype=torch.float64, device=dev)
         for lo in range(0, n, rows):
             hi = min(n, lo + rows)
-            y = model_output(comp, slice_batch(b, lo, hi, n), token_mask)
-            part = output_loss_sum(y, ref_train[i][lo:hi], metric) / norms[i][0]
+            y = trained(comp, slice_batch(b, lo, hi, n))
+            part = output_loss_sum(y, ref_train[i][lo:hi], train_metric) / norms[i][0]
             part.backward()
             total += part.detach()
         return total
@@ -151,18 +160,44 @@ def _distill(model, comp, fits, train, held, metric, steps, lr, max_seconds, pro
     return out, record
 
 
+def _trained_output(target: str, model: nn.Module, layers: list[str], token_mask: str | None):
+    """``f(model, batch)``: the tensor the distillation steps train on (the model's output
+    where the layers are not all in one repeated-block container)."""
+    found = None if target == "output" else block_sequence(model, layers)
+    if found is None:
+        return lambda m, b: model_output(m, b, token_mask)
+    seq = found[0]
+
+    def block_outputs(m: nn.Module, b) -> torch.Tensor:
+        box = []
+        blocks = m.get_submodule(seq)
+        which = [len(blocks) - 1] if target == "tokens" else range(len(blocks))
+        hooks = [blocks[j].register_forward_hook(
+            lambda _m, _a, out: box.append(out[0] if isinstance(out, (tuple, list)) else out)) for j in which]
+        try:
+            run_model(m, b)
+        finally:
+            for h in hooks:
+                h.remove()
+        return mask_tokens(torch.cat(box, -1), b, token_mask)  # (batch, tokens, width · blocks)
+
+    return block_outputs
+
+
 @REFINEMENTS.register("distill")
 class Distill(Refinement):
     """All factors tuned jointly on the model's output (`distill`)."""
 
-    settings = ("refine.distill_steps", "refine.distill_lr", "refine.distill_seconds", "refine.distill_work")
+    settings = ("refine.distill_steps", "refine.distill_lr", "refine.distill_seconds", "refine.distill_work",
+                "refine.distill_target")
     switch = "distill_steps"
 
     def run(self, ctx, fits, chosen):
         cfg = ctx.config
         out, rec = distill(ctx.model, fits, ctx.train, ctx.held, cfg.metric, _steps(ctx),
                            cfg.refine.distill_lr, _cap(ctx, cfg.refine.distill_seconds), progress=ctx.progress,
-                           token_mask=cfg.token_mask, tokens_per_sample=int(ctx.tokens_per_sample))
+                           token_mask=cfg.token_mask, tokens_per_sample=int(ctx.tokens_per_sample),
+                           target=cfg.refine.distill_target)
         _note(ctx, "distill", rec)
         return Outcome(chosen + "+distill", out, rec)
 
@@ -174,7 +209,8 @@ class QuantAwareDistill(Refinement):
     applies when some layer is stored as int8/int4, and ships only if the stored model's
     held-out error falls."""
 
-    settings = ("refine.distill_steps", "refine.distill_lr", "refine.distill_seconds", "refine.distill_work")
+    settings = ("refine.distill_steps", "refine.distill_lr", "refine.distill_seconds", "refine.distill_work",
+                "refine.distill_target")
 
     def enabled(self, config) -> bool:
         return config.refine.distill_steps > 0 and config.storage in ("int8", "int4", "auto")
@@ -187,7 +223,8 @@ class QuantAwareDistill(Refinement):
             return Outcome("quantization-aware distill", None, note="not applicable: no layer is stored as an integer")
         out, rec = distill(ctx.model, fits, ctx.train, ctx.held, cfg.metric, _steps(ctx),
                            cfg.refine.distill_lr, _cap(ctx, cfg.refine.distill_seconds), progress=ctx.progress,
-                           stored=stored, token_mask=cfg.token_mask, tokens_per_sample=int(ctx.tokens_per_sample))
+                           stored=stored, token_mask=cfg.token_mask, tokens_per_sample=int(ctx.tokens_per_sample),
+                           target=cfg.refine.distill_target)
         _note(ctx, "qdistill", rec)
         return Outcome(chosen + "+qdistill", out, rec)
 

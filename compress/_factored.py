@@ -7,37 +7,53 @@ import os
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ._errors import MixrankError
 from ._factors import Factors, load_factors, weight_fingerprint
+from ._pairs import form_forward
 from ._sparse import SPARSE
-from ._storage import read_back
+from ._storage import read_back, read_factors
 
 
 class FactoredLinear(nn.Module):
     """``y = (x Bᵀ) Aᵀ + x Sᵀ + b``: a Linear layer as two thin matmuls plus a sparse
-    path.
+    path; for a layer of a pair (`mixrank.compress._pairs`) one of the two is a
+    selection: form ``rows`` computes only the outputs ``index`` (``y[..., index] = x
+    Bᵀ``, the others zero before the bias), form ``cols`` reads only the inputs ``index``
+    (``y = x[..., index] Aᵀ``).
 
     Args:
-        A: (out, rank) factor.
-        B: (rank, in) factor.
-        bias: (out,) or ``None``.
+        A: (out, rank) factor (for ``rows``: the selection, only its shape is used).
+        B: (rank, in) factor (for ``cols``: the selection).
+        bias: (out,) or ``None``: the original bias (a distillation keeps it).
         sparse_structure: ``"none"`` or a registered structure (`SPARSE`) whose
             ``sparse_index`` and ``sparse_value`` (out, k) are given.
+        form: ``"lowrank"``, ``"rows"`` or ``"cols"``; ``index``: (rank,) their rows or
+            columns.
+        bias_delta: (out,) added to the bias (a pair's new bias), or ``None``.
     """
 
     def __init__(self, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None = None,
                  sparse_structure: str = "none", sparse_index: torch.Tensor | None = None,
-                 sparse_value: torch.Tensor | None = None):
+                 sparse_value: torch.Tensor | None = None, form: str = "lowrank",
+                 index: torch.Tensor | None = None, bias_delta: torch.Tensor | None = None):
         super().__init__()
         if A.ndim != 2 or B.ndim != 2 or A.shape[1] != B.shape[0]:
             raise ValueError(f"incompatible factors A{tuple(A.shape)} B{tuple(B.shape)}")
-        self.A = nn.Parameter(A.detach().clone())
-        self.B = nn.Parameter(B.detach().clone())
+        if form not in ("lowrank", "rows", "cols") or (form != "lowrank") != (index is not None):
+            raise ValueError(f"form {form!r} needs an index exactly when it is rows or cols")
+        self.form = form
+        self.A = None if form == "rows" else nn.Parameter(A.detach().clone())
+        self.B = None if form == "cols" else nn.Parameter(B.detach().clone())
+        if index is not None:
+            self.register_buffer("index", index.detach().to(device=B.device, dtype=torch.long).clone())
+        else:
+            self.index = None
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self.bias_delta = None if bias_delta is None else nn.Parameter(bias_delta.detach().to(B).clone())
         self.in_features = B.shape[1]
         self.out_features = A.shape[0]
+        self._rank = B.shape[0]
         self.sparse_structure = sparse_structure
         if sparse_structure != "none":
             self.register_buffer("sparse_index", sparse_index.detach().to(torch.int32).clone())
@@ -48,25 +64,35 @@ class FactoredLinear(nn.Module):
 
     @property
     def rank(self) -> int:
-        return self.B.shape[0]
+        return self._rank
 
     fake_quant: tuple | None = None  # (precision, Quantize): train through the stored rounding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         A, B = self.A, self.B
         if self.fake_quant is not None:
-            from ._quant import rebalanced_ste
+            from ._quant import rebalanced_ste, ste
 
-            A, B = rebalanced_ste(A, B, *self.fake_quant)
-        y = F.linear(F.linear(x, B), A)  # (..., r) -> (..., m)
+            p, q = self.fake_quant
+            sym = q.scheme == "symmetric"
+            if self.form == "lowrank":
+                A, B = rebalanced_ste(A, B, p, q)
+            elif self.form == "rows":
+                B = ste(B, p, q.block, sym)
+            else:
+                A = ste(A, p, q.block, sym)
+        y = form_forward(x, self.form, A, B, self.index, self.out_features)  # (..., r) -> (..., m)
         if self.sparse_structure != "none":
             y = y + SPARSE[self.sparse_structure].apply(x, self.sparse_index.long(), self.sparse_value)
+        if self.bias_delta is not None:
+            y = y + self.bias_delta
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         sp = "" if self.sparse_structure == "none" else \
             f", sparse={self.sparse_structure}x{self.sparse_value.shape[1]}"
-        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}{sp}"
+        form = "" if self.form == "lowrank" else f", form={self.form}"
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}{form}{sp}"
 
 
 def factored_from_fit(fit, lin: nn.Module) -> FactoredLinear:
@@ -75,18 +101,21 @@ def factored_from_fit(fit, lin: nn.Module) -> FactoredLinear:
     w, sp = lin.weight, fit.sparse
     return FactoredLinear(fit.A.to(w), fit.B.to(w), lin.bias, "none" if sp is None else sp.structure,
                           None if sp is None else sp.index.to(w.device),
-                          None if sp is None else sp.value.to(w))
+                          None if sp is None else sp.value.to(w), fit.form,
+                          None if fit.index is None else fit.index.to(w.device),
+                          None if fit.bias is None else fit.bias.to(w))
 
 
 def fit_from_factored(mod: FactoredLinear, old):
-    """The `LayerFit` of ``mod``'s current values (CPU float32; the sparse support, NMSE
-    and history from ``old``)."""
-    from ._fit import LayerFit
-
+    """The `LayerFit` of ``mod``'s current values (CPU float32; the sparse support, the
+    selection of a pair's layer, NMSE and history from ``old``)."""
     sp = old.sparse
     if sp is not None:
         sp = type(sp)(sp.structure, sp.index, mod.sparse_value.detach().cpu().float())
-    return LayerFit(mod.A.detach().cpu().float(), mod.B.detach().cpu().float(), sp, old.nmse, old.history)
+    A = old.A if mod.A is None else mod.A.detach().cpu().float()
+    B = old.B if mod.B is None else mod.B.detach().cpu().float()
+    bias = None if mod.bias_delta is None else mod.bias_delta.detach().cpu().float()
+    return old.replace(A=A, B=B, sparse=sp, bias=bias)
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -142,13 +171,17 @@ def apply_factors(
     for name in factors.factored_layers():
         lin, info = out.get_submodule(name), factors.layers[name]
         dev, dt = lin.weight.device, lin.weight.dtype
-        A = read_back(t, f"{name}.A", info.rank, info.precision).to(dev, dt)
-        B = read_back(t, f"{name}.B", info.shape[1], info.precision).to(dev, dt)
+        A, B = (f.to(dev, dt) for f in read_factors(t, name, info))
         structure = info.sparse.structure
+        idx = val = None
         if structure != "none":
             idx = factors.tensors[f"{name}.sparse_index"].to(dev)
             val = factors.tensors[f"{name}.sparse_value"].to(dev, dt)
-            _set_module(out, name, FactoredLinear(A, B, lin.bias, structure, idx, val))
-        else:
-            _set_module(out, name, FactoredLinear(A, B, lin.bias))
+        form = info.form or "lowrank"
+        index = None if form == "lowrank" else t[f"{name}.index"].to(dev)
+        bias = lin.bias
+        delta = t.get(f"{name}.bias_delta")
+        if delta is not None:  # a pair's new bias: one bias, as the engine adds it
+            bias = delta.to(dev, dt) if bias is None else bias.detach() + delta.to(dev, dt)
+        _set_module(out, name, FactoredLinear(A, B, bias, structure, idx, val, form, index))
     return out

@@ -22,8 +22,15 @@ class LayerFit:
 
     Attributes:
         A: (m, r) float32. B: (r, n) float32. sparse: the sparse term or ``None``.
-        nmse: ``tr(E G Eᵀ) / tr(W G Wᵀ)`` in the undamped metric.
+        nmse: ``tr(E G Eᵀ) / tr(W G Wᵀ)`` in the undamped metric; for a layer of a pair
+            (`mixrank.compress._pairs`), the pair's relative error.
         history: NMSE after the closed form and after each accepted refinement.
+        form: ``"lowrank"``, or for a layer of a pair ``"rows"`` (A is the selection of
+            the kept output rows ``index``) or ``"cols"`` (B selects the input columns
+            ``index``); the selection is held as a 0/1 matrix and stored as the index.
+        index: (r,) int64 kept rows or columns (``rows``/``cols`` only).
+        bias: (m,) float32 added to the layer's bias (the new bias of a pair's layer),
+            or ``None``.
     """
 
     A: torch.Tensor
@@ -31,6 +38,20 @@ class LayerFit:
     sparse: SparseTerm | None
     nmse: float
     history: list[float] = field(default_factory=list)
+    form: str = "lowrank"
+    index: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+    @property
+    def trainable(self) -> list[str]:
+        """The factors a gradient refinement may move (a selection never moves)."""
+        return {"lowrank": ["A", "B"], "rows": ["B"], "cols": ["A"]}[self.form]
+
+    def replace(self, **kw) -> LayerFit:
+        """A copy with some fields changed (the form, index and bias kept)."""
+        from dataclasses import replace
+
+        return replace(self, **kw)
 
     @property
     def rank(self) -> int:
@@ -44,10 +65,14 @@ class LayerFit:
 
 
 def closed_form_fit(spec: Spectrum, rank: int) -> LayerFit:
-    """The rank-``rank`` factors of a spectrum as a `LayerFit`."""
+    """The rank-``rank`` factors of a spectrum as a `LayerFit` (a pair's layer with its
+    form, index and bias delta)."""
     A, B = spec.factors(rank)
     e = spec.nmse(rank)
-    return LayerFit(A, B, None, e, [e])
+    form = getattr(spec, "form", "lowrank")
+    if form == "lowrank":
+        return LayerFit(A, B, None, e, [e])
+    return LayerFit(A, B, None, e, [e], form, spec.index[:rank].clone(), spec.bias(rank))
 
 
 def nmse(W: torch.Tensor, fit_A, fit_B, sparse: SparseTerm | None, G: torch.Tensor,

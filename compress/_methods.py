@@ -24,6 +24,7 @@ class Method:
     factorizer: str
     allocator: str = "uniform"
     refinements: tuple[str, ...] = ()
+    pairs: bool = False  # offers the pairwise forms (selection.structure)
 
     def settings(self) -> set[str]:
         """Every setting its components read (``"damping"``, ``"search.evals"``, ...)."""
@@ -34,7 +35,8 @@ class Method:
 
 
 METHODS: Registry[Method] = Registry("method")
-METHODS.add("mixrank", Method("whiten", "search", ("sparse", "compensate", "sequential", "distill", "qdistill")))
+METHODS.add("mixrank", Method("whiten", "search", ("sparse", "compensate", "sequential", "distill", "qdistill"),
+                              pairs=True))
 METHODS.add("whiten", Method("whiten"))
 METHODS.add("svd", Method("svd"))
 METHODS.add("asvd", Method("asvd"))
@@ -47,7 +49,7 @@ def optional_settings() -> tuple[str, ...]:
     metric, holdout, token_mask, device, seed, search.samples, search.work) matters to every method."""
     from ._config import Refine
 
-    return ("damping", "search.rounds", "search.evals", "search.seconds", "search.groups",
+    return ("damping", "search.rounds", "search.evals", "search.seconds", "search.groups", "search.role_scales",
             *(f"refine.{f.name}" for f in dataclasses.fields(Refine)))
 
 

@@ -17,8 +17,8 @@ from typing import Any, ClassVar
 
 from ._errors import MixrankError
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # 3: pairwise forms (form, index, bias_delta); 2 and 1 read as all low rank
+READABLE_VERSIONS = (1, 2, 3)
 
 
 class Record(dict):
@@ -124,7 +124,7 @@ class LayerPlan(Record):
     """One selected layer: dense, or factored at ``rank`` (plus a sparse term)."""
 
     _nested: ClassVar[dict[str, type]] = {"sparse": SparsePlan}
-    _zeros: ClassVar[dict[str, Any]] = {"precision": "fp32"}
+    _zeros: ClassVar[dict[str, Any]] = {"precision": "fp32", "form": "lowrank"}
 
     shape: list[int]
     """(out, in) of the original weight."""
@@ -153,6 +153,16 @@ class LayerPlan(Record):
     bias: bool
     tokens: int
     """Calibration tokens summed into the layer's Gram matrix."""
+    form: str
+    """``lowrank`` (``A B``; also what an older file's empty value means), or for a layer
+    of a pair ``rows`` (only ``rank`` output rows computed: ``<name>.B`` and
+    ``<name>.index``) or ``cols`` (only ``rank`` input columns read: ``<name>.A`` and
+    ``<name>.index``)."""
+    pair: str
+    """The pair a ``rows``/``cols`` layer belongs to, ``kind:first+second`` (``""``: none);
+    its ``nmse`` is then the pair's relative error, the same for both layers."""
+    bias_delta: bool
+    """Whether ``<name>.bias_delta`` (added to the original bias) is stored."""
 
 
 @dataclass(eq=False)

@@ -165,8 +165,9 @@ class SparseSplit(Refinement):
         return config.refine.sparse != "none" and (config.refine.sparse_splits > 0 or has_sparse_k(config))
 
     def run(self, ctx, fits, chosen):
-        out = {n: split_layer(ctx, n) for n in tqdm(list(fits), desc=f"sparse ({ctx.config.refine.sparse})",
-                                                    unit="layer", disable=not ctx.progress)}
+        out = {n: split_layer(ctx, n) if fits[n].form == "lowrank" else fits[n]
+               for n in tqdm(list(fits), desc=f"sparse ({ctx.config.refine.sparse})", unit="layer",
+                             disable=not ctx.progress)}
         return Outcome(f"sparse_{ctx.config.refine.sparse}", out)
 
 
@@ -181,6 +182,9 @@ class Compensate(Refinement):
         r = ctx.config.refine
         out = {}
         for n in tqdm(list(fits), desc="compensate", unit="layer", disable=not ctx.progress):
+            if fits[n].form != "lowrank":  # a pair's layers: its error is not the layer's own
+                out[n] = fits[n]
+                continue
             out[n] = compensate(fits[n], ctx.weights[n], ctx.calib.layers[n].gram, ctx.spectra[n].ref,
                                 r.compensate_steps, r.compensate_lr, ctx.config.damping)
         return Outcome(chosen + "+compensate", out)

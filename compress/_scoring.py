@@ -15,8 +15,9 @@ from . import _dist
 from ._batches import batch_size, limit_samples, model_output, move_batch, run_model
 from ._errors import MixrankError
 from ._factor import Spectrum
+from ._pairs import form_forward
 from ._select import block_sequence
-from ._storage import store_pair, store_weight
+from ._storage import store_form, store_pair, store_weight
 
 
 def _finite(batch) -> bool:
@@ -77,8 +78,10 @@ class _SwitchLinear(nn.Module):
 
     CACHE = 8  # stored variants kept per layer (a search revisits a few ranks)
 
-    def __init__(self, lin: nn.Linear, spec: Spectrum, cap: int, gram=None, quant=None):
+    def __init__(self, lin: nn.Linear, spec: Spectrum, cap: int, gram=None, quant=None, paired=None):
         super().__init__()
+        self.paired = paired  # the layer's `PairedSpectrum` when it belongs to a pair
+        self.form = "lowrank"
         dev, dt = lin.weight.device, lin.weight.dtype
         self.weight = lin.weight
         self.bias = lin.bias
@@ -91,11 +94,21 @@ class _SwitchLinear(nn.Module):
         self.fit: tuple | None = None  # (A, B, sparse) overriding the rank switch when set
 
     def _stored(self, r: int | None, p: str) -> tuple:
-        """(A, B) or (W,) read back at precision ``p`` (cached, oldest dropped first)."""
-        key = (r, p)
+        """(A, B) or (W,) read back at precision ``p`` — (A, B, bias delta) for a pair's
+        form — (cached, oldest dropped first)."""
+        key = (r, p, self.form if r is not None else "lowrank")
         if key not in self.stored:
             dev, dt = self.weight.device, self.weight.dtype
-            if r is None:
+            if r is not None and self.form != "lowrank":
+                from ._fit import closed_form_fit
+
+                fit = closed_form_fit(self.paired, r)
+                if p == "fp32":
+                    A, B = fit.A, fit.B
+                else:
+                    _, A, B = store_form(fit, p, self.quant, self._gram())
+                val = _form_state(fit.replace(A=A, B=B), dev, dt)
+            elif r is None:
                 val = (store_weight(self.weight.detach(), p, self.quant, self._gram())[1].to(dev, dt),)
             else:
                 _, A, B = store_pair(self.us[:, :r], self.vt[:r], p, self.quant, self._gram())
@@ -121,16 +134,23 @@ class _SwitchLinear(nn.Module):
         sp = fit.sparse
         if sp is not None:
             sp = type(sp)(sp.structure, sp.index.to(dev), sp.value.to(dev, dt))
-        self.fit = (fit.A.to(dev, dt), fit.B.to(dev, dt), sp)
+        self.fit = (*_form_state(fit, dev, dt), sp)
+
+    def _forms(self, x, state):
+        form, A, B, index, delta = state
+        y = form_forward(x, form, A, B, index, self.weight.shape[0])
+        return y if delta is None else y + delta
 
     def forward(self, x):
         if self.fit is not None:
             if self.fit[0] == "dense":  # a dense weight as stored
                 return F.linear(x, self.fit[1], self.bias)
-            A, B, sp = self.fit
-            y = F.linear(F.linear(x, B), A)
-            if sp is not None:
-                y = y + sp.apply(x)
+            y = self._forms(x, self.fit[:5])
+            if self.fit[5] is not None:
+                y = y + self.fit[5].apply(x)
+            return y if self.bias is None else y + self.bias
+        if self.rank is not None and self.form != "lowrank":  # a pair's form
+            y = self._forms(x, self._stored(self.rank, self.precision))
             return y if self.bias is None else y + self.bias
         if self.rank is None:
             W = self.weight if self.precision == "fp32" else self._stored(None, self.precision)[0]
@@ -141,6 +161,14 @@ class _SwitchLinear(nn.Module):
             A, B = self._stored(self.rank, self.precision)
             y = F.linear(F.linear(x, B), A)
         return y if self.bias is None else y + self.bias
+
+
+def _form_state(fit, dev, dt) -> tuple:
+    """(form, A, B, index, bias delta) of a `LayerFit` on ``dev`` in ``dt`` (the selection
+    factor of a pair's layer is not needed: ``index`` stands for it)."""
+    need = fit.trainable
+    return (fit.form, fit.A.to(dev, dt) if "A" in need else None, fit.B.to(dev, dt) if "B" in need else None,
+            None if fit.index is None else fit.index.to(dev), None if fit.bias is None else fit.bias.to(dev, dt))
 
 
 class Evaluator:
@@ -154,7 +182,8 @@ class Evaluator:
 
     def __init__(self, model: nn.Module, spectra: dict[str, Spectrum], caps: dict[str, int],
                  batches: list, metric: str, max_samples: int | None = None,
-                 grams: dict[str, torch.Tensor] | None = None, quant=None, token_mask: str | None = None):
+                 grams: dict[str, torch.Tensor] | None = None, quant=None, token_mask: str | None = None,
+                 paired: dict | None = None):
         self.model = copy.deepcopy(model).eval()
         self.token_mask = token_mask
         self.device = next(self.model.parameters()).device
@@ -174,10 +203,12 @@ class Evaluator:
                 raise MixrankError(f"the model's output on held-out calibration batch {i} holds NaN or Inf "
                                    "values; check the model's weights and the calibration data")
         self.precisions: dict[str, str] = {}
+        self.forms: dict[str, str] = {}  # layer -> form ("lowrank" where absent)
         seq = block_sequence(self.model, list(spectra))  # before the Linears become switches
         for name, spec in spectra.items():
             sw = _SwitchLinear(self.model.get_submodule(name), spec, caps[name],
-                               None if grams is None else functools.partial(grams.__getitem__, name), quant)
+                               None if grams is None else functools.partial(grams.__getitem__, name), quant,
+                               (paired or {}).get(name))
             parent, _, child = name.rpartition(".")
             setattr(self.model.get_submodule(parent) if parent else self.model, child, sw)
             self.switches[name] = sw
@@ -188,8 +219,13 @@ class Evaluator:
         self.base: dict | None = None  # layer -> (rank, precision) whose block outputs are cached
         self.outputs: list[list] = []  # outputs[j][i]: block j's output on held-out batch i, at the base
 
+    def use(self, spaces: dict) -> None:
+        """Score at the precision and form of each layer's `LayerSpace`."""
+        self.precisions = {n: sp.precision for n, sp in spaces.items()}
+        self.forms = {n: sp.form for n, sp in spaces.items()}
+
     def _state(self, alloc: dict[str, int | None]) -> dict:
-        return {n: (r, self.precisions.get(n, "fp32")) for n, r in alloc.items()}
+        return {n: (r, self.precisions.get(n, "fp32"), self.forms.get(n, "lowrank")) for n, r in alloc.items()}
 
     def set_base(self, alloc: dict[str, int | None]) -> None:
         """Cache every block's output on the held-out batches at ``alloc``, so that an
@@ -226,9 +262,11 @@ class Evaluator:
         for name, r in alloc.items():
             self.switches[name].rank = r
             self.switches[name].precision = self.precisions.get(name, "fp32")
+            self.switches[name].form = self.forms.get(name, "lowrank")
 
     def __call__(self, alloc: dict[str, int | None]) -> float:
-        key = tuple(sorted((n, r, self.precisions.get(n, "fp32")) for n, r in alloc.items()))
+        key = tuple(sorted((n, r, self.precisions.get(n, "fp32"), self.forms.get(n, "lowrank"))
+                           for n, r in alloc.items()))
         if key in self.cache:
             return self.cache[key]
         self._set(alloc)
@@ -241,7 +279,7 @@ class Evaluator:
         """Score explicit per-layer fits, used as given: a `LayerFit`, or a tensor for a
         dense weight as stored (layers absent from ``fits`` stay dense at full precision)."""
         for name, sw in self.switches.items():
-            sw.rank, sw.precision = None, "fp32"
+            sw.rank, sw.precision, sw.form = None, "fp32", "lowrank"
             sw.set_fit(fits.get(name))
         try:
             return self._score()

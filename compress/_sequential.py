@@ -177,7 +177,7 @@ def _reconstruct_block(blk: nn.Module, h_c: list, h_o_next: list, kws: list, ste
     params = []
     for m in blk.modules():
         if isinstance(m, FactoredLinear):
-            for p in (m.A, m.B, m.sparse_value):
+            for p in (m.A, m.B, m.sparse_value, m.bias_delta):
                 if p is not None:
                     params.append(p)
     if not params:
@@ -220,6 +220,8 @@ class Sequential(Refinement):
 
         def refit(name: str, Wt: torch.Tensor, Gcc: torch.Tensor) -> LayerFit:
             b = fits[name]
+            if b.form != "lowrank":
+                return b  # a pair's layer: the refit is per layer, the pair's closed form stays
             sp = b.sparse
             f = fit_layer(Wt, Gcc, b.rank, "none" if sp is None else sp.structure,
                           0 if sp is None else sp.k, cfg.damping, r.alternate)

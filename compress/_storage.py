@@ -13,6 +13,11 @@ float32/float16, or ``<name>.<role>.codes`` (uint8, one code per byte, (N, block
 block)), ``<name>.<role>.scale`` (float32, (N, blocks)) and ``<name>.<role>.zero_point``
 (uint8, (N, blocks)) for int8/int4, with N the output rows and K = the role's
 reduction axis: n for ``B`` and ``W``, the rank for ``A``.
+
+A layer of a pair (`mixrank.compress._pairs`) stores one factor: ``B`` for the form
+``rows``, ``A`` for ``cols``, under the same names, plus ``<name>.index`` (int32, the kept
+output rows or input columns) and, where its bias changes, ``<name>.bias_delta``
+(float32, (m,), added to the original bias).
 """
 
 from __future__ import annotations
@@ -54,19 +59,40 @@ def store_pair(A: torch.Tensor, B: torch.Tensor, precision: str, quant, G: torch
     return {**_qt("A", qA), **_qt("B", qB)}, qA.dequantize(), Bd
 
 
-def store_weight(W: torch.Tensor, precision: str, quant, G: torch.Tensor | None = None
+def store_weight(W: torch.Tensor, precision: str, quant, G: torch.Tensor | None = None, role: str = "W"
                  ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Store a dense weight ``W`` (m, n) at ``precision`` (``{}`` for fp32: the graph keeps
-    the original). Returns (tensors by role suffix, W read back)."""
+    """Store a weight ``W`` (N, K) at ``precision`` under ``role`` (``{}`` for a dense
+    layer's ``W`` at fp32: the graph keeps the original). Returns (tensors by role suffix,
+    W read back)."""
     if precision == "fp32":
-        return {}, W.float()
+        return ({} if role == "W" else {role: W.float()}), W.float()
     if precision == "fp16":
         Wh = W.half()
-        return {"W": Wh}, Wh.float()
+        return {role: Wh}, Wh.float()
     qW = quantize(W, INT_BITS[precision], quant.block, _gram(None if G is None else G.to(W.device),
                                                               quant.quantizer),
                   symmetric=quant.scheme == "symmetric")
-    return _qt("W", qW), qW.dequantize()
+    return _qt(role, qW), qW.dequantize()
+
+
+def store_form(fit, precision: str, quant, G: torch.Tensor | None = None
+               ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Store a pair's layer (form ``rows`` or ``cols``): its one factor at ``precision``
+    (``B`` over the layer's inputs, Gram ``G``; ``A`` over the kept columns, Gram
+    ``G[idx, idx]``), the index and the bias delta. Returns (tensors by suffix, A read
+    back, B read back), the selection factor as given."""
+    idx = fit.index.long()
+    if fit.form == "rows":
+        stored, B = store_weight(fit.B, precision, quant, G, role="B")
+        A = fit.A
+    else:
+        Gs = None if G is None else G.to(idx.device)[idx][:, idx]
+        stored, A = store_weight(fit.A, precision, quant, Gs, role="A")
+        B = fit.B
+    stored["index"] = fit.index.to(torch.int32)
+    if fit.bias is not None:
+        stored["bias_delta"] = fit.bias.float()
+    return stored, A.float(), B.float()
 
 
 def _qt(role: str, q: QTensor) -> dict[str, torch.Tensor]:
@@ -84,6 +110,35 @@ def read_back(tensors: dict[str, torch.Tensor], key: str, k: int, precision: str
     if precision in ("fp32", "fp16"):
         return tensors[key].float()
     return stored_qtensor(tensors, key, k, precision).dequantize()
+
+
+def selection(index: torch.Tensor, size: int, form: str) -> torch.Tensor:
+    """The 0/1 selection factor of a pair's layer: (size, r) for ``rows`` (A: output row
+    ``index[j]`` is component j), (r, size) for ``cols`` (B: component j reads input
+    ``index[j]``)."""
+    r = index.numel()
+    idx = index.long()
+    if form == "rows":
+        E = torch.zeros(size, r)
+        E[idx, torch.arange(r)] = 1.0
+        return E
+    E = torch.zeros(r, size)
+    E[torch.arange(r), idx] = 1.0
+    return E
+
+
+def read_factors(tensors: dict[str, torch.Tensor], name: str, info) -> tuple[torch.Tensor, torch.Tensor]:
+    """A factored layer's (A, B) as stored, float32 (a pair's selection as its 0/1 matrix).
+    ``info`` is the layer's plan record."""
+    m, n = info.shape
+    form = info.form or "lowrank"
+    if form == "lowrank":
+        return (read_back(tensors, f"{name}.A", info.rank, info.precision),
+                read_back(tensors, f"{name}.B", n, info.precision))
+    idx = tensors[f"{name}.index"]
+    if form == "rows":
+        return selection(idx, m, "rows"), read_back(tensors, f"{name}.B", n, info.precision)
+    return read_back(tensors, f"{name}.A", info.rank, info.precision), selection(idx, n, "cols")
 
 
 def realize(fits: dict, dense: dict[str, str], precisions: dict[str, str], quant,
@@ -106,6 +161,11 @@ def realize(fits: dict, dense: dict[str, str], precisions: dict[str, str], quant
     tensors, read, read_dense = {}, {}, {}
     for name, f in fits.items():
         p = precisions.get(name, "fp32")
+        if f.form != "lowrank":
+            stored, A, B = store_form(f, p, quant, grams.get(name))
+            tensors.update({f"{name}.{k}": v.detach().cpu().contiguous() for k, v in stored.items()})
+            read[name] = f if p == "fp32" else f.replace(A=A.cpu(), B=B.cpu())
+            continue
         stored, A, B = store_pair(f.A, f.B, p, quant, grams.get(name))
         tensors.update({f"{name}.{k}": v.detach().cpu().contiguous() for k, v in stored.items()})
         sp = f.sparse

@@ -86,7 +86,7 @@ def build_report(measurement: dict, factors_plan=None, rewrite: dict | None = No
     if factors_plan:
         rep["layers"] = {n: {"shape": i.shape, "rank": i.rank, "dense": i.dense, "precision": i.precision,
                              "sparse": i.sparse, "nmse": i.nmse, "params_before": i.params_before,
-                             "params_after": i.params_after, "bytes_after": i.bytes_after}
+                             "params_after": i.params_after, "bytes_after": i.bytes_after, "form": i.form}
                          for n, i in factors_plan.layers.items()}
         rep["compression"] = {"method": factors_plan.method, "budget": factors_plan.budget,
                               "totals": factors_plan.totals}

@@ -2,6 +2,11 @@
 
     Y = MatMul(MatMul(X, Bᵀ), Aᵀ)  [+ sparse path]  [+ bias]
 
+and for the layers of a pair (mixrank.compress._pairs): ``rows`` ``Y = Mul(Gather(MatMul(X,
+Bᵀ), inv), mask)`` (r outputs computed, put in place, the rest zero), ``cols`` ``Y =
+MatMul(Gather(X, index), Aᵀ)`` (r inputs read), each ``+ bias delta`` where the pair changed
+the bias.
+
 The factors are never multiplied together and nothing is constant-folded, so the
 graph keeps the two thin GEMMs of inner size r (docs/design.md, "The graph rewrite").
 """
@@ -225,12 +230,37 @@ def _replace(graph, site: WeightSite, layer: str, factors: Factors, tag: str, ta
                              (node.name or base) + suffix, lambda what: f"{site.weight_name}_{what}{suffix}",
                              low, target)
         values = m * n
+    elif (info.form or "lowrank") == "rows":  # a pair's layer computing r of its outputs
+        r = info.rank
+        idx = factors.tensors[f"{layer}.index"].numpy().astype(np.int64)
+        inv = np.zeros(m, np.int32)
+        inv[idx] = np.arange(r, dtype=np.int32)
+        mask = np.zeros(m, dtype)
+        mask[idx] = 1
+        h = gs.Variable(f"{base}/xb", dtype=y.dtype)
+        g = gs.Variable(f"{base}/scattered", dtype=y.dtype)
+        new_nodes += proj(x, "B", n, r, f"{base}/matmul_b", h)
+        new_nodes += [gs.Node("Gather", f"{base}/scatter", {"axis": -1}, [h, gs.Constant(const("inv"), inv)], [g]),
+                      gs.Node("Mul", f"{base}/mask", {}, [g, gs.Constant(const("mask"), mask)], [low])]
+        values = r * n + 2 * m
+    elif info.form == "cols":  # a pair's layer reading r of its inputs
+        r = info.rank
+        idx = factors.tensors[f"{layer}.index"].numpy().astype(np.int32)
+        xs = gs.Variable(f"{base}/x_kept", dtype=y.dtype)
+        new_nodes.append(gs.Node("Gather", f"{base}/gather", {"axis": -1}, [x, gs.Constant(const("index"), idx)],
+                                 [xs]))
+        new_nodes += proj(xs, "A", r, m, f"{base}/matmul_a", low)
+        values = m * r + r
     else:
         h = gs.Variable(f"{base}/xb", dtype=y.dtype)
         new_nodes += proj(x, "B", n, info.rank, f"{base}/matmul_b", h)
         new_nodes += proj(h, "A", info.rank, m, f"{base}/matmul_a", low)
         values = info.rank * (m + n)
     terms.append(low)
+    delta = factors.tensors.get(f"{layer}.bias_delta")
+    if delta is not None:  # a pair's new bias, as a change of the original
+        terms.append(gs.Constant(const("bias_delta"), np.ascontiguousarray(delta.numpy().astype(dtype))))
+        values += m
     structure = info.sparse.structure
     if structure != "none":
         idx = factors.tensors[f"{layer}.sparse_index"].numpy()
@@ -324,7 +354,7 @@ def rewrite_onnx(
         node_name = site.node.name or f"<unnamed {site.node.op} #{i}>"
         after = _replace(graph, site, layer, factors, tag=str(i), target=target, shared=len(used[layer]) > 1)
         report.rewritten.append({
-            "node": node_name, "layer": layer, "matched_by": how, "rank": info.rank,
+            "node": node_name, "layer": layer, "matched_by": how, "rank": info.rank, "form": info.form,
             "precision": info.precision, "sparse": info.sparse.structure, "sparse_k": info.sparse.k,
             "params_before": before, "params_after": after, "shared": len(used[layer]) > 1,
         })

@@ -46,7 +46,8 @@ def compress_config(args: argparse.Namespace):
     flags = {k: v for k, v in (("method", args.method), ("keep", args.keep), ("seed", args.seed),
                                ("bytes", None if args.bytes is None else _bytes_arg(args.bytes)),
                                ("precision", args.precision), ("effort", args.effort), ("device", args.device),
-                               ("max_seconds", args.max_seconds), ("max_memory", args.max_memory))
+                               ("max_seconds", args.max_seconds), ("max_memory", args.max_memory),
+                               ("structure", args.structure))
              if v is not None}
     if args.keep is not None and args.bytes is not None:
         raise MixrankError("give --keep or --bytes, not both")
@@ -197,7 +198,7 @@ def _cmd_inspect(args: argparse.Namespace) -> dict:
         return {"kind": "factors", "summary": f.summary(), "method": f.plan.method,
                 "budget": f.plan.budget, "totals": f.plan.totals,
                 "layers": {n: {"rank": i.rank, "precision": i.precision, "sparse": i.sparse.structure,
-                               "k": i.sparse.k, "nmse": i.nmse, "bytes": i.bytes_after}
+                               "k": i.sparse.k, "nmse": i.nmse, "bytes": i.bytes_after, "form": i.form}
                            for n, i in f.layers.items()}}
     if p.suffix == ".onnx":
         from mixrank.engines import onnx_params
@@ -223,6 +224,7 @@ def _print_inspect(r: dict) -> None:
         print(r["summary"])
         for n, i in r["layers"].items():
             sp = "" if i["sparse"] == "none" else f" + {i['sparse']} k={i['k']}"
+            sp = sp or ("" if i.get("form", "lowrank") == "lowrank" else f" pair, {i['form']}")
             print(f"  {n:<32} rank {str(i['rank']):>5} {i['precision']:<5}{sp:<18} NMSE {i['nmse']:.3e}  "
                   f"{i['bytes']:,} bytes")
     elif r["kind"] == "onnx":
@@ -480,6 +482,11 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--method", default=None, help="compression method (default: mixrank; also "
                                                            "whiten, svd, asvd, oats)")
             sp.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
+            sp.add_argument("--structure", default=None, choices=["auto", "lowrank", "pairs"],
+                            help="pairs: attention query/key, value/output and MLP pairs shrink their "
+                                 "shared dimension (docs/design.md, 'Pairwise structures'); lowrank: every "
+                                 "layer factored alone; auto (default for mixrank): both scored, the better "
+                                 "kept")
             sp.add_argument("--effort", default=None, choices=["fast", "balanced", "best"],
                             help="fast: the closed form and a cheap allocation; balanced (default); best: "
                                  "every refinement at full length")
