@@ -203,7 +203,8 @@ def text_case(out: Path) -> tuple[list[dict], list[str]]:
 
     import minilm
 
-    from mixrank.compress import CompressConfig, Quantize, apply_factors, compress_model
+    from mixrank.compress import CompressConfig, apply_factors, compress_model
+    from mixrank.compress._config import Quantize
     from mixrank.compress._quant import storage_bytes
     from mixrank.compress._select import select_layers
     from mixrank.compress._storage import store_weight
