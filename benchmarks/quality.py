@@ -165,7 +165,8 @@ def main() -> None:
                      "params": f.plan["totals"]["cost_params"],
                      "budget": f.plan["budget"]["budget_params"],
                      "nmse_mean": float(np.mean(nm)), "nmse_max": float(np.max(nm)),
-                     "seconds": secs, "variant": f.plan["allocation"]["refinement"]["chosen"], "family": f.plan["allocation"]["family"],
+                     "seconds": secs, "variant": f.plan["allocation"]["refinement"]["chosen"],
+                     "family": f.plan["allocation"]["family"],
                      **evaluate(model, small, xte, yte), **stage_record(f)}
                 r["err"] = r["kl"]
                 rows.append(r)
@@ -200,7 +201,8 @@ def text_rows(methods: list[str], args) -> list[dict]:
             r = {"model": "minilm", "keep": keep, "method": meth, "params": f.plan["totals"]["cost_params"],
                  "budget": f.plan["budget"]["budget_params"], "nmse_mean": float(np.mean(nm)),
                  "nmse_max": float(np.max(nm)), "seconds": secs,
-                 "variant": f.plan["allocation"]["refinement"]["chosen"], "family": f.plan["allocation"]["family"], "cos": cos, "err": 1 - cos,
+                 "variant": f.plan["allocation"]["refinement"]["chosen"], "family": f.plan["allocation"]["family"],
+                 "cos": cos, "err": 1 - cos,
                  "data": desc, **stage_record(f)}
             rows.append(r)
             print(json.dumps(r), flush=True)
