@@ -68,10 +68,11 @@ def distill(
             gradients summed, so that the activations kept for the backward pass stay
             small on large models (deit_base: 16 images of 197 tokens per step).
         target: what the steps train on: ``"output"`` (the model's output, in
-            ``metric``) or ``"tokens"`` (every token of the last repeated block's output,
-            normalised MSE, padding excluded: a sentence encoder's pooled embedding gives
-            one target row per text, its last block one per token). The held-out batches
-            always judge by the output in ``metric``.
+            ``metric``), ``"tokens"`` (every token of the last repeated block's output) or
+            ``"blocks"`` (every token of every repeated block's output, concatenated); the
+            block targets in normalised MSE with padding excluded (a sentence encoder's
+            pooled embedding gives one target row per text, a block one per token). The
+            held-out batches always judge by the output in ``metric``.
 
     Returns:
         (fits at the best held-out iterate, a record: start and best held-out error,
@@ -186,7 +187,7 @@ def _trained_output(target: str, model: nn.Module, layers: list[str], token_mask
 
 @REFINEMENTS.register("distill")
 class Distill(Refinement):
-    """All factors tuned jointly on the model's output (`distill`)."""
+    """All factors tuned jointly on the model's output or its blocks' (`distill`)."""
 
     settings = ("refine.distill_steps", "refine.distill_lr", "refine.distill_seconds", "refine.distill_work",
                 "refine.distill_target")
