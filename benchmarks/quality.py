@@ -56,6 +56,7 @@ LEVERS = {
     "mixrank-noroles": {"search_role_scales": ()},  # no role-scale stage before the search
     "mixrank-nodistill": {"distill_steps": 0},
     "mixrank-output": {"distill_target": "output"},  # distil on the model output only
+    "mixrank-sequential": {"sequential": True, "block_steps": 0},  # block-by-block refit, pairs included
 }
 BASELINES = ("svd", "asvd", "whiten", "oats")
 CALIB_CROPS = 1024  # timm cases

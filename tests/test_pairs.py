@@ -251,3 +251,53 @@ def test_pairs_rewrite_runs_on_onnxruntime(tmp_path, precision):
         with torch.no_grad():
             yt = small(**bt).numpy()
         assert np.abs(y - yt).max() <= 1e-4 * max(1.0, np.abs(yt).max()), np.abs(y - yt).max()
+
+
+@torch.no_grad()
+def test_sequential_refit_keeps_each_pair_form_and_fits_the_compressed_path():
+    """The block-by-block refit runs on BERT blocks (extra positional arguments) and refits
+    a pair's layers in their form (same index, same shapes). In the first block, query, key
+    and value see the same inputs on both paths, so they are unchanged (fc1 is not: it
+    comes after the attention output); a ``cols`` layer reads the block's compressed layers, and its refit is the least-squares fit: its error against
+    the original layer's output on the calibration tokens drops, and no small change of its
+    factors lowers it further."""
+    from mixrank.compress._sequential import sequential_refit
+
+    model = Encoder(layers=2)
+    batches = _batches(n=6)
+    names, calib = _stats(model, batches)
+    spectra = pair_spectra(find_pairs(model, names), model, calib.layers, damping=1e-2)
+    fits = {n: closed_form_fit(s, max(1, s.max_rank // 3)) for n, s in spectra.items()}
+
+    def no_lowrank(*_a):
+        raise AssertionError("every layer is paired")
+
+    new = sequential_refit(model, names, batches, no_lowrank, 1e-9, progress=False, current=fits,
+                           token_mask="attention_mask")
+    assert new is not None and set(new) == set(fits)
+    for n, f in fits.items():
+        g = new[n]
+        assert g.form == f.form and torch.equal(g.index, f.index)
+        assert g.A.shape == f.A.shape and g.B.shape == f.B.shape
+    first = "bert.encoder.layer.0."
+    for n in ("attention.self.query", "attention.self.key", "attention.self.value"):
+        f, g = fits[first + n], new[first + n]
+        assert torch.allclose(g.B, f.B, atol=1e-4 * float(f.B.abs().max())), n
+    # value/output's output projection: its input on the compressed path has q, k and v compressed
+    name = first + "attention.output.dense"
+    comp = _with_fits(model, {n: fits[n] for n in fits if n.startswith(first) and fits[n].form == "rows"})
+    X_o, X_c = _capture(model, name, batches), _capture(comp, name, batches)
+    lin = model.get_submodule(name)
+    Y = X_o @ lin.weight.double().T
+
+    def err(A, delta):
+        return float(((Y - X_c[:, fits[name].index] @ A.T - delta) ** 2).sum())
+
+    before = err(fits[name].A.double(), fits[name].bias.double() if fits[name].bias is not None else 0.0)
+    A, d = new[name].A.double(), new[name].bias.double()
+    after = err(A, d)
+    assert after < 0.7 * before, (before, after)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):  # the optimum: random small moves only add error
+        dA = torch.randn(A.shape, generator=g, dtype=A.dtype) * 1e-3 * float(A.abs().mean())
+        assert err(A + dA, d) >= after * (1 - 1e-9)
