@@ -455,7 +455,9 @@ class CompressConfig:
             held-out samples that dominate KL; docs/design.md, "Scoring").
         damping: ``λ = damping · mean(diag G)`` added to the Gram matrix.
         holdout: fraction of the calibration batches held out to score allocations and
-            refinements end to end (never used for statistics).
+            refinements end to end (never used for statistics or distillation steps). A
+            quarter: on MiniLM at keep 0.6 holding out a quarter instead of half raised the
+            held-out texts' cosine from 0.946 to 0.951 (docs/design.md, "Scoring").
         token_mask: key of a dict batch holding a (batch, tokens) mask of the tokens to
             count (for example ``"attention_mask"``); ``None`` counts all.
         device: torch device for statistics and factorization (``None``: the model's).
@@ -469,7 +471,7 @@ class CompressConfig:
     """
 
     def __init__(self, method: str = "mixrank", *, effort: str | None = None, metric: str = "auto",
-                 damping: float = 1e-2, holdout: float = 0.5, token_mask: str | None = None,
+                 damping: float = 1e-2, holdout: float = 0.25, token_mask: str | None = None,
                  device: str | None = None, seed: int = 0, max_seconds: float | None = None,
                  max_memory: int | str | None = None,
                  budget: Budget | dict | None = None,
