@@ -16,7 +16,8 @@ so the same closed forms (low rank, sparse, compensation) apply to ``W̃`` under
 model whose repeated blocks are called in sequence with the hidden state first (timm
 ViTs' ``blocks``, BERT's ``encoder.layer``; the blocks' other arguments, such as the
 attention mask, are passed through, and padding tokens are left out of the statistics);
-for other models the refinement records that it did not apply. Registered as the refinement ``sequential`` (docs/design.md, "Refinements").
+for other models the refinement records that it did not apply. Registered as the
+refinement ``sequential`` (docs/design.md, "Refinements").
 """
 
 from __future__ import annotations

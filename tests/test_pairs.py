@@ -258,9 +258,10 @@ def test_sequential_refit_keeps_each_pair_form_and_fits_the_compressed_path():
     """The block-by-block refit runs on BERT blocks (extra positional arguments) and refits
     a pair's layers in their form (same index, same shapes). In the first block, query, key
     and value see the same inputs on both paths, so they are unchanged (fc1 is not: it
-    comes after the attention output); a ``cols`` layer reads the block's compressed layers, and its refit is the least-squares fit: its error against
-    the original layer's output on the calibration tokens drops, and no small change of its
-    factors lowers it further."""
+    comes after the attention output); a ``cols`` layer reads the block's compressed
+    layers, and its refit is the least-squares fit: its error against the original layer's
+    output on the calibration tokens drops, and no small change of its factors lowers it
+    further."""
     from mixrank.compress._sequential import sequential_refit
 
     model = Encoder(layers=2)
