@@ -137,18 +137,27 @@ def _refit_pair_layer(fit: LayerFit, lin: nn.Linear, st: dict, damping: float) -
     ``[B b'] z_o`` from ``z_c``. ``cols`` (``y = A x[idx] + b + δ``): A and δ are refit so
     that the layer reproduces the original layer's output ``[W b] z_o`` from the kept
     inputs of the compressed path. Both are least squares, damped toward the current
-    factors (`_ridge_toward`)."""
-    cc, oc = _augment(st)
+    factors (`_ridge_toward`); a layer that stores no bias delta (its fit's ``bias`` is
+    ``None``) keeps its bias, so the plan's bytes still hold."""
+    # a layer whose plan stores no bias delta keeps its bias: the fit has no constant input
+    with_delta = fit.bias is not None
+    cc, oc = _augment(st) if with_delta else (st["cc"], st["oc"])
     W = lin.weight.detach().double().to(cc.device)
     b0 = lin.bias.detach().double().to(cc.device) if lin.bias is not None else W.new_zeros(W.shape[0])
-    delta = fit.bias.double().to(cc.device) if fit.bias is not None else W.new_zeros(W.shape[0])
+    delta = fit.bias.double().to(cc.device) if with_delta else W.new_zeros(W.shape[0])
     idx = fit.index.to(cc.device)
     if fit.form == "rows":
-        M0 = torch.cat([fit.B.double().to(cc.device), (b0 + delta)[idx][:, None]], 1)  # (r, n + 1)
+        M0 = fit.B.double().to(cc.device)  # (r, n), with the kept biases as a last column
+        M0 = torch.cat([M0, (b0 + delta)[idx][:, None]], 1) if with_delta else M0
         M = _ridge_toward(M0, M0 @ oc, cc, damping)
+        if not with_delta:
+            return fit.replace(B=M.float().cpu())
         bias = torch.zeros_like(b0)
         bias[idx] = M[:, -1] - b0[idx]
         return fit.replace(B=M[:, :-1].float().cpu(), bias=bias.float().cpu())
+    if not with_delta:
+        M = _ridge_toward(fit.A.double().to(cc.device), W @ oc[:, idx], cc[idx][:, idx], damping)
+        return fit.replace(A=M.float().cpu())
     keep = torch.cat([idx, torch.tensor([cc.shape[0] - 1], device=cc.device)])  # the kept inputs and the 1
     M0 = torch.cat([fit.A.double().to(cc.device), (b0 + delta)[:, None]], 1)  # (m, r + 1)
     P = torch.cat([W, b0[:, None]], 1) @ oc[:, keep]
