@@ -83,7 +83,7 @@ def test_default_refinements_beat_the_closed_form_on_held_out_data(digits, compr
     assert ref["score"] <= 0.8 * closed, (ref["score"], closed)
     # the plan's layer errors are those of the shipped factors (recomputed from the file's
     # tensors on the statistics batches), not the closed form's
-    stats = collect_stats(digits["model"], f.factored_layers(), split_holdout(calib, 0.5)[0],
+    stats = collect_stats(digits["model"], f.factored_layers(), split_holdout(calib, f.plan["config"]["holdout"])[0],
                           progress=False)
     for name in f.factored_layers():
         W = digits["model"].get_submodule(name).weight.detach().double()

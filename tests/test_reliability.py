@@ -100,8 +100,8 @@ def test_one_writer_per_output_folder(tmp_path, digits):
 
 
 def test_nan_in_the_held_out_batches_names_the_batch(tiny_vit):
-    batches = [torch.randn(4, 3, 32, 32) for _ in range(4)]
-    batches[3][0, 0, 0, 0] = float("nan")  # the last batch is held out
+    batches = [torch.randn(4, 3, 32, 32) for _ in range(8)]
+    batches[7][0, 0, 0, 0] = float("nan")  # a quarter is held out: batches 6 and 7
     with pytest.raises(MixrankError, match="held-out calibration batch 1 holds NaN or Inf"):
         compress_model(tiny_vit, batches, CompressConfig(method="whiten"), progress=False)
 
