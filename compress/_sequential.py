@@ -249,14 +249,10 @@ def sequential_refit(
                 if form(n) != "lowrank":
                     fit = _refit_pair_layer(current[n], orig.get_submodule(n), st, damping)
                 else:
-                    Gcc, Goc = st["cc"], st["oc"]
-                    lam = damping * float(torch.diagonal(Gcc).mean())
-                    Gd = Gcc + lam * torch.eye(Gcc.shape[0], dtype=Gcc.dtype, device=Gcc.device)
+                    # W̃ = W G_oc G_cc⁻¹, damped toward W, so that damping does not shrink W
+                    # where the paths agree: W̃ = W + W (G_oc − G_cc)(G_cc + λI)⁻¹
                     W = orig.get_submodule(n).weight.detach().double()
-                    # W̃ = W G_oc G_cc⁻¹ written as a correction of W, so that damping does not
-                    # shrink W where the paths agree: W̃ = W + W (G_oc − G_cc)(G_cc + λI)⁻¹
-                    Wt = W + torch.linalg.solve(Gd, (W @ (Goc - Gcc)).T).T
-                    fit = fit_fn(n, Wt, Gcc)
+                    fit = fit_fn(n, _ridge_toward(W, W @ st["oc"], st["cc"], damping), st["cc"])
                 fits[n] = fit
                 _set_module(comp, n, factored_from_fit(fit, comp.get_submodule(n)))
         with torch.no_grad():
@@ -303,11 +299,7 @@ def _reconstruct_block(blk: nn.Module, h_c: list, h_o_next: list, ctxs: list, st
     masks = masks or [None] * len(h_c)
 
     def err(i: int) -> torch.Tensor:  # mean squared error over the real (unmasked) tokens
-        d = _call(blk, h_c[i], ctxs[i]) - h_o_next[i]
-        m = masks[i]
-        if m is not None and d.ndim == 3 and tuple(d.shape[:2]) == tuple(m.shape):
-            d = d[m.to(d.device)]
-        return (d ** 2).mean()
+        return (_tokens(_call(blk, h_c[i], ctxs[i]) - h_o_next[i], masks[i]) ** 2).mean()
 
     def loss(step: int) -> torch.Tensor:
         return err(train[step % len(train)])
