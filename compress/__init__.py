@@ -1,4 +1,5 @@
-"""mixrank.compress: calibration statistics, factorization, rank allocation, factors file.
+"""mixrank.compress: calibration statistics, factorization, rank allocation, refinements,
+factors file.
 
 Public API::
 
@@ -6,33 +7,41 @@ Public API::
     save_factors(factors, "model.mixrank.safetensors")
     small = apply_factors(model, load_factors("model.mixrank.safetensors"))
 
-Extension points (docs/design.md, "Extension points"): `METHODS`, `FACTORIZERS`,
-`ALLOCATORS`, `REFINEMENTS`, `SPARSE`; each interface module imports its built-in
-implementations at its end (their registration).
+The stages are sub-packages in pipeline order, each importing only the ones before it:
+`calibrate` (layers, batches, statistics), `store` (precision), `factor` (closed forms,
+fits, layer forms, sparse terms, pairs), `artifact` (plan, factors file, factored model),
+`score` (the output error), `allocate` (ranks and precisions under the budget), `refine`
+(the guarded refinements); `compress_model` calls them in turn (docs/design.md,
+"Architecture").
 
-Names are imported on first use (PEP 562), so that ``from mixrank.compress import
-MixrankError`` or the file-writing helpers do not import torch: an engine process
-that only needs those stays small (the peak-memory probe relies on it).
+Extension points (docs/design.md, "Extension points"): `METHODS`, `FACTORIZERS`,
+`ALLOCATORS`, `REFINEMENTS`, `SPARSE`, `FORMS`, `PAIRINGS`; each sub-package's
+``__init__`` imports its built-in implementations (their registration).
+
+Names are imported on first use (PEP 562), so that importing this package does not
+import torch.
 """
 
-from ._lazy import lazy_exports
+from mixrank.core import lazy_exports
 
 lazy_exports(globals(), {
-    "._allocate": ("ALLOCATORS", "Allocator"),
-    "._calibrate": ("Calibration", "LayerStats", "collect_stats"),
-    "._compress": ("compress_model", "model_fingerprint"),
-    "._config": ("Budget", "CompressConfig", "Refine", "Search", "Selection"),
-    "._data": ("ImageBatches", "image_csv", "image_folder", "model_transform"),
-    "._errors": ("MixrankError", "WriteError", "close_matches", "import_onnxruntime"),
-    "._factor": ("Spectrum", "activation_error", "plain_spectrum", "whitened_spectrum"),
-    "._factored": ("FactoredLinear", "apply_factors"),
-    "._factorizers": ("FACTORIZERS", "Factorizer"),
-    "._factors": ("FORMAT_VERSION", "Factors", "load_factors", "save_factors", "weight_fingerprint"),
-    "._io": ("FolderLock", "atomic_write", "atomic_write_bytes", "atomic_write_text", "check_writable_path",
-             "output_dir", "output_folder", "sha256_file"),
+    ".allocate": ("ALLOCATORS", "Allocation", "Allocator", "Candidate", "LayerSpace", "layer_spaces",
+                  "uniform_allocation"),
+    ".artifact": ("FORMAT_VERSION", "FactoredLinear", "Factors", "LayerPlan", "Plan", "apply_factors",
+                  "load_factors", "save_factors", "weight_fingerprint"),
+    ".calibrate": ("MAX_IMAGE_PIXELS", "Calibration", "ImageBatches", "LayerStats", "collect_stats", "image_csv",
+                   "image_folder", "model_transform", "select_layers"),
+    "._config": ("CompressConfig", "job_config", "merge_settings"),
+    "._defaults": ("JOB_BYTES",),
     "._methods": ("METHODS", "Method"),
-    "._plan": ("LayerPlan", "Plan"),
-    "._refine": ("REFINEMENTS", "Refinement"),
-    "._select": ("select_layers",),
-    "._sparse": ("SPARSE", "SparseStructure", "SparseTerm"),
-})
+    "._pipeline": ("compress_model", "model_fingerprint"),
+    "._sections": ("Budget", "Quantize", "Refine", "Search", "Selection"),
+    ".factor": ("FACTORIZERS", "FORMS", "PAIRINGS", "SPARSE", "EmitContext", "Factorizer", "LayerForm", "form_of",
+                "SparseStructure", "SparseTerm", "Spectrum", "activation_error", "plain_spectrum",
+                "whitened_spectrum"),
+    ".refine": ("REFINEMENTS", "Refinement"),
+    ".store": ("INT_BITS", "PRECISIONS", "QTensor", "read_back", "stored_qtensor"),
+    "mixrank.core": ("FolderLock", "MixrankError", "WriteError", "atomic_write", "atomic_write_bytes",
+                     "atomic_write_text", "check_writable_path", "close_matches", "import_onnxruntime",
+                     "output_dir", "output_folder", "sha256_file"),
+}, modules={"distributed": ".calibrate.distributed"})

@@ -1,6 +1,6 @@
 """Exit codes of the CI gate and errors specific to engines."""
 
-from mixrank.compress import MixrankError
+from mixrank.core import MixrankError
 
 EXIT_OK = 0
 EXIT_LIMIT_FAILED = 1

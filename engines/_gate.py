@@ -1,6 +1,6 @@
-"""The CI gate: a budget file of limits evaluated against a report.
+"""The CI gate: a limits file evaluated against a report.
 
-Budget file (TOML)::
+Limits file (TOML)::
 
     max_param_ratio = 0.5          # compressed / original parameters
     max_initializer_bytes_ratio = 0.5
@@ -18,17 +18,13 @@ from __future__ import annotations
 import math
 import os
 import re
-import sys
+import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
-from ._errors import EXIT_LIMIT_FAILED, EXIT_NOT_MEASURED, EXIT_OK, MixrankError
+from mixrank.core import read_toml_text
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from ._errors import EXIT_LIMIT_FAILED, EXIT_NOT_MEASURED, EXIT_OK, MixrankError
 
 # key -> (report summary field or per-batch template, direction)
 SCALAR_LIMITS = {
@@ -64,24 +60,14 @@ def _line_of(text: str, key: str) -> int:
     return 0
 
 
-def load_budget(path: str | os.PathLike) -> list[Limit]:
-    """Parse a TOML budget file.
+def load_limits(path: str | os.PathLike) -> list[Limit]:
+    """Parse a TOML limits file.
 
     Raises:
         MixrankError: missing file, TOML syntax error (with its line), unknown key or
             malformed value (named, with its line).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise MixrankError(f"budget file {path} does not exist")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise MixrankError(f"{path}: a budget file is UTF-8 TOML text, and byte {e.start} is not UTF-8") from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise MixrankError(f"{path}: not valid TOML: {e}") from None
+    data, text = read_toml_text(path, "limits file")
     limits = []
     for key, value in data.items():
         line = _line_of(text, key)
@@ -114,6 +100,13 @@ def load_budget(path: str | os.PathLike) -> list[Limit]:
     return limits
 
 
+def load_budget(path: str | os.PathLike) -> list[Limit]:
+    """Deprecated name of `load_limits` (the CI file is a limits file; the budget is the
+    compression's)."""
+    warnings.warn("load_budget is deprecated: use load_limits", FutureWarning, stacklevel=2)
+    return load_limits(path)
+
+
 def check_report(report: dict, limits: list[Limit]) -> dict:
     """Evaluate limits against ``report['summary']``. Returns ``{"results": [...],
     "exit_code"}``: 0 all pass, 1 a limit failed, 3 something could not be measured."""
@@ -139,6 +132,7 @@ def check_report(report: dict, limits: list[Limit]) -> dict:
 
 
 def format_results(res: dict) -> str:
+    """`check_report`'s results as text, one line per limit."""
     lines = []
     for r in res["results"]:
         op = "<=" if r["direction"] == "max" else ">="
@@ -148,6 +142,8 @@ def format_results(res: dict) -> str:
 
 
 def junit_xml(res: dict, suite: str = "mixrank.check") -> str:
+    """`check_report`'s results as JUnit XML: one test case per limit in test suite
+    ``suite``, a failed limit a failure, an unmeasured one an error."""
     cases = []
     fails = sum(r["verdict"] == "FAIL" for r in res["results"])
     errors = sum(r["verdict"] == "not measured" for r in res["results"])

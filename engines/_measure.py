@@ -10,15 +10,16 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from mixrank.compress import import_onnxruntime
+from mixrank.core import Record, import_onnxruntime
 from mixrank.exporter import load_onnx, onnx_file_bytes, output_agreement, topk_accuracy
 
 from ._errors import MixrankError
-from ._runner import RUNNERS, Runner, check_inputs, make_runner, random_feeds, run_all
+from .runners import RUNNERS, Runner, check_inputs, make_runner, random_feeds, run_all
 
 
 def onnx_params(onnx_path: str | os.PathLike) -> dict:
@@ -51,7 +52,8 @@ def onnx_params(onnx_path: str | os.PathLike) -> dict:
 
 
 def matmul_flops(onnx_path: str | os.PathLike, batch: int) -> int:
-    """FLOPs (2 per multiply-add) of every MatMul, Gemm, MatMulNBits and Conv at
+    """FLOPs (2 per multiply-add) of every MatMul, Gemm, MatMulNBits and Conv of the ONNX
+    file ``onnx_path`` at
     ``batch``, from shape inference with the batch dimension fixed (onnxruntime's symbolic
     shape inference where the graph has onnxruntime's own operators)."""
     from onnx import shape_inference
@@ -98,9 +100,10 @@ def matmul_flops(onnx_path: str | os.PathLike, batch: int) -> int:
 
 def peak_rss(artifact: str | os.PathLike, batch: int = 1, settings=None, engine: str = "onnxruntime") -> dict:
     """Peak resident memory of a fresh process that loads ``artifact`` with the
-    ``engine`` runner and runs one batch (`mixrank.engines._memprobe`; a child process
+    ``engine`` runner and runs one batch (``python -m mixrank.engines._memprobe``; a child process
     so runs do not contaminate each other), the process's resident memory before
-    loading, and what the engine reports about its own memory."""
+    loading, and what the engine reports about its own memory. ``settings``: the engine's
+    (``None``: its defaults)."""
     cls = RUNNERS[engine]
     s = settings or cls.settings_type()
     out = subprocess.run([sys.executable, "-m", "mixrank.engines._memprobe", engine, str(artifact), str(batch),
@@ -126,7 +129,8 @@ def throughput(runners: dict[str, Runner], batch: int, cfg: TimingConfig | None 
     """Latency of each runner at ``batch``, interleaved in rounds (the order of the
     runners alternates every round), until the medians are stable or the time
     limit is hit. Each runner times itself (`Runner.time`: the wall clock on the CPU,
-    device timers on a GPU).
+    device timers on a GPU). ``cfg``: the `TimingConfig` (``None``: defaults); ``progress``:
+    show a progress bar.
 
     Returns per runner p50/p90/p99 (ms) and images/s, and for the first two
     runners the speedup (p50 ratio) with the spread of the per-round ratios.
@@ -182,8 +186,9 @@ def throughput(runners: dict[str, Runner], batch: int, cfg: TimingConfig | None 
 
 def fidelity(orig: Runner, comp: Runner, inputs: np.ndarray, labels: np.ndarray | None = None,
              batch: int = 32) -> dict:
-    """Compressed vs original on the same inputs: max abs/rel error, mean cosine of the
-    outputs, top-1 agreement; top-1/top-5 accuracy of both when labels are given."""
+    """Compressed (``comp``) vs original (``orig``) on the same inputs, run in chunks of
+    ``batch``: max abs/rel error, mean cosine of the outputs, top-1 agreement; top-1/top-5
+    accuracy of both when labels are given."""
     a, b = run_all(orig, inputs, batch), run_all(comp, inputs, batch)
     res = output_agreement(a, b)
     if labels is not None:
@@ -194,12 +199,47 @@ def fidelity(orig: Runner, comp: Runner, inputs: np.ndarray, labels: np.ndarray 
     return res
 
 
+@dataclass(eq=False)
+class Measurement(Record):
+    """Everything `measure` found, as the report stores it (``report["measurement"]``).
+
+    Attributes:
+        engine: the runner's name; settings: its settings (as a dict).
+        footprint: per artifact (``original``, ``compressed``, each reference): parameters,
+            initializer and file bytes, peak and baseline RSS, and what the engine reports.
+        flops: per artifact, per batch size (as a string), MatMul FLOPs.
+        throughput: per batch size, the interleaved timing (`throughput`) with its
+            ``ideal_speedup`` (original FLOPs / compressed FLOPs).
+        runner: the compressed artifact's runner's description (versions, settings).
+        fidelity: compressed against original on the inputs (`fidelity`), when given.
+        reference_fidelity: each reference against the original, when inputs are given.
+        references: the references' names, when there are any.
+        target: what produced the numbers (engine, provider, precision, device), when the
+            caller records it; evaluation: where the fidelity inputs came from.
+    """
+
+    _optional: ClassVar[frozenset[str]] = frozenset({"fidelity", "reference_fidelity", "references", "target",
+                                                     "evaluation"})
+
+    engine: str
+    settings: dict
+    footprint: dict
+    throughput: list
+    flops: dict
+    runner: dict
+    fidelity: dict | None
+    reference_fidelity: dict | None
+    references: list | None
+    target: dict | None
+    evaluation: dict | None
+
+
 def measure(original: str | os.PathLike, compressed: str | os.PathLike,
             batches: tuple[int, ...] = (1, 32), settings=None,
             inputs: np.ndarray | None = None, labels: np.ndarray | None = None,
             timing: TimingConfig | None = None, progress: bool = True,
             engine: str = "onnxruntime", graphs: tuple | None = None,
-            references: dict[str, str | os.PathLike] | None = None) -> dict:
+            references: dict[str, str | os.PathLike] | None = None) -> Measurement:
     """Everything about two artifacts (and optional references) on one engine in one
     run: footprint (with peak RSS from child processes), throughput per batch size
     (interleaved, every artifact in every round), fidelity against the original.
@@ -207,12 +247,23 @@ def measure(original: str | os.PathLike, compressed: str | os.PathLike,
     Args:
         original, compressed: the artifacts the ``engine`` runner loads (ONNX files for
             onnxruntime, engine files for TensorRT).
+        batches: the batch sizes to time.
         settings: the engine's settings (`OrtSettings`, `TrtSettings`; ``None``: defaults).
+        inputs, labels: inputs for fidelity (``None``: none measured), and their integer
+            labels for top-1/top-5 (``None``: agreement only).
+        timing: the `TimingConfig` (``None``: defaults); progress: show progress bars.
+        engine: a registered runner (`RUNNERS`).
         graphs: the ONNX files the artifacts were built from, for parameter counts and
             FLOPs (default: the artifacts themselves, which onnxruntime loads directly).
         references: more artifacts measured the same way beside them, by name (e.g.
             ``{"int8": "original.int8.onnx"}``, the obvious alternative to compression); a
             value may be an ``(artifact, graph)`` pair when the artifact is not ONNX.
+
+    Returns:
+        The `Measurement`.
+
+    Raises:
+        MixrankError: a missing artifact, or inputs the engine does not take.
     """
     cls = RUNNERS[engine]
     s = settings or cls.settings_type()
@@ -223,7 +274,7 @@ def measure(original: str | os.PathLike, compressed: str | os.PathLike,
     graphs = graphs or (original, compressed)
     arts = [("original", original, graphs[0]), ("compressed", compressed, graphs[1]),
             *((name, a, g) for name, (a, g) in refs.items())]
-    res = {"engine": engine, "settings": s.to_dict(), "footprint": {}, "throughput": [], "flops": {}}
+    res = Measurement.from_dict({"engine": engine, "settings": s.to_dict()})  # the rest: empty, or absent
     runners = {tag: make_runner(engine, p, s) for tag, p, _ in arts}
     try:
         if inputs is not None:  # wrong inputs fail before any work
@@ -231,21 +282,20 @@ def measure(original: str | os.PathLike, compressed: str | os.PathLike,
             if labels is not None and len(labels) != len(inputs):
                 raise MixrankError(f"{len(labels)} labels for {len(inputs)} inputs; give one label per input")
         for tag, p, g in arts:
-            res["footprint"][tag] = {**onnx_params(g), **peak_rss(p, 1, s, engine)}
-            res["flops"][tag] = {str(b): matmul_flops(g, b) for b in batches}
-        res["runner"] = runners["compressed"].describe()
+            res.footprint[tag] = {**onnx_params(g), **peak_rss(p, 1, s, engine)}
+            res.flops[tag] = {str(b): matmul_flops(g, b) for b in batches}
+        res.runner = runners["compressed"].describe()
         for b in batches:
-            res["throughput"].append(throughput(runners, b, timing, progress))
-        for t in res["throughput"]:
-            b = str(t["batch"])
-            t["ideal_speedup"] = res["flops"]["original"][b] / res["flops"]["compressed"][b]
+            res.throughput.append(throughput(runners, b, timing, progress))
+        for t in res.throughput:
+            t["ideal_speedup"] = res.flops["original"][str(t["batch"])] / res.flops["compressed"][str(t["batch"])]
         if inputs is not None:
-            res["fidelity"] = fidelity(runners["original"], runners["compressed"], inputs, labels)
-            res["reference_fidelity"] = {name: fidelity(runners["original"], runners[name], inputs, labels)
-                                         for name in refs}
+            res.fidelity = fidelity(runners["original"], runners["compressed"], inputs, labels)
+            res.reference_fidelity = {name: fidelity(runners["original"], runners[name], inputs, labels)
+                                      for name in refs}
     finally:
         for r in runners.values():
             r.close()
     if refs:
-        res["references"] = sorted(refs)
+        res.references = sorted(refs)
     return res

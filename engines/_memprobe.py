@@ -25,7 +25,7 @@ def _status(key: str) -> int:
 def main(argv: list[str]) -> int:
     engine, path, batch, settings_json = argv
     base = _status("VmRSS")
-    from mixrank.engines._runner import make_runner, random_feeds
+    from mixrank.engines.runners import make_runner, random_feeds  # after the baseline: it loads the engine
 
     runner = make_runner(engine, path, json.loads(settings_json))
     runner.infer(random_feeds(runner, int(batch), strict=False))

@@ -8,7 +8,7 @@ import platform
 import sys
 from pathlib import Path
 
-from mixrank.compress import MixrankError, atomic_write, atomic_write_text
+from mixrank.core import MixrankError, atomic_write, atomic_write_text
 
 REPORT_SCHEMA = 1  # report.json's schema version: `mixrank check` refuses any other
 
@@ -44,8 +44,9 @@ def machine() -> dict:
 
 
 def build_report(measurement: dict, factors_plan=None, rewrite: dict | None = None) -> dict:
-    """Assemble the report: measurement + versions + machine + (optional) the factors
-    plan's per-layer table (a `Plan`) and the rewrite report; adds the headline ratios."""
+    """Assemble the report: the ``measurement`` (a `Measurement`), versions, machine, the headline ratios
+    (``summary``), and optionally ``factors_plan``'s per-layer table (a `Plan`; ``None``:
+    none) and the ``rewrite`` report (``rewrite_onnx``'s, as a dict)."""
     fp = measurement["footprint"]
     o, c = fp["original"], fp["compressed"]
     summary = {
@@ -104,6 +105,7 @@ def _fmt_bytes(n: float) -> str:
 
 
 def report_markdown(rep: dict) -> str:
+    """report.md: the table of original, compressed and references, and what produced it."""
     m = rep["measurement"]
     fp = m["footprint"]
     refs = m.get("references", [])

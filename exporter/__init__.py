@@ -8,14 +8,13 @@
 Importing this package imports neither tensorrt nor initialises CUDA.
 """
 
-from mixrank.compress._lazy import lazy_exports
+from mixrank.core import lazy_exports
 
 lazy_exports(globals(), {
-    "._export": ("export_onnx",),
-    "._onnxio": ("load_onnx", "model_bytes", "onnx_file_bytes", "save_onnx"),
+    "._export": ("export_onnx", "verify_rewrite"),
+    "._onnxio": ("check_and_save", "load_onnx", "model_bytes", "onnx_file_bytes", "save_onnx"),
     "._reference": ("quantize_reference",),
     "._rewrite": ("RewriteReport", "find_weight_sites", "rewrite_onnx"),
     "._trt_check": ("SUPPORTED_OPS", "TRT_VERSION", "check_tensorrt_compat"),
-    "._verify": ("Tolerance", "compare_outputs", "output_agreement", "run_onnxruntime", "topk_accuracy",
-                 "verify_rewrite"),
+    "._verify": ("Tolerance", "compare_outputs", "output_agreement", "run_onnxruntime", "topk_accuracy"),
 })

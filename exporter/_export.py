@@ -11,8 +11,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from mixrank.compress import MixrankError
+from mixrank.compress import apply_factors
+from mixrank.core import MixrankError, import_onnxruntime
 
+from ._onnxio import check_and_save
 from ._verify import Tolerance, compare_outputs, run_onnxruntime
 
 
@@ -40,8 +42,10 @@ def export_onnx(
         dynamic_batch: make the batch dimension symbolic.
         fp16: export in float16 (for TensorRT 11's strongly typed networks): weights
             and activations are float16, inputs and outputs too.
-        check_inputs: inputs compared between PyTorch and onnxruntime.
+        check_inputs: inputs compared between PyTorch and onnxruntime (``None``: ``example``).
         tolerance: `Tolerance` of the comparison (defaults by precision).
+        input_name, output_name: the graph's input and output names (``input``, ``output``).
+        external_data: force (or forbid) external data; ``None`` decides by size.
 
     Returns:
         The comparison report (max abs/rel error and cosine per output).
@@ -50,8 +54,6 @@ def export_onnx(
         MixrankError: opset < 17; onnxruntime disagrees with PyTorch beyond tolerance.
     """
     import onnx
-
-    from ._rewrite import check_and_save
 
     if opset < 17:
         raise MixrankError(f"opset {opset} is too old: mixrank exports opset 17 or newer")
@@ -94,3 +96,37 @@ def _half_copy(model: nn.Module) -> nn.Module:
     import copy
 
     return copy.deepcopy(model).half()
+
+
+def verify_rewrite(onnx_path, model, factors, inputs, tolerance: Tolerance | None = None,
+                   input_name: str | None = None) -> dict:
+    """Run the rewritten ONNX model ``onnx_path`` on onnxruntime and compare it with the
+    factored PyTorch model (``apply_factors(model, factors)``) on real ``inputs``.
+
+    Args:
+        tolerance: the `Tolerance` (``None``: fp32's, or fp16's for an fp16 graph).
+        input_name: the graph input fed (``None``: its first).
+
+    Returns:
+        `compare_outputs`' report.
+
+    Raises:
+        MixrankError: the outputs disagree beyond ``tolerance`` (the message names the
+            worst element).
+    """
+    ort = import_onnxruntime()
+    small = apply_factors(model, factors).eval()
+    x = inputs if isinstance(inputs, torch.Tensor) else torch.as_tensor(inputs)
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0]
+    feed_dtype = np.float16 if "float16" in inp.type else np.float32
+    with torch.no_grad():
+        ref = small(x.to(next(small.parameters()).dtype)).float().cpu().numpy()
+    got = sess.run(None, {input_name or inp.name: x.cpu().numpy().astype(feed_dtype)})[0]
+    tol = tolerance or (Tolerance.fp16() if feed_dtype == np.float16 else Tolerance.fp32())
+    name = sess.get_outputs()[0].name
+    report = compare_outputs({name: ref}, {name: np.asarray(got, np.float32)}, tol)
+    if not report["ok"]:
+        raise MixrankError(f"the rewritten model disagrees with the factored PyTorch model: "
+                           f"{report['message']}")
+    return report

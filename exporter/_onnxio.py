@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mixrank.compress import MixrankError, atomic_write
+from mixrank.core import MixrankError, atomic_write
 
 TWO_GB = 2**31 - 1
 # Protobuf cannot serialise a message over 2 GB; leave headroom for the graph itself.
@@ -67,7 +67,7 @@ def model_bytes(model) -> int:
 
 
 def save_onnx(model, path: str | os.PathLike, external_data: bool | None = None) -> Path:
-    """Save atomically (`atomic_write`); weights go to ``<name>.data`` when
+    """Save ``model`` at ``path`` atomically (`atomic_write`); weights go to ``<name>.data`` when
     ``external_data`` is true, or when ``None`` and the model is too large for one
     protobuf (over ~1.8 GB). A stale ``<name>.data`` of an earlier save is removed."""
     import onnx
@@ -97,3 +97,23 @@ def onnx_file_bytes(path: str | os.PathLike) -> int:
     path = Path(path)
     data = path.parent / (path.name + ".data")
     return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+
+
+def check_and_save(model, path: Path, external_data: bool | None = None) -> Path:
+    """``onnx.checker`` full check, then an atomic save at ``path`` (`save_onnx`, with
+    ``external_data`` as there); a model that fails the check is never left on disk (a
+    mixrank bug, so not a MixrankError)."""
+    import onnx
+
+    big = model_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    if not big:
+        onnx.checker.check_model(model, full_check=True)
+    save_onnx(model, path, external_data=external_data if external_data is not None else big)
+    if big:  # protobuf cannot hold it in memory: check the saved file by path
+        try:
+            onnx.checker.check_model(str(path), full_check=True)
+        except Exception:
+            path.unlink(missing_ok=True)
+            (path.parent / (path.name + ".data")).unlink(missing_ok=True)
+            raise
+    return path

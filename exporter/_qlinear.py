@@ -19,9 +19,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from mixrank.compress import MixrankError
-from mixrank.compress._quant import INT_BITS
-from mixrank.compress._storage import read_back, stored_qtensor
+from mixrank.compress import INT_BITS, read_back, stored_qtensor
+from mixrank.core import MixrankError
 
 TARGETS = ("onnxruntime", "tensorrt")
 MS_DOMAIN = "com.microsoft"

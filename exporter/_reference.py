@@ -8,7 +8,7 @@ import logging
 import os
 from pathlib import Path
 
-from mixrank.compress import MixrankError, import_onnxruntime
+from mixrank.core import MixrankError, import_onnxruntime
 
 from ._onnxio import load_onnx, save_onnx
 

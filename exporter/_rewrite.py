@@ -2,7 +2,7 @@
 
     Y = MatMul(MatMul(X, Bᵀ), Aᵀ)  [+ sparse path]  [+ bias]
 
-and for the layers of a pair (mixrank.compress._pairs): ``rows`` ``Y = Mul(Gather(MatMul(X,
+and for the layers of a pair (mixrank.compress.factor.pairs): ``rows`` ``Y = Mul(Gather(MatMul(X,
 Bᵀ), inv), mask)`` (r outputs computed, put in place, the rest zero), ``cols`` ``Y =
 MatMul(Gather(X, index), Aᵀ)`` (r inputs read), each ``+ bias delta`` where the pair changed
 the bias.
@@ -20,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from mixrank.compress import SPARSE, Factors, MixrankError, load_factors
+from mixrank.compress import SPARSE, EmitContext, Factors, form_of, load_factors
+from mixrank.core import MixrankError
 
-from ._onnxio import load_onnx, save_onnx
+from ._onnxio import check_and_save, load_onnx
 from ._qlinear import MS_DOMAIN, TARGETS, project
 
 
@@ -52,6 +53,7 @@ class RewriteReport:
     allowed_mismatch: bool = False
 
     def to_dict(self) -> dict:
+        """The report as a plain dict (rewrite.json)."""
         return {"rewritten": self.rewritten, "dense": self.dense,
                 "unmatched_factors": self.unmatched_factors,
                 "params_before": self.params_before, "params_after": self.params_after,
@@ -196,9 +198,10 @@ def match_sites(sites: list[WeightSite], factors: Factors,
 
 def _replace(graph, site: WeightSite, layer: str, factors: Factors, tag: str, target: str,
              shared: bool = False) -> int:
-    """Splice the layer's stored form in place of ``site.node``: the low-rank-plus-sparse
-    subgraph of a factored layer, or one projection of a dense layer stored below fp32.
-    Returns the number of weight values (parameters) the new constants hold."""
+    """Splice the layer's stored form in place of ``site.node``: its form's subgraph
+    (`LayerForm.emit_onnx`) plus the bias delta, the sparse path and the bias, or one
+    projection of a dense layer stored below fp32. Returns the number of weight values
+    (parameters) the new constants hold."""
     import onnx_graphsurgeon as gs
 
     node = site.node
@@ -208,8 +211,7 @@ def _replace(graph, site: WeightSite, layer: str, factors: Factors, tag: str, ta
     m, n = info.shape
     y = node.outputs[0]
     base = f"{node.name or layer}/mixrank{tag}"  # unique even for unnamed or shared nodes
-    x = site.x
-    new_nodes = []
+    x, new_nodes = site.x, []
     if site.trans_a:  # Gemm transA: X is stored (n, N)
         xt = gs.Variable(f"{base}/x_t", dtype=x.dtype)
         new_nodes.append(gs.Node("Transpose", f"{base}/transpose_x", {"perm": [1, 0]}, [x], [xt]))
@@ -218,45 +220,22 @@ def _replace(graph, site: WeightSite, layer: str, factors: Factors, tag: str, ta
     def const(what: str) -> str:
         return f"{layer}.{what}/{tag}"
 
-    def proj(inp, role: str, k: int, n_out: int, name: str, out):
-        return project(inp, factors.tensors, f"{layer}.{role}", k, n_out, info.precision, dtype, name,
-                       const, out, target)
-
-    terms = []
-    low = gs.Variable(f"{base}/low_rank", dtype=y.dtype)
     if info.dense:  # a dense layer stored at a reduced precision: one projection, named as before
+        low = gs.Variable(f"{base}/low_rank", dtype=y.dtype)
         suffix = f"_{tag}" if shared else ""
         new_nodes += project(x, factors.tensors, f"{layer}.W", n, m, info.precision, dtype,
                              (node.name or base) + suffix, lambda what: f"{site.weight_name}_{what}{suffix}",
                              low, target)
         values = m * n
-    elif (info.form or "lowrank") == "rows":  # a pair's layer computing r of its outputs
-        r = info.rank
-        idx = factors.tensors[f"{layer}.index"].numpy().astype(np.int64)
-        inv = np.zeros(m, np.int32)
-        inv[idx] = np.arange(r, dtype=np.int32)
-        mask = np.zeros(m, dtype)
-        mask[idx] = 1
-        h = gs.Variable(f"{base}/xb", dtype=y.dtype)
-        g = gs.Variable(f"{base}/scattered", dtype=y.dtype)
-        new_nodes += proj(x, "B", n, r, f"{base}/matmul_b", h)
-        new_nodes += [gs.Node("Gather", f"{base}/scatter", {"axis": -1}, [h, gs.Constant(const("inv"), inv)], [g]),
-                      gs.Node("Mul", f"{base}/mask", {}, [g, gs.Constant(const("mask"), mask)], [low])]
-        values = r * n + 2 * m
-    elif info.form == "cols":  # a pair's layer reading r of its inputs
-        r = info.rank
-        idx = factors.tensors[f"{layer}.index"].numpy().astype(np.int32)
-        xs = gs.Variable(f"{base}/x_kept", dtype=y.dtype)
-        new_nodes.append(gs.Node("Gather", f"{base}/gather", {"axis": -1}, [x, gs.Constant(const("index"), idx)],
-                                 [xs]))
-        new_nodes += proj(xs, "A", r, m, f"{base}/matmul_a", low)
-        values = m * r + r
     else:
-        h = gs.Variable(f"{base}/xb", dtype=y.dtype)
-        new_nodes += proj(x, "B", n, info.rank, f"{base}/matmul_b", h)
-        new_nodes += proj(h, "A", info.rank, m, f"{base}/matmul_a", low)
-        values = info.rank * (m + n)
-    terms.append(low)
+        def proj(inp, role: str, k: int, n_out: int, name: str, out):
+            return project(inp, factors.tensors, f"{layer}.{role}", k, n_out, info.precision, dtype, name,
+                           const, out, target)
+
+        ctx = EmitContext(base, const, proj, dtype, y.dtype)
+        nodes, low, values = form_of(info.form).emit_onnx(x, info, factors.tensors, layer, ctx)
+        new_nodes += nodes
+    terms = [low]
     delta = factors.tensors.get(f"{layer}.bias_delta")
     if delta is not None:  # a pair's new bias, as a change of the original
         terms.append(gs.Constant(const("bias_delta"), np.ascontiguousarray(delta.numpy().astype(dtype))))
@@ -271,17 +250,24 @@ def _replace(graph, site: WeightSite, layer: str, factors: Factors, tag: str, ta
         terms.append(sp)
     if site.bias is not None:
         terms.append(gs.Constant(f"{layer}.bias/{tag}", np.ascontiguousarray(site.bias.astype(dtype))))
-    # chain the Adds; the last one writes the original output tensor
-    acc = terms[0]
-    for i, t in enumerate(terms[1:], 1):
-        out = gs.Variable(f"{base}/sum{i}", dtype=y.dtype)
-        new_nodes.append(gs.Node("Add", f"{base}/add{i}", {}, [acc, t], [out]))
-        acc = out
+    new_nodes += _sum(terms, base, y.dtype)
     new_nodes[-1].outputs = [y]  # detach only the replaced edge: y's consumers stay
     node.outputs.clear()
     node.inputs.clear()
     graph.nodes.extend(new_nodes)
     return values
+
+
+def _sum(terms: list, base: str, dtype) -> list:
+    """The Add nodes chaining ``terms`` (the last one's output is replaced by the caller)."""
+    import onnx_graphsurgeon as gs
+
+    nodes, acc = [], terms[0]
+    for i, t in enumerate(terms[1:], 1):
+        out = gs.Variable(f"{base}/sum{i}", dtype=dtype)
+        nodes.append(gs.Node("Add", f"{base}/add{i}", {}, [acc, t], [out]))
+        acc = out
+    return nodes
 
 
 def stored_layers(factors: Factors) -> list[str]:
@@ -332,22 +318,7 @@ def rewrite_onnx(
     if target == "tensorrt" and integer:
         model = _at_opset(model, 21)
     graph = gs.import_onnx(model)
-    sites, skipped = find_weight_sites(graph)
-    matched, dense, mismatched = match_sites(sites, factors, allow_mismatch)
-    dense = skipped + dense
-    wanted = set(stored_layers(factors))
-    used = {}
-    for i, (_s, layer, _how) in enumerate(matched):
-        used.setdefault(layer, []).append(i)
-    unmatched = sorted(wanted - set(used))
-    if unmatched and not allow_partial:
-        more = f" (and {len(unmatched) - 8} more)" if len(unmatched) > 8 else ""
-        raise MixrankError(
-            f"{len(unmatched)} factored layer(s) match no MatMul/Gemm in {onnx_path}: "
-            f"{', '.join(unmatched[:8])}{more}; is this the model the factors were computed from? "
-            "(--allow-partial rewrites what matches)")
-    report = RewriteReport(dense=dense, unmatched_factors=unmatched, output=str(out_path),
-                           mismatched=mismatched, allowed_mismatch=allow_mismatch)
+    report, matched, used = _plan_rewrite(graph, factors, onnx_path, out_path, allow_partial, allow_mismatch)
     for i, (site, layer, how) in enumerate(matched):
         info = factors.layers[layer]
         before = int(site.weight.size)
@@ -361,18 +332,50 @@ def rewrite_onnx(
         report.params_before += before
         report.params_after += after
     graph.cleanup().toposort()
+    check_and_save(_exported(graph, model), Path(out_path), external_data)
+    return report
+
+
+def _plan_rewrite(graph, factors: Factors, onnx_path, out_path, allow_partial: bool, allow_mismatch: bool
+                  ) -> tuple[RewriteReport, list, dict[str, list[int]]]:
+    """(the report so far, the matched sites, layer → the indices of its sites).
+
+    Raises:
+        MixrankError: factors that match no node (without ``allow_partial``).
+    """
+    sites, skipped = find_weight_sites(graph)
+    matched, dense, mismatched = match_sites(sites, factors, allow_mismatch)
+    wanted = set(stored_layers(factors))
+    used: dict[str, list[int]] = {}
+    for i, (_s, layer, _how) in enumerate(matched):
+        used.setdefault(layer, []).append(i)
+    unmatched = sorted(wanted - set(used))
+    if unmatched and not allow_partial:
+        more = f" (and {len(unmatched) - 8} more)" if len(unmatched) > 8 else ""
+        raise MixrankError(
+            f"{len(unmatched)} factored layer(s) match no MatMul/Gemm in {onnx_path}: "
+            f"{', '.join(unmatched[:8])}{more}; is this the model the factors were computed from? "
+            "(--allow-partial rewrites what matches)")
+    report = RewriteReport(dense=skipped + dense, unmatched_factors=unmatched, output=str(out_path),
+                           mismatched=mismatched, allowed_mismatch=allow_mismatch)
+    return report, matched, used
+
+
+def _exported(graph, model):
+    """The rewritten graph as a model with the original's IR version and opsets (plus
+    onnxruntime's domain where its operators were written)."""
+    import onnx
+    import onnx_graphsurgeon as gs
+
     out_model = gs.export_onnx(graph)
     out_model.ir_version = model.ir_version
     out_model.opset_import.extend([o for o in model.opset_import
                                    if o.domain not in {x.domain for x in out_model.opset_import}])
     if any(n.domain == MS_DOMAIN for n in out_model.graph.node) and \
             MS_DOMAIN not in {o.domain for o in out_model.opset_import}:
-        import onnx
-
         out_model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
     out_model.producer_name = "mixrank"
-    check_and_save(out_model, Path(out_path), external_data)
-    return report
+    return out_model
 
 
 def _at_opset(model, opset: int):
@@ -387,24 +390,3 @@ def _at_opset(model, opset: int):
     except Exception as e:
         raise MixrankError(f"cannot convert the graph from opset {have} to {opset} (needed for TensorRT's "
                            f"block-wise dequantize): {str(e)[:200]}") from None
-
-
-def check_and_save(model, path: Path, external_data: bool | None = None) -> Path:
-    """``onnx.checker`` full check, then an atomic save; a model that fails the check is
-    never left on disk (a mixrank bug, so not a MixrankError)."""
-    import onnx
-
-    from ._onnxio import EXTERNAL_DATA_THRESHOLD, model_bytes
-
-    big = model_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    if not big:
-        onnx.checker.check_model(model, full_check=True)
-    save_onnx(model, path, external_data=external_data if external_data is not None else big)
-    if big:  # protobuf cannot hold it in memory: check the saved file by path
-        try:
-            onnx.checker.check_model(str(path), full_check=True)
-        except Exception:
-            path.unlink(missing_ok=True)
-            (path.parent / (path.name + ".data")).unlink(missing_ok=True)
-            raise
-    return path

@@ -1,6 +1,7 @@
-"""Output verification: PyTorch vs onnxruntime vs engines, with named tolerances, and
-the one copy of the output metrics (top-k accuracy, agreement, cosine) that the
-verifier, the engines' fidelity measurement and ``mixrank eval`` share."""
+"""Output comparison with named tolerances, and the one copy of the output metrics
+(top-k accuracy, agreement, cosine) that the verifiers (`export_onnx`,
+`verify_rewrite`), the engines' fidelity measurement and ``mixrank eval`` share. NumPy
+and onnxruntime only: an engine process imports it without torch."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mixrank.compress import import_onnxruntime
+from mixrank.core import import_onnxruntime
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ def topk_accuracy(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 
 
 def output_agreement(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
-    """Per-sample comparison of two (N, ...) outputs: max abs/rel error, mean and min
+    """Per-sample comparison of two (N, ...) outputs, ``got`` against ``ref``: max abs/rel error, mean and min
     cosine, and top-1 agreement (argmax over the flattened sample)."""
     a = np.asarray(ref, np.float64).reshape(len(ref), -1)
     b = np.asarray(got, np.float64).reshape(len(got), -1)
@@ -55,7 +56,8 @@ def output_agreement(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
 
 
 def run_onnxruntime(path: str | os.PathLike, feeds: dict, threads: int | None = None) -> list:
-    """Run an ONNX file once on onnxruntime's CPU provider."""
+    """The outputs of the ONNX file ``path`` run once on onnxruntime's CPU provider on
+    ``feeds`` (input name → array), with ``threads`` intra-op threads (``None``: all)."""
     ort = import_onnxruntime()
 
     so = ort.SessionOptions()
@@ -68,8 +70,9 @@ def run_onnxruntime(path: str | os.PathLike, feeds: dict, threads: int | None = 
 
 def compare_outputs(ref: dict[str, np.ndarray], got: dict[str, np.ndarray],
                     tol: Tolerance) -> dict:
-    """Compare named outputs. Returns a report with, per output, max abs error, max
-    rel error (to the reference's max magnitude), cosine, and the worst element."""
+    """Compare named outputs ``got`` with ``ref`` under the `Tolerance` ``tol``. Returns a
+    report with ``ok``, a ``message`` and, per output, max abs error, max rel error (to the
+    reference's max magnitude), cosine, and the worst element."""
     outputs, ok, msgs = {}, True, []
     for name, a in ref.items():
         b = got[name]
@@ -100,34 +103,3 @@ def compare_outputs(ref: dict[str, np.ndarray], got: dict[str, np.ndarray],
                         f"{cos:.6f}; worst at {tuple(o['worst_index'])}: expected "
                         f"{o['worst_ref']:.6g}, got {o['worst_got']:.6g}")
     return {"ok": ok, "outputs": outputs, "tolerance": tol.__dict__, "message": "; ".join(msgs)}
-
-
-def verify_rewrite(onnx_path, model, factors, inputs, tolerance: Tolerance | None = None,
-                   input_name: str | None = None) -> dict:
-    """Run the rewritten ONNX model on onnxruntime and compare it with the factored
-    PyTorch model (`compress.apply_factors`) on real inputs.
-
-    Raises:
-        MixrankError: the outputs disagree beyond ``tolerance`` (the message names the
-            worst element).
-    """
-    ort = import_onnxruntime()
-    import torch
-
-    from mixrank.compress import MixrankError, apply_factors
-
-    small = apply_factors(model, factors).eval()
-    x = inputs if isinstance(inputs, torch.Tensor) else torch.as_tensor(inputs)
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    inp = sess.get_inputs()[0]
-    feed_dtype = np.float16 if "float16" in inp.type else np.float32
-    with torch.no_grad():
-        ref = small(x.to(next(small.parameters()).dtype)).float().cpu().numpy()
-    got = sess.run(None, {input_name or inp.name: x.cpu().numpy().astype(feed_dtype)})[0]
-    tol = tolerance or (Tolerance.fp16() if feed_dtype == np.float16 else Tolerance.fp32())
-    name = sess.get_outputs()[0].name
-    report = compare_outputs({name: ref}, {name: np.asarray(got, np.float32)}, tol)
-    if not report["ok"]:
-        raise MixrankError(f"the rewritten model disagrees with the factored PyTorch model: "
-                           f"{report['message']}")
-    return report

@@ -17,6 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from mixrank.core import atomic_write
+
 
 @dataclass(frozen=True)
 class DigitsRecipe:
@@ -135,8 +137,6 @@ def digits_vit(recipe: DigitsRecipe = DigitsRecipe(), progress: bool = True,
             return model.eval()
         except Exception:
             path.unlink(missing_ok=True)  # a damaged cache entry is retrained
-    from mixrank.compress import atomic_write
-
     model = train_digits_vit(recipe, progress=progress)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={"recipe": json.dumps(asdict(recipe))}))

@@ -11,7 +11,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from mixrank.compress import MixrankError, close_matches
+from mixrank.core import MixrankError, close_matches
+
+from ._demo import digits_vit
 
 DIGITS = "digits"
 
@@ -29,8 +31,6 @@ def load_model(name: str | None = None, pretrained: bool = False,
     if name in (None, DIGITS):
         if pretrained or checkpoint:
             raise MixrankError("the built-in digits model takes no --pretrained/--checkpoint")
-        from ._demo import digits_vit
-
         return digits_vit(progress=progress).eval()
     import timm
 

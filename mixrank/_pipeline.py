@@ -13,33 +13,18 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from mixrank.compress import (
-    CompressConfig,
-    atomic_write_text,
-    check_writable_path,
-    compress_model,
-    load_factors,
-    model_fingerprint,
-    output_folder,
-    save_factors,
-    sha256_file,
-)
-from mixrank.engines import (
-    TimingConfig,
-    build_report,
-    check_report,
-    junit_xml,
-    load_budget,
-    measure,
-    write_report,
-)
+from mixrank.compress import CompressConfig, compress_model, load_factors, model_fingerprint, save_factors
+from mixrank.core import atomic_write_text, check_writable_path, output_folder, sha256_file, warn
+from mixrank.engines import TimingConfig, build_report, check_report, junit_xml, load_limits, measure, write_report
 from mixrank.exporter import export_onnx, quantize_reference, rewrite_onnx, verify_rewrite
 
 from ._sources import ModelSource
+from ._target import Target
 
 
 def _key(*parts) -> str:
@@ -94,126 +79,190 @@ class Manifest:
         return self.data["stages"][name], False
 
 
-def warn(msg: str) -> None:
-    """A warning the user must see even with --quiet: one line on stderr."""
-    print(f"mixrank: warning: {msg}", file=sys.stderr)
+@dataclass(frozen=True)
+class RunOptions:
+    """What the main job runs on, besides the compression's configuration.
+
+    Attributes:
+        model, pretrained, checkpoint: the model (`ModelSource`; ``None``: the built-in
+            digits ViT).
+        images, calib_images, max_image_pixels: the calibration images (a folder; how
+            many; the decoded-size cap, ``None``: the default).
+        eval_images, eval_csv: labelled evaluation data (``None``: the model's own test
+            split, else the calibration images, marked as not held out).
+        out: the output folder; force: redo every stage.
+        batch_sizes, seconds: the batch sizes timed, and the timing limit per batch size.
+        limits, junit: the CI limits file to check (``None``: no check) and where to
+            write the check as JUnit XML.
+        progress: progress bars and stage lines.
+        target: where artifacts are built, timed and gated (`Target`).
+    """
+
+    model: str | None = None
+    pretrained: bool = False
+    checkpoint: str | None = None
+    images: str | None = None
+    calib_images: int = 512
+    max_image_pixels: int | None = None
+    eval_images: str | None = None
+    eval_csv: str | None = None
+    out: str = "mixrank-out"
+    batch_sizes: tuple[int, ...] = (1, 32)
+    seconds: float = 20.0
+    limits: str | None = None
+    junit: str | None = None
+    force: bool = False
+    progress: bool = True
+    target: Target = Target()
 
 
-def run_pipeline(args, cfg: CompressConfig, log: Callable[[str], None]) -> dict:
+def run_pipeline(options: RunOptions, cfg: CompressConfig, log: Callable[[str], None]) -> dict:
     """The main job: model → calibration → compress → export → rewrite → engines →
     measure → report → check. Returns the summary.
 
     The output folder is locked for the whole run (one writer per folder); a run that
     fails before its first stage leaves no folder it created behind.
     """
-    if args.junit:
-        check_writable_path(args.junit)
-    with output_folder(args.out, " ".join(["mixrank", *sys.argv[1:]])) as out:
-        return _run(args, cfg, log, out)
+    if options.junit:
+        check_writable_path(options.junit)
+    with output_folder(options.out, " ".join(["mixrank", *sys.argv[1:]])) as out:
+        return _Run(options, cfg, log, out).all()
 
 
-def _run(args, cfg: CompressConfig, log: Callable[[str], None], out: Path) -> dict:
-    man = Manifest(out, args.force)
-    progress = not args.quiet
-    limits = load_budget(args.budget) if args.budget else None  # a bad budget fails first
-    torch.manual_seed(cfg.seed)
-    src = ModelSource(args.model, args.pretrained, args.checkpoint, progress, args.max_image_pixels, warn)
-    model = src.model
-    mfp = model_fingerprint(model)
-    calib = src.calibration(args.images, args.calib_images, cfg.seed)
-    ev = src.evaluation(args.eval_images, args.eval_csv, fallback=calib)
-    eval_x, eval_y = ev.x, ev.labels
-    source = {"model": src.label, "calibration": calib.source, "calibration_images": calib.record}
+class _Run:
+    """The main job in one folder: each stage's inputs, key and files (`Manifest.stage`)."""
 
-    def do_compress():
-        f = compress_model(model, calib.batches, cfg, source=source, progress=progress)
-        save_factors(f, out / "model.mixrank.safetensors")
-        return {"summary": f.summary()}
+    def __init__(self, options: RunOptions, cfg: CompressConfig, log: Callable[[str], None], out: Path):
+        self.o, self.cfg, self.log, self.out = options, cfg, log, out
+        self.man = Manifest(out, options.force)
+        self.target = options.target
+        self.comp_onnx = "compressed.onnx" if self.target.rewrite_target == "onnxruntime" else \
+            "compressed.tensorrt.onnx"
 
-    k_comp = _key(mfp, calib.key, cfg.to_dict())
-    man.stage("compress", k_comp, ["model.mixrank.safetensors"], do_compress, log)
-    factors = load_factors(out / "model.mixrank.safetensors")
+    def all(self) -> dict:
+        o = self.o
+        limits = load_limits(o.limits) if o.limits else None  # a bad limits file fails first
+        torch.manual_seed(self.cfg.seed)
+        src = ModelSource(o.model, o.pretrained, o.checkpoint, o.progress, o.max_image_pixels, warn)
+        self.model, self.mfp = src.model, model_fingerprint(src.model)
+        self.calib = src.calibration(o.images, o.calib_images, self.cfg.seed)
+        self.ev = src.evaluation(o.eval_images, o.eval_csv, fallback=self.calib)
+        self.source = {"model": src.label, "calibration": self.calib.source,
+                       "calibration_images": self.calib.record}
+        factors = self.compress()
+        self.export()
+        k_rw = self.rewrite(factors)
+        graphs = self.reference_graphs()
+        settings = self.target.settings(o.batch_sizes)
+        built = {tag: self.target.artifact(tag) for tag in graphs}
+        k_build = self.build(graphs, built, settings, k_rw)
+        rep = self.bench(graphs, built, settings, factors, k_build)
+        return self.summary(rep, factors, limits)
 
-    def do_export():
-        export_onnx(model, eval_x[:2], out / "original.onnx", check_inputs=eval_x[:16])
+    def compress(self):
+        def do():
+            f = compress_model(self.model, self.calib.batches, self.cfg, source=self.source, progress=self.o.progress)
+            save_factors(f, self.out / "model.mixrank.safetensors")
+            return {"summary": f.summary()}
 
-    man.stage("export", _key(mfp, list(eval_x.shape[1:]), 17), ["original.onnx"], do_export, log)
+        key = _key(self.mfp, self.calib.key, self.cfg.to_dict())
+        self.man.stage("compress", key, ["model.mixrank.safetensors"], do, self.log)
+        return load_factors(self.out / "model.mixrank.safetensors")
 
-    def do_reference():  # what a user gets without mixrank: onnxruntime's int8 weight-only quantizer
-        quantize_reference(out / "original.onnx", out / "original.int8.onnx", bits=8, block=32)
+    def export(self) -> None:
+        x = self.ev.x
 
-    if args.target.has_int8_reference:
-        man.stage("reference", _key(sha256_file(out / "original.onnx"), "int8", 32), ["original.int8.onnx"],
-                  do_reference, log)
+        def do():
+            export_onnx(self.model, x[:2], self.out / "original.onnx", check_inputs=x[:16])
 
-    target = args.target
-    comp_onnx = "compressed.onnx" if target.rewrite_target == "onnxruntime" else "compressed.tensorrt.onnx"
+        self.man.stage("export", _key(self.mfp, list(x.shape[1:]), 17), ["original.onnx"], do, self.log)
 
-    def do_rewrite():
-        rep = rewrite_onnx(out / "original.onnx", factors, out / comp_onnx, target=target.rewrite_target)
-        atomic_write_text(out / "rewrite.json", json.dumps(rep.to_dict(), indent=1))
-        v = verify_rewrite(out / comp_onnx, model, factors, eval_x[:64])
-        return {"verify": v["outputs"]}
+        def do_reference():  # what a user gets without mixrank: onnxruntime's int8 weight-only quantizer
+            quantize_reference(self.out / "original.onnx", self.out / "original.int8.onnx", bits=8, block=32)
 
-    k_rw = _key(sha256_file(out / "original.onnx"), sha256_file(out / "model.mixrank.safetensors"),
-                target.rewrite_target)
-    man.stage("rewrite", k_rw, [comp_onnx, "rewrite.json"], do_rewrite, log)
-    settings = target.settings(args.batch_sizes)
-    graphs = {"original": "original.onnx", "compressed": comp_onnx}
-    if target.has_int8_reference:
-        graphs["original.int8"] = "original.int8.onnx"
-    else:
-        log(f"no int8 reference on {target.label()}: onnxruntime's int8 quantizer writes MatMulNBits, which "
-            "TensorRT cannot run")
-    built = {tag: target.artifact(tag) for tag in graphs}
+        if self.target.has_int8_reference:
+            self.man.stage("reference", _key(sha256_file(self.out / "original.onnx"), "int8", 32),
+                           ["original.int8.onnx"], do_reference, self.log)
 
-    def do_build():
-        calib_x = [b.numpy() for b in calib.batches] if target.engine == "tensorrt" else None
-        for tag, onnx_file in graphs.items():
-            target.build(out / onnx_file, out / built[tag], settings, calib_x)
+    def rewrite(self, factors) -> str:
+        out, comp_onnx = self.out, self.comp_onnx
 
-    k_build = _key(k_rw, *(sha256_file(out / g) for g in graphs.values()), settings.to_dict(), target.describe())
-    man.stage("build", k_build, list(built.values()), do_build, log)
+        def do():
+            rep = rewrite_onnx(out / "original.onnx", factors, out / comp_onnx, target=self.target.rewrite_target)
+            atomic_write_text(out / "rewrite.json", json.dumps(rep.to_dict(), indent=1))
+            v = verify_rewrite(out / comp_onnx, self.model, factors, self.ev.x[:64])
+            return {"verify": v["outputs"]}
 
-    def do_bench():
-        refs = ({"int8": (out / built["original.int8"], out / graphs["original.int8"])}
-                if "original.int8" in built else None)
-        res = measure(out / built["original"], out / built["compressed"], args.batch_sizes, settings,
-                      eval_x.numpy(), None if eval_y is None else eval_y.numpy(),
-                      TimingConfig(max_seconds=args.seconds), progress=progress, engine=target.engine,
-                      graphs=(out / graphs["original"], out / graphs["compressed"]), references=refs)
-        res["target"] = target.describe()
-        for tag, name in (("original", "original"), ("compressed", "compressed"), ("int8", "original.int8")):
-            if name in built:
-                res["footprint"][tag]["engine_bytes"] = (out / built[name]).stat().st_size
-        res["evaluation"] = {"source": ev.source, "held_out": ev.held_out, "samples": len(eval_x),
-                             **ev.record, "note": ev.note}
-        rep = build_report(res, factors.plan, json.loads((out / "rewrite.json").read_text()))
-        rep["summary"]["engine_bytes"] = res["footprint"]["compressed"]["engine_bytes"]
-        write_report(rep, out)
+        key = _key(sha256_file(out / "original.onnx"), sha256_file(out / "model.mixrank.safetensors"),
+                   self.target.rewrite_target)
+        self.man.stage("rewrite", key, [comp_onnx, "rewrite.json"], do, self.log)
+        return key
 
-    k_bench = _key(k_build, args.batch_sizes, args.seconds, calib.key, ev.key)
-    man.stage("bench", k_bench, ["report.json", "report.md"], do_bench, log)
-    rep = json.loads((out / "report.json").read_text())
-    budget = factors.plan.budget
-    used = {}
-    for i in factors.layers.values():
-        used[i.precision] = used.get(i.precision, 0) + 1
-    summary = {"out": str(out), "model": source["model"], "method": cfg.method, "keep": budget.keep,
-               "target": rep["measurement"].get("target", {"engine": rep["measurement"]["engine"]}),
-               "budget": {"keep": budget.keep, "params": budget.params, "bytes": budget.bytes,
-                          "precision": budget.precision, "precisions": used},
-               **rep["summary"], "footprint": rep["measurement"]["footprint"],
-               "evaluation": rep["measurement"].get("evaluation", {}),
-               "notes": [n for n in (calib.note, ev.note) if n],
-               "throughput": [{k: v for k, v in t.items() if k != "sessions"} |
-                              {"p50_ms": {n: s["p50_ms"] for n, s in t["sessions"].items()}}
-                              for t in rep["measurement"]["throughput"]],
-               "manifest": str(man.path)}
-    if limits:
-        verdict = check_report(rep, limits)
-        summary["check"] = verdict
-        atomic_write_text(out / "check.json", json.dumps(verdict, indent=1))
-        if args.junit:
-            atomic_write_text(Path(args.junit), junit_xml(verdict))
-    return summary
+    def reference_graphs(self) -> dict[str, str]:
+        graphs = {"original": "original.onnx", "compressed": self.comp_onnx}
+        if self.target.has_int8_reference:
+            graphs["original.int8"] = "original.int8.onnx"
+        else:
+            self.log(f"no int8 reference on {self.target.label()}: onnxruntime's int8 quantizer writes MatMulNBits, "
+                     "which TensorRT cannot run")
+        return graphs
+
+    def build(self, graphs: dict, built: dict, settings, k_rw: str) -> str:
+        def do():
+            calib_x = [b.numpy() for b in self.calib.batches] if self.target.engine == "tensorrt" else None
+            for tag, onnx_file in graphs.items():
+                self.target.build(self.out / onnx_file, self.out / built[tag], settings, calib_x)
+
+        key = _key(k_rw, *(sha256_file(self.out / g) for g in graphs.values()), settings.to_dict(),
+                   self.target.describe())
+        self.man.stage("build", key, list(built.values()), do, self.log)
+        return key
+
+    def bench(self, graphs: dict, built: dict, settings, factors, k_build: str) -> dict:
+        out, ev, o = self.out, self.ev, self.o
+
+        def do():
+            refs = ({"int8": (out / built["original.int8"], out / graphs["original.int8"])}
+                    if "original.int8" in built else None)
+            res = measure(out / built["original"], out / built["compressed"], o.batch_sizes, settings,
+                          ev.x.numpy(), None if ev.labels is None else ev.labels.numpy(),
+                          TimingConfig(max_seconds=o.seconds), progress=o.progress, engine=self.target.engine,
+                          graphs=(out / graphs["original"], out / graphs["compressed"]), references=refs)
+            res.target = self.target.describe()
+            for tag, name in (("original", "original"), ("compressed", "compressed"), ("int8", "original.int8")):
+                if name in built:
+                    res.footprint[tag]["engine_bytes"] = (out / built[name]).stat().st_size
+            res.evaluation = {"source": ev.source, "held_out": ev.held_out, "samples": len(ev.x), **ev.record,
+                              "note": ev.note}
+            rep = build_report(res, factors.plan, json.loads((out / "rewrite.json").read_text()))
+            rep["summary"]["engine_bytes"] = res.footprint["compressed"]["engine_bytes"]
+            write_report(rep, out)
+
+        key = _key(k_build, o.batch_sizes, o.seconds, self.calib.key, ev.key)
+        self.man.stage("bench", key, ["report.json", "report.md"], do, self.log)
+        return json.loads((out / "report.json").read_text())
+
+    def summary(self, rep: dict, factors, limits) -> dict:
+        budget = factors.plan.budget
+        used: dict[str, int] = {}
+        for i in factors.layers.values():
+            used[i.precision] = used.get(i.precision, 0) + 1
+        m = rep["measurement"]
+        summary = {"out": str(self.out), "model": self.source["model"], "method": self.cfg.method,
+                   "keep": budget.keep, "target": m.get("target", {"engine": m["engine"]}),
+                   "budget": {"keep": budget.keep, "params": budget.params, "bytes": budget.bytes,
+                              "precision": budget.precision, "precisions": used},
+                   **rep["summary"], "footprint": m["footprint"], "evaluation": m.get("evaluation", {}),
+                   "notes": [n for n in (self.calib.note, self.ev.note) if n],
+                   "throughput": [{k: v for k, v in t.items() if k != "sessions"} |
+                                  {"p50_ms": {n: s["p50_ms"] for n, s in t["sessions"].items()}}
+                                  for t in m["throughput"]],
+                   "manifest": str(self.man.path)}
+        if limits:
+            verdict = check_report(rep, limits)
+            summary["check"] = verdict
+            atomic_write_text(self.out / "check.json", json.dumps(verdict, indent=1))
+            if self.o.junit:
+                atomic_write_text(Path(self.o.junit), junit_xml(verdict))
+        return summary
+

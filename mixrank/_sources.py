@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from mixrank.compress import MixrankError, image_csv, image_folder
+from mixrank.compress import MAX_IMAGE_PIXELS, image_csv, image_folder
+from mixrank.core import MixrankError
 
+from ._demo import digits_calibration, digits_data
 from ._models import DIGITS, load_model
 
 
@@ -49,8 +51,6 @@ class ModelSource:
 
     def __init__(self, name: str | None, pretrained: bool = False, checkpoint: str | None = None,
                  progress: bool = True, max_pixels: int | None = None, warn=None):
-        from mixrank.compress._data import MAX_IMAGE_PIXELS
-
         self.max_pixels = max_pixels or MAX_IMAGE_PIXELS
         self.warn = warn or (lambda msg: None)
         self.name = name
@@ -71,8 +71,6 @@ class ModelSource:
             if images:
                 raise MixrankError("the built-in digits model calibrates on its own digits; --images "
                                    "is for a timm model (--model NAME)")
-            from ._demo import digits_calibration
-
             calib = digits_calibration(count)
             used = sum(len(b) for b in calib)
             note = None if used == count else f"calibration: {used} digits used of {count} requested (the train split)"
@@ -111,8 +109,6 @@ class ModelSource:
                 image_folder(images, self.model, max_pixels=self.max_pixels)
             return self._data(data, str(csv or images), [sorted(data.files)], "evaluation")
         if self.builtin:
-            from ._demo import digits_data
-
             _, _, xte, yte = digits_data()
             return Data([xte], yte, "sklearn digits, test split", ["digits-test"], record={"used": len(xte)})
         if fallback is not None:
@@ -123,8 +119,6 @@ class ModelSource:
     def example(self) -> torch.Tensor:
         """A few inputs of the right shape for export (real digits for the built-in model)."""
         if self.builtin:
-            from ._demo import digits_data
-
             return digits_data()[2][:4]
         from timm.data import resolve_data_config
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mixrank.compress import MixrankError
+from mixrank.core import MixrankError
 
 ENGINES = ("onnxruntime", "tensorrt")
 
@@ -56,7 +56,7 @@ class Target:
             MixrankError: the engine's package or the GPU is missing.
         """
         if self.engine == "tensorrt":
-            from mixrank.engines._tensorrt import import_tensorrt
+            from mixrank.engines import import_tensorrt
 
             import_tensorrt()
             import torch
@@ -64,8 +64,7 @@ class Target:
             if not torch.cuda.is_available():
                 raise MixrankError("--engine tensorrt needs an NVIDIA GPU, and torch sees none")
             return
-        from mixrank.engines import available_providers
-        from mixrank.engines._ort import PROVIDERS
+        from mixrank.engines import PROVIDERS, available_providers
 
         have = available_providers()
         if PROVIDERS[self.provider] not in have:

@@ -70,9 +70,9 @@ def test_parameter_count_matches_plan(digits, compressed):
 
 def test_default_refinements_beat_the_closed_form_on_held_out_data(digits, compressed, calib):
     from mixrank.compress import collect_stats
-    from mixrank.compress._batches import split_holdout
-    from mixrank.compress._fit import nmse
-    from mixrank.compress._sparse import SparseTerm
+    from mixrank.compress.calibrate import split_holdout
+    from mixrank.compress.factor import nmse
+    from mixrank.compress.factor.sparse import SparseTerm
 
     f, small = compressed[0.3, "mixrank"]
     ref = f.plan["allocation"]["refinement"]

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from mixrank.compress import SPARSE, CompressConfig, MixrankError, SparseStructure, apply_factors, compress_model
-from mixrank.compress._refine import REFINEMENTS, Outcome, RefineContext, Refinement, run_refinements
-from mixrank.compress._sparse import damped
+from mixrank.compress.factor.sparse import damped
+from mixrank.compress.refine import REFINEMENTS, Outcome, RefineContext, Refinement, run_refinements
 from mixrank.exporter import export_onnx, rewrite_onnx, run_onnxruntime
 
 

@@ -167,8 +167,7 @@ def test_pretrained_without_network_fails_fast(tmp_path):
 
 def test_rewrite_records_an_allowed_mismatch(tmp_path):
     import onnx
-    from exporter_helpers import factors_from_weights
-    from test_rewrite import mlp
+    from exporter_helpers import factors_from_weights, mlp
 
     from mixrank.exporter import rewrite_onnx
 

@@ -84,8 +84,7 @@ def test_spilled_grams_give_identical_factors(digits, tmp_path, monkeypatch):
 
 def test_spill_keeps_only_the_budget_in_memory(digits):
     from mixrank._demo import digits_calibration
-    from mixrank.compress._calibrate import collect_stats, gram_bytes
-    from mixrank.compress._select import select_layers
+    from mixrank.compress.calibrate import collect_stats, gram_bytes, select_layers
 
     model = digits["model"]
     layers = select_layers(model, None, None)

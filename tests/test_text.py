@@ -50,7 +50,7 @@ def test_bert_with_dict_batches_and_token_mask():
                                                    effort="fast"), progress=False)
     layers = f.plan.layers
     assert len(layers) == 12 and all(n.startswith("encoder.layer.") for n in layers)
-    from mixrank.compress._batches import split_holdout
+    from mixrank.compress.calibrate import split_holdout
 
     stats_part = split_holdout(calib, f.plan.config["holdout"])[0]  # the batches the statistics sum
     real = sum(int(b["attention_mask"].sum()) for b in stats_part)

@@ -13,9 +13,9 @@ import sys
 import torch
 
 from mixrank._demo import digits_calibration, digits_vit
-from mixrank.compress import CompressConfig, MixrankError, _dist, compress_model
-from mixrank.compress._calibrate import collect_stats
-from mixrank.compress._select import select_layers
+from mixrank.compress import CompressConfig, MixrankError, compress_model
+from mixrank.compress import distributed as _dist
+from mixrank.compress.calibrate import collect_stats, select_layers
 
 
 def main() -> None:

@@ -1,0 +1,8 @@
+"""Mixed-rank allocation under one global budget, judged end to end: each layer's space of
+choices (`LayerSpace`), the uniform allocation, the search, and the allocators
+(`ALLOCATORS`: uniform, search). Adding one: docs/design.md, "Adding an allocator"."""
+
+from ._allocators import ALLOCATORS, AUTO_PRECISIONS, Allocation, Allocator, SearchAllocator, SpacesAt, UniformAllocator
+from ._search import layer_groups, search_allocation, with_partners
+from ._spaces import Alloc, Candidate, LayerSpace, alloc_cost, feasible_range, layer_spaces
+from ._uniform import fill_budget, step_rank, uniform_allocation

@@ -1,0 +1,138 @@
+"""Layer forms: how a factored layer computes ``y = W x`` from what it stores.
+
+A form is a `LayerForm` registered in `FORMS` under the name the plan records
+(``LayerPlan.form``). It owns everything that depends on its shape: what it costs (in
+values and in bytes as the exporter writes them), the PyTorch forward, how its factors
+are stored and read back, its straight-through rounding for quantization-aware
+training, and the ONNX subgraph the rewriter emits. The allocator, the scorer, the
+factored model, the factors file and the rewriter reach a form only through `FORMS`
+(docs/design.md, "Adding a layer form").
+
+The built-in forms: ``lowrank`` (``A B``, `mixrank.compress.factor.forms._lowrank`), and
+the two forms of a pair's layers (``rows``, ``cols``; `._pairwise`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from mixrank.core import Registry
+
+
+@dataclass(frozen=True)
+class EmitContext:
+    """What a form's ONNX emitter is given by the rewriter.
+
+    Attributes:
+        base: prefix of the names of the nodes it adds (unique per rewritten node).
+        const: ``const(what)`` names a constant uniquely in the graph.
+        project: ``project(x, role, k, n_out, node, out)``: the nodes computing ``out = x
+            Wᵀ`` for the factor ``role`` (``"A"`` or ``"B"``) of the layer as stored, at its
+            precision and in the form the target engine runs (`mixrank.exporter`).
+        dtype: numpy dtype of the graph's weights.
+        out_dtype: the dtype of the layer's output tensor.
+    """
+
+    base: str
+    const: Callable[[str], str]
+    project: Callable
+    dtype: type
+    out_dtype: object
+
+
+class LayerForm:
+    """Interface of a layer form. ``m, n`` are the layer's (out, in); ``r`` its rank (the
+    size of the shared dimension for a pair's layer).
+
+    Attributes:
+        trainable: the factors a gradient refinement moves (a selection never moves).
+        paired: the form of a pair's layer: its error is the pair's (per-layer compensation
+            and the sparse split leave it as it is), and the sequential refit refits it in
+            its form (`refit`).
+        own_pass: the sequential refit fits it on a pass of its own, once the block's
+            layers before it are in place (it reads, and undoes, their error).
+    """
+
+    name: str = ""
+    trainable: tuple[str, ...] = ("A", "B")
+    paired: bool = False
+    own_pass: bool = False
+
+    def extra(self, m: int, r: int, bias_delta: bool) -> int:
+        """Values beyond the factors, in 4-byte values as the exporter writes them
+        (indices, masks, a bias delta)."""
+        return 0
+
+    def values(self, m: int, n: int, r: int) -> int:
+        """Weight values of the stored factors."""
+        raise NotImplementedError
+
+    def cost_params(self, m: int, n: int, r: int, bias_delta: bool = False) -> int:
+        """What rank ``r`` costs in parameters: the factors' values plus `extra`."""
+        return self.values(m, n, r) + self.extra(m, r, bias_delta)
+
+    def per_rank(self, m: int, n: int) -> int:
+        """Parameters one unit of rank costs."""
+        raise NotImplementedError
+
+    def max_rank(self, m: int, n: int, size: int) -> int:
+        """The largest rank worth offering before the dense layer is cheaper (``size``: the
+        largest a pair's spectrum has; 0 for a layer of no pair)."""
+        raise NotImplementedError
+
+    def stored_bytes(self, m: int, n: int, r: int, precision: str, block: int = 32, symmetric: bool = False,
+                     bias_delta: bool = False) -> int:
+        """Bytes as the exporter stores rank ``r`` at ``precision`` (integer blocks padded,
+        scales and zero points included)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, A: torch.Tensor | None, B: torch.Tensor | None,
+                index: torch.Tensor | None, m: int) -> torch.Tensor:
+        """``x`` (..., n) through the factors, without the bias: (..., m)."""
+        raise NotImplementedError
+
+    def straight_through(self, A: torch.Tensor | None, B: torch.Tensor | None, precision: str, quant
+                         ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The factors as stored (rounded), differentiable in the trainable ones
+        (quantization-aware distillation)."""
+        raise NotImplementedError
+
+    def store(self, fit, precision: str, quant, G: torch.Tensor | None = None):
+        """A `LayerFit` of this form as stored at ``precision``: `StoredFactors` (tensors by
+        suffix of the layer's name, A and B as read back, float32). ``G``: the layer's input
+        Gram matrix (GPTQ), or ``None``."""
+        raise NotImplementedError
+
+    def read(self, tensors: dict[str, torch.Tensor], name: str, info) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of layer ``name`` as its factors file stores them, float32 (a selection as
+        its 0/1 matrix); ``info`` is the layer's `LayerPlan`."""
+        raise NotImplementedError
+
+    def emit_onnx(self, x, info, tensors: dict, layer: str, ctx: EmitContext) -> tuple[list, object, int]:
+        """The ONNX subgraph of ``x`` through the factors, without the bias.
+
+        Args:
+            x: the activation tensor (gs.Variable, (..., n)).
+            info: the layer's `LayerPlan`; tensors: the factors file's tensors.
+            layer: the layer's qualified name; ctx: `EmitContext`.
+
+        Returns:
+            (nodes, output gs.Variable, number of weight values the constants hold).
+        """
+        raise NotImplementedError
+
+    def refit(self, fit, lin: torch.nn.Linear, stats: dict, damping: float):
+        """A ``paired`` form's fit refit on the compressed path's statistics (the
+        sequential refit; ``stats``: its cross statistics of the layer's inputs)."""
+        raise NotImplementedError
+
+
+FORMS: Registry[LayerForm] = Registry("layer form")
+
+
+def form_of(name: str | None) -> LayerForm:
+    """The registered form ``name`` (an empty name, written by older files: ``lowrank``)."""
+    return FORMS[name or "lowrank"]

@@ -1,0 +1,21 @@
+"""Storage precision: block-wise integer quantization (RTN, GPTQ) and the one place a
+weight or a factor pair is stored at a precision and read back exactly as the engine
+reads it (docs/design.md, "Precision")."""
+
+from ._quant import (
+    BLOCKS,
+    FLOAT_BYTES,
+    INT_BITS,
+    PRECISIONS,
+    SCALE_BYTES,
+    SPLITS,
+    QTensor,
+    check_precision,
+    fake_quant,
+    quantize,
+    rebalance,
+    rebalanced_ste,
+    ste,
+    storage_bytes,
+)
+from ._storage import StoredFactors, read_back, store_pair, store_weight, stored_qtensor

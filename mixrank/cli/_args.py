@@ -1,0 +1,232 @@
+"""The command line's building blocks: `Tool` (one subcommand), `ArgGroup` (options
+several subcommands share), and the parsers of option values (in the manner of
+Polygraphy's ``Tool`` and ``ArgGroup``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from mixrank.core import MixrankError, warn
+
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL = 70
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other user error (exit 2)."""
+
+    def error(self, message: str):
+        print(f"mixrank: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: ...)`` except where the default is ``None`` ("not given")."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class ArgGroup:
+    """Options that several subcommands share; `add` puts them on a subcommand's parser."""
+
+    def add(self, parser: argparse.ArgumentParser) -> None:
+        raise NotImplementedError
+
+
+class Tool:
+    """One subcommand: its name and help, the shared `ArgGroup` s it takes, its own
+    arguments, what it does (`run`, returning a result dict) and how it prints the result
+    (`show`; ``--json`` prints the dict instead)."""
+
+    name = ""
+    help = ""
+    description: str | None = None
+    groups: tuple[ArgGroup, ...] = ()
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """The subcommand's own arguments."""
+
+    def run(self, args: argparse.Namespace) -> dict:
+        raise NotImplementedError
+
+    def show(self, result: dict) -> None:
+        print(json.dumps(result, indent=2, default=str))
+
+    def exit_code(self, result: dict) -> int:
+        """0, or the CI gate's exit code when the result holds a check."""
+        check = result.get("check") if isinstance(result, dict) else None
+        return check.get("exit_code", 0) if check else 0
+
+    def parser(self, sub) -> argparse.ArgumentParser:
+        p = sub.add_parser(self.name, help=self.help, description=self.description, formatter_class=HelpFormatter)
+        p.add_argument("-v", "--verbose", action="store_true", help="more output; tracebacks for errors too")
+        for group in self.groups:
+            group.add(p)
+        self.add_arguments(p)
+        p.set_defaults(tool=self)
+        return p
+
+
+# ------------------------------------------------------------------ shared groups
+
+
+class Printing(ArgGroup):
+    """``--json`` and ``-q``/``--quiet``."""
+
+    def __init__(self, json_help: str = "print the result as JSON", quiet_help: str | None = "no progress output"):
+        self.json_help, self.quiet_help = json_help, quiet_help
+
+    def add(self, parser):
+        parser.add_argument("--json", action="store_true", help=self.json_help)
+        parser.add_argument("-q", "--quiet", action="store_true", help=self.quiet_help)
+
+
+class ModelArgs(ArgGroup):
+    """The model and its calibration images."""
+
+    def add(self, parser):
+        parser.add_argument("--model", default=None,
+                            help="timm model name; default: the built-in ViT trained on sklearn digits")
+        parser.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights")
+        parser.add_argument("--checkpoint", help="weights: .safetensors, or .pth (weights_only)")
+        parser.add_argument("--images", help="calibration image folder (flat or one sub-folder per class)")
+        parser.add_argument("--calib-images", type=int, default=512, help="calibration images used")
+        parser.add_argument("--max-image-pixels", type=int, default=None,
+                            help="refuse images that decode to more pixels (default: 40 million)")
+
+
+class CompressArgs(ArgGroup):
+    """How to compress: ``--config`` and the flags that override it (`job_config`)."""
+
+    def add(self, parser):
+        from mixrank.compress import JOB_BYTES  # the job's default budget (torch-free), for the help text
+
+        parser.add_argument("--config", help="TOML configuration (docs/design.md, 'Configuration'); "
+                                             "flags given here override its values")
+        parser.add_argument("--keep", type=float, default=None,
+                            help="fraction of the block Linear parameters kept (fp32 factors unless --precision)")
+        parser.add_argument("--bytes", default=None,
+                            help=f"storage budget: a byte count for the block Linear layers, or a fraction of the "
+                                 f"whole model's float32 weight bytes such as 0.12x (default: {JOB_BYTES}; rank "
+                                 f"and precision are then chosen per layer)")
+        parser.add_argument("--precision", default=None, choices=["auto", "fp32", "fp16", "int8", "int4"],
+                            help="storage of the compressed layers (default: auto with a bytes budget, "
+                                 "fp32 with --keep)")
+        parser.add_argument("--method", default=None, help="compression method (default: mixrank; also "
+                                                          "whiten, svd, asvd, oats)")
+        parser.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
+        parser.add_argument("--structure", default=None, choices=["auto", "lowrank", "pairs"],
+                            help="pairs: attention query/key, value/output and MLP pairs shrink their "
+                                 "shared dimension (docs/design.md, 'Pairwise structures'); lowrank: every "
+                                 "layer factored alone; auto (default for mixrank): both scored, the better kept")
+        parser.add_argument("--effort", default=None, choices=["fast", "balanced", "best"],
+                            help="fast: the closed form and a cheap allocation; balanced (default); best: "
+                                 "every refinement at full length")
+        parser.add_argument("--device", default=None,
+                            help="where the compression runs: cpu (default) or cuda[:N]; under torchrun each "
+                                 "rank takes cuda:LOCAL_RANK and nccl")
+        parser.add_argument("--max-seconds", type=float, default=None,
+                            help="a wall-clock cap on the compression (default: none, so that the same "
+                                 "inputs give the same factors on any machine); the plan records it")
+        parser.add_argument("--max-memory", default=None, metavar="SIZE",
+                            help="memory the calibration Gram matrices may hold, e.g. 4GB; the largest beyond "
+                                 "it are accumulated in memory-mapped files in MIXRANK_SPILL_DIR (default: "
+                                 "no limit)")
+
+    @staticmethod
+    def config(args: argparse.Namespace, tensorrt: bool = False):
+        """The `CompressConfig` of ``--config`` with every flag given on top, and the job's
+        defaults for what neither gives (`mixrank.compress.job_config`)."""
+        from mixrank.compress import job_config
+
+        flags = {"method": args.method, "keep": args.keep, "seed": args.seed,
+                 "bytes": None if args.bytes is None else bytes_value(args.bytes), "precision": args.precision,
+                 "effort": args.effort, "device": args.device, "max_seconds": args.max_seconds,
+                 "max_memory": args.max_memory, "structure": args.structure}
+        return job_config(flags, args.config, tensorrt=tensorrt)
+
+
+class Overwrite(ArgGroup):
+    def add(self, parser):
+        parser.add_argument("--overwrite", action="store_true", help="allow the output to be an input file")
+
+
+class LimitsArgs(ArgGroup):
+    """The CI gate's limits file (``--limits``, and its deprecated name ``--budget``) and
+    ``--junit``."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def add(self, parser):
+        parser.add_argument("--limits", help=f"TOML limits file: {self.what}")
+        parser.add_argument("--budget", help=argparse.SUPPRESS)  # the deprecated name of --limits
+        parser.add_argument("--junit", help="write the check as JUnit XML here")
+
+    @staticmethod
+    def path(args: argparse.Namespace) -> str | None:
+        """The limits file given (``--budget`` with a one-line deprecation warning)."""
+        if args.budget is not None:
+            if args.limits is not None:
+                raise MixrankError("give --limits or its deprecated name --budget, not both")
+            deprecated("--budget", "--limits (the file of CI limits; the budget is the compression's)")
+            return args.budget
+        return args.limits
+
+
+# ------------------------------------------------------------------ values and outputs
+
+
+def bytes_value(text: str) -> int | str:
+    """``--bytes``: a byte count, or a fraction of the model's float32 weight bytes (``0.12x``)."""
+    t = text.strip().lower()
+    if t.endswith("x"):
+        return t
+    try:
+        return int(float(t))
+    except ValueError:
+        raise MixrankError(f"--bytes must be a byte count or a fraction such as 0.12x, got {text!r}") from None
+
+
+def batch_sizes(text: str) -> tuple[int, ...]:
+    """``--batches``: comma-separated positive batch sizes."""
+    try:
+        sizes = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise MixrankError(f"--batches must be comma-separated integers, got {text!r}") from None
+    if any(b < 1 for b in sizes):
+        raise MixrankError(f"--batches must be positive batch sizes, got {text!r}")
+    return sizes
+
+
+def output(path, *inputs, overwrite: bool = False) -> Path:
+    """The one output policy: a regular file (or nothing) at ``path``, writable now, and
+    none of ``inputs`` unless ``--overwrite``; checked before any work."""
+    from mixrank.core import check_writable_path
+
+    return check_writable_path(path, inputs=inputs, overwrite_input=overwrite)
+
+
+def write_junit(path, verdict: dict) -> None:
+    """The check as JUnit XML at ``path`` (nothing when ``path`` is ``None``)."""
+    if path:
+        from mixrank.core import atomic_write_text
+        from mixrank.engines import junit_xml
+
+        atomic_write_text(path, junit_xml(verdict))
+
+
+def log(args: argparse.Namespace):
+    """A progress line on stderr (nothing with ``--quiet``)."""
+    return (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+
+
+def deprecated(old: str, new: str) -> None:
+    """One line on stderr: option ``old`` is deprecated, use ``new``."""
+    warn(f"{old} is deprecated: use {new}")

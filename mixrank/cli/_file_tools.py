@@ -1,0 +1,166 @@
+"""The subcommands that work on files alone, without the PyTorch model: ``rewrite``,
+``build`` and ``inspect``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mixrank.core import MixrankError
+
+from ._args import Overwrite, Printing, Tool, deprecated, output
+
+
+class Rewrite(Tool):
+    name = "rewrite"
+    help = "rewrite an ONNX model's MatMuls with a factors file (no PyTorch model needed)"
+    description = ("Replace every constant-weight MatMul/Gemm that has factors by its low-rank-plus-sparse "
+                   "subgraph; matches by initializer name, else by weight fingerprint, so ONNX files from other "
+                   "exporters work too.")
+    groups = (Overwrite(), Printing("print the rewrite report as JSON"))
+
+    def add_arguments(self, parser):
+        parser.add_argument("onnx", help="input ONNX model")
+        parser.add_argument("factors", help="factors file (model.mixrank.safetensors)")
+        parser.add_argument("-o", "--output", required=True, help="rewritten ONNX model to write")
+        parser.add_argument("--allow-partial", action="store_true",
+                            help="rewrite what matches even if some factors match no node")
+        parser.add_argument("--allow-mismatch", action="store_true",
+                            help="apply factors to a layer matched by name even if its weight is not the one they "
+                                 "were computed from (recorded in the report)")
+        parser.add_argument("--target", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
+                            help="engine the integer weights are written for")
+
+    def run(self, args):
+        from mixrank.exporter import check_tensorrt_compat, rewrite_onnx
+
+        output(args.output, args.onnx, args.factors, overwrite=args.overwrite)
+        rep = rewrite_onnx(args.onnx, args.factors, args.output, allow_partial=args.allow_partial,
+                           allow_mismatch=args.allow_mismatch, target=args.target)
+        out = rep.to_dict()
+        out["tensorrt_check"] = check_tensorrt_compat(args.output)
+        return out
+
+    def show(self, r):
+        print(f"rewrote {len(r['rewritten'])} MatMul/Gemm node(s): weight parameters "
+              f"{r['params_before']:,} -> {r['params_after']:,}")
+        for d in r["dense"]:
+            print(f"  left dense: {d['node']} ({d.get('weight', '')}): {d['reason']}")
+        if r.get("mismatched"):
+            print(f"  WARNING: applied despite a different weight (--allow-mismatch): {', '.join(r['mismatched'])}")
+        if r["unmatched_factors"]:
+            print(f"  factors matching no node: {', '.join(r['unmatched_factors'])}")
+        trt = r["tensorrt_check"]
+        print(f"TensorRT {trt['tensorrt']}: " + ("all operators supported" if trt["ok"] else
+              "; ".join(p.get("op", p.get("what", "")) + ": " + p["detail"] for p in trt["problems"])))
+        print(f"wrote {r['output']}")
+
+
+class Build(Tool):
+    name = "build"
+    help = "build an engine from an ONNX file"
+    description = ("onnxruntime: save the graph onnxruntime optimises for these settings; tensorrt: build and "
+                   "serialize a TensorRT engine (needs the tensorrt package and an NVIDIA GPU).")
+    groups = (Overwrite(), Printing("print the build record as JSON", None))
+
+    def add_arguments(self, parser):
+        parser.add_argument("onnx", help="ONNX model")
+        parser.add_argument("-o", "--output", required=True, help="engine file to write")
+        parser.add_argument("--engine", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
+        parser.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu",
+                            help="onnxruntime execution provider")
+        parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all)")
+        parser.add_argument("--engine-precision", choices=["fp32", "fp16", "int8"], default=None,
+                            help="TensorRT 10's precision flag (TensorRT 11 takes it from the ONNX file; "
+                                 "default: fp16)")
+        parser.add_argument("--precision", choices=["fp32", "fp16", "int8"], default=None,
+                            help="deprecated name of --engine-precision")
+        parser.add_argument("--workspace-mb", type=int, default=2048, help="TensorRT workspace limit")
+        parser.add_argument("--max-batch", type=int, default=32, help="TensorRT profile max batch")
+
+    def run(self, args):
+        output(args.output, args.onnx, overwrite=args.overwrite)
+        precision = args.engine_precision
+        if args.precision is not None:
+            if precision is not None:
+                raise MixrankError("give --engine-precision or its deprecated name --precision, not both")
+            deprecated("build --precision", "--engine-precision (--precision is the factors' storage)")
+            precision = args.precision
+        if args.engine == "tensorrt":
+            from mixrank.engines import TrtSettings, build_engine
+
+            st = TrtSettings(precision=precision or "fp16", workspace_mb=args.workspace_mb,
+                             max_batch=args.max_batch, opt_batch=min(8, args.max_batch))
+            rec = build_engine(args.onnx, args.output, st)
+            rec.pop("layers", None)
+            return rec
+        from mixrank.engines import OrtSettings, build_ort
+
+        return build_ort(args.onnx, args.output, OrtSettings(provider=args.provider, threads=args.threads))
+
+    def show(self, r):
+        print(f"built {r.get('engine', 'tensorrt')} engine {r.get('engine_path', '')} "
+              f"({r['engine_bytes']:,} bytes, {r['build_seconds']:.1f} s)")
+
+
+class Inspect(Tool):
+    name = "inspect"
+    help = "summarise a factors file, an ONNX file or a report"
+    groups = (Printing("print as JSON", None),)
+
+    def add_arguments(self, parser):
+        parser.add_argument("file", help="model.mixrank.safetensors, *.onnx or report.json")
+
+    def run(self, args):
+        p = Path(args.file)
+        if not p.is_file():
+            raise MixrankError(f"{p} does not exist")
+        if p.suffix == ".safetensors":
+            return _factors_summary(p)
+        if p.suffix == ".onnx":
+            return _onnx_summary(p)
+        if p.suffix == ".json":
+            from mixrank.engines import read_report
+
+            return {"kind": "report", "summary": read_report(p)["summary"]}
+        raise MixrankError(f"cannot inspect {p}: expected a factors file (.safetensors), an ONNX file or a "
+                           "report (.json)")
+
+    def show(self, r):
+        if r["kind"] == "factors":
+            print(r["summary"])
+            for n, i in r["layers"].items():
+                sp = "" if i["sparse"] == "none" else f" + {i['sparse']} k={i['k']}"
+                sp = sp or ("" if i.get("form", "lowrank") == "lowrank" else f" pair, {i['form']}")
+                print(f"  {n:<32} rank {str(i['rank']):>5} {i['precision']:<5}{sp:<18} NMSE {i['nmse']:.3e}  "
+                      f"{i['bytes']:,} bytes")
+        elif r["kind"] == "onnx":
+            print(f"{r['params']:,} parameters, {r['initializer_bytes']:,} initializer bytes, "
+                  f"{r['file_bytes']:,} file bytes, opset {r['opset']}")
+            print("  ops: " + ", ".join(f"{k}x{v}" for k, v in sorted(r["ops"].items())))
+            print("  TensorRT: " + ("ok" if r["tensorrt_check"]["ok"] else str(r["tensorrt_check"]["problems"])))
+        else:
+            for k, v in r["summary"].items():
+                print(f"  {k:<28} {v}")
+
+
+def _factors_summary(p: Path) -> dict:
+    from mixrank.compress import load_factors
+
+    f = load_factors(p)
+    return {"kind": "factors", "summary": f.summary(), "method": f.plan.method,
+            "budget": f.plan.budget, "totals": f.plan.totals,
+            "layers": {n: {"rank": i.rank, "precision": i.precision, "sparse": i.sparse.structure,
+                           "k": i.sparse.k, "nmse": i.nmse, "bytes": i.bytes_after, "form": i.form}
+                       for n, i in f.layers.items()}}
+
+
+def _onnx_summary(p: Path) -> dict:
+    from mixrank.engines import onnx_params
+    from mixrank.exporter import check_tensorrt_compat, load_onnx
+
+    m = load_onnx(p)
+    ops: dict[str, int] = {}
+    for n in m.graph.node:
+        ops[n.op_type] = ops.get(n.op_type, 0) + 1
+    return {"kind": "onnx", **onnx_params(p), "opset": [o.version for o in m.opset_import],
+            "inputs": [i.name for i in m.graph.input], "ops": ops, "tensorrt_check": check_tensorrt_compat(m)}

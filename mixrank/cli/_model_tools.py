@@ -1,0 +1,118 @@
+"""The subcommands that load the PyTorch model: ``compress``, ``export`` and ``eval``."""
+
+from __future__ import annotations
+
+from mixrank.core import MixrankError, warn
+
+from ._args import CompressArgs, ModelArgs, Overwrite, Printing, Tool, output
+
+
+class Compress(Tool):
+    name = "compress"
+    help = "compress a model into a factors file"
+    groups = (ModelArgs(), CompressArgs(), Printing(), Overwrite())
+
+    def add_arguments(self, parser):
+        parser.add_argument("-o", "--output", default="model.mixrank.safetensors", help="factors file")
+
+    def run(self, args):
+        from mixrank.compress import compress_model, distributed, save_factors
+
+        from .._sources import ModelSource
+
+        cfg = CompressArgs.config(args)
+        output(args.output, args.checkpoint, overwrite=args.overwrite)  # before the work, not after it
+        ranks = distributed.init_from_env(cfg.device)  # under torchrun: data parallel (docs/design.md)
+        writer = distributed.is_writer()
+        src = ModelSource(args.model, args.pretrained, args.checkpoint, not args.quiet, args.max_image_pixels,
+                          warn if writer else None)
+        calib = src.calibration(args.images, args.calib_images, cfg.seed)
+        f = compress_model(src.model, calib.batches, cfg, progress=not args.quiet and writer,
+                           source={"model": src.label, "calibration": calib.source,
+                                   "calibration_images": calib.record})
+        out = {"summary": f.summary(), "totals": f.plan.totals, "ranks": distributed.world(),
+               "seconds": round(f.timings.get("total_s", 0.0), 2)}
+        if writer:
+            out["factors"] = str(save_factors(f, args.output))
+        if ranks:
+            distributed.barrier()  # no rank leaves before the file is written
+        return out
+
+
+class Export(Tool):
+    name = "export"
+    help = "export the original model to ONNX (checked against PyTorch)"
+    groups = (ModelArgs(), Printing(), Overwrite())
+
+    def add_arguments(self, parser):
+        parser.add_argument("-o", "--output", default="original.onnx", help="ONNX file")
+        parser.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
+        parser.add_argument("--fp16", action="store_true", help="float16 model (TensorRT 11)")
+        parser.add_argument("--static-batch", action="store_true", help="fixed batch dimension")
+
+    def run(self, args):
+        from mixrank.exporter import export_onnx
+
+        from .._sources import ModelSource
+
+        _opset_ok(args.opset)
+        output(args.output, args.checkpoint, overwrite=args.overwrite)
+        src = ModelSource(args.model, args.pretrained, args.checkpoint, not args.quiet)
+        rep = export_onnx(src.model, src.example(), args.output, opset=args.opset, fp16=args.fp16,
+                          dynamic_batch=not args.static_batch)
+        return {"onnx": args.output, "verify": rep["outputs"]}
+
+
+def _opset_ok(opset: int) -> None:
+    import torch.onnx._constants as c
+
+    top = getattr(c, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20)
+    if not 17 <= opset <= top:
+        raise MixrankError(f"--opset {opset} is not supported: the exporter writes opsets 17 to {top}")
+
+
+class Eval(Tool):
+    name = "eval"
+    help = "top-1/top-5 of the original, factored and ONNX models"
+    groups = (ModelArgs(), Printing())
+
+    def add_arguments(self, parser):
+        parser.add_argument("--csv", help="CSV of file,label rows")
+        parser.add_argument("--factors", help="factors file: also evaluate the factored PyTorch model")
+        parser.add_argument("--onnx", nargs="*", help="ONNX files to evaluate too")
+
+    def run(self, args):
+        import torch
+
+        from mixrank.compress import apply_factors, load_factors
+        from mixrank.engines import make_runner, run_all
+        from mixrank.exporter import load_onnx, topk_accuracy
+
+        from .._sources import ModelSource
+
+        src = ModelSource(args.model, args.pretrained, args.checkpoint, not args.quiet, args.max_image_pixels, warn)
+        data = src.evaluation(args.images, args.csv)
+        if data.labels is None:
+            raise MixrankError(f"{args.images} is a flat folder: labels need one sub-folder per class or --csv")
+        x, y = data.x, data.labels.numpy()
+        results = {}
+
+        def score(name, logits):
+            results[name] = {**topk_accuracy(logits, y), "images": int(len(y))}
+
+        def logits(model):
+            return torch.cat([model(x[i:i + 64]) for i in range(0, len(x), 64)]).numpy()
+
+        with torch.no_grad():
+            score("pytorch original", logits(src.model))
+            if args.factors:
+                score("pytorch factored", logits(apply_factors(src.model, load_factors(args.factors)).eval()))
+        for path in args.onnx or []:
+            load_onnx(path)  # a missing or corrupt file is named here
+            score(f"onnx {path}", run_all(make_runner("onnxruntime", path), x.numpy(), 64))
+        return {"results": results, "data": data.source, "data_record": data.record}
+
+    def show(self, r):
+        w = max(len(k) for k in r["results"])
+        for k, v in r["results"].items():
+            print(f"{k:<{w}}  top-1 {100 * v['top1']:6.2f} %  top-5 {100 * v['top5']:6.2f} %  ({v['images']} images)")

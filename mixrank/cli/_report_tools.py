@@ -1,0 +1,119 @@
+"""The subcommands that measure and gate: ``bench`` (a report of two ONNX models) and
+``check`` (a report against a limits file, the CI gate)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from mixrank.core import MixrankError
+
+from ._args import LimitsArgs, Printing, Tool, batch_sizes, output, write_junit
+
+
+class Bench(Tool):
+    name = "bench"
+    help = "measure original vs compressed side by side, write the report"
+    description = ("Footprint (parameters, bytes, peak RSS in child processes), throughput per batch size "
+                   "(interleaved rounds) and fidelity of two ONNX models on onnxruntime; writes report.json, "
+                   "report.md and plots; checks a limits file if given.")
+    groups = (LimitsArgs("the limits to check the report against"), Printing("print the summary as JSON",
+                                                                            "no progress bars"))
+
+    def add_arguments(self, parser):
+        parser.add_argument("original", help="original ONNX model")
+        parser.add_argument("compressed", help="compressed ONNX model")
+        parser.add_argument("--factors", help="factors file (adds the per-layer table and plot)")
+        parser.add_argument("--batches", default="1,32", help="batch sizes, comma-separated")
+        parser.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu")
+        parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all)")
+        parser.add_argument("--inputs", help=".npy array of preprocessed inputs for fidelity")
+        parser.add_argument("--labels", help=".npy array of integer labels (top-1/top-5 accuracy)")
+        parser.add_argument("--seconds", type=float, default=30.0, help="time limit per batch size")
+        parser.add_argument("--out", default="mixrank-out", help="report folder")
+
+    def run(self, args):
+        from mixrank.compress import load_factors
+        from mixrank.core import output_folder
+        from mixrank.engines import (
+            OrtSettings,
+            TimingConfig,
+            build_report,
+            check_report,
+            load_limits,
+            measure,
+            write_report,
+        )
+
+        batches = batch_sizes(args.batches)
+        limits_file = LimitsArgs.path(args)
+        limits = load_limits(limits_file) if limits_file else None  # fail early on a bad limits file
+        plan = load_factors(args.factors).plan if args.factors else None
+        inputs, labels = _load_array(args.inputs), _load_array(args.labels)
+        if labels is not None and (inputs is None or len(labels) != len(inputs)):
+            raise MixrankError(f"--labels has {len(labels)} labels but --inputs has "
+                               f"{'no' if inputs is None else len(inputs)} inputs; give one label per input")
+        if args.junit:
+            output(args.junit)
+        with output_folder(args.out, " ".join(["mixrank", *sys.argv[1:]])) as out:
+            res = measure(args.original, args.compressed, batches,
+                          OrtSettings(provider=args.provider, threads=args.threads), inputs, labels,
+                          TimingConfig(max_seconds=args.seconds), progress=not args.quiet)
+            rep = build_report(res, plan)
+            paths = write_report(rep, out)
+        result = {"report": {k: str(v) for k, v in paths.items()}, "summary": rep["summary"]}
+        if limits:
+            verdict = check_report(rep, limits)
+            result["check"] = verdict
+            write_junit(args.junit, verdict)
+        return result
+
+    def show(self, r):
+        print(Path(r["report"]["md"]).read_text())
+        if "check" in r:
+            from mixrank.engines import format_results
+
+            print(format_results(r["check"]))
+        print("report: " + ", ".join(r["report"].values()))
+
+
+def _load_array(path: str | None):
+    import numpy as np
+
+    if path is None:
+        return None
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise MixrankError(f"cannot read {path} as a .npy array: {e}") from None
+
+
+class Check(Tool):
+    name = "check"
+    help = "check a report against a limits file (the CI gate)"
+    description = ("Exit 0 when every limit passes, 1 when a limit fails, 3 when a limit could not be measured, "
+                   "2 on a usage error.")
+    groups = (Printing("print the results as JSON", None),)
+
+    def add_arguments(self, parser):
+        parser.add_argument("report", help="report.json from mixrank bench / run")
+        parser.add_argument("limits", help="TOML limits file")
+        parser.add_argument("--junit", help="write the results as JUnit XML here")
+
+    def run(self, args):
+        from mixrank.engines import check_report, load_limits, read_report
+
+        if args.junit:
+            output(args.junit, args.report, args.limits)
+        verdict = check_report(read_report(args.report), load_limits(args.limits))
+        write_junit(args.junit, verdict)
+        return verdict
+
+    def exit_code(self, result):
+        return result["exit_code"]
+
+    def show(self, r):
+        from mixrank.engines import format_results
+
+        print(format_results(r))
+        print({0: "all limits pass", 1: "a limit failed", 3: "something could not be measured"}[r["exit_code"]])

@@ -1,0 +1,107 @@
+"""``mixrank run``: the main job, every stage in one output folder."""
+
+from __future__ import annotations
+
+import os
+
+from mixrank.core import MixrankError
+
+from ._args import CompressArgs, LimitsArgs, ModelArgs, Printing, Tool, batch_sizes, log
+
+
+class Run(Tool):
+    name = "run"
+    help = "the main job: compress, export, rewrite, build, measure, report, check"
+    description = ("All stages in one output folder. With no arguments: the built-in ViT trained on scikit-learn's "
+                   "digits (trained once, cached). Finished stages are reused when their inputs are unchanged; "
+                   "--force redoes them.")
+    groups = (ModelArgs(), CompressArgs(), Printing(), LimitsArgs("fail (exit 1) when a limit is missed"))
+
+    def add_arguments(self, parser):
+        parser.add_argument("--eval-images", help="labelled image folder for accuracy (default: --images)")
+        parser.add_argument("--eval-csv", help="CSV of file,label rows for accuracy")
+        parser.add_argument("--out", default="mixrank-out", help="output folder")
+        parser.add_argument("--batches", default="1,32", help="batch sizes to time")
+        parser.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all cores)")
+        parser.add_argument("--engine", choices=["onnxruntime", "tensorrt"], default=None,
+                            help="engine to build, time and gate (default: onnxruntime)")
+        parser.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default=None,
+                            help="onnxruntime execution provider (default: cpu; cuda and tensorrt need "
+                                 "mixrank[gpu])")
+        parser.add_argument("--engine-precision", choices=["fp32", "fp16", "int8"], default=None,
+                            help="TensorRT's precision (default: fp16), with --engine tensorrt or --provider "
+                                 "tensorrt; the factors' own storage is --precision")
+        parser.add_argument("--seconds", type=float, default=20.0, help="timing limit per batch size")
+        parser.add_argument("--force", action="store_true", help="redo every stage")
+
+    def run(self, args):
+        from .._pipeline import RunOptions, run_pipeline
+        from .._target import Target
+
+        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+            raise MixrankError("mixrank run is one process; scale the compression out with torchrun ... -m mixrank "
+                               "compress, then run the other stages on its factors (mixrank rewrite, build, bench)")
+        sizes = batch_sizes(args.batches)
+        target = Target.from_args(args.engine, args.provider, args.engine_precision, args.threads)
+        target.check()  # a machine without the engine fails here, before any work
+        options = RunOptions(
+            model=args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, images=args.images,
+            calib_images=args.calib_images, max_image_pixels=args.max_image_pixels, eval_images=args.eval_images,
+            eval_csv=args.eval_csv, out=args.out, batch_sizes=sizes, seconds=args.seconds,
+            limits=LimitsArgs.path(args), junit=args.junit, force=args.force, progress=not args.quiet, target=target)
+        return run_pipeline(options, CompressArgs.config(args, tensorrt=target.rewrite_target == "tensorrt"),
+                            log(args))
+
+    def show(self, s):
+        fp = s["footprint"]
+        refs = [r for r in ("int8",) if r in fp]
+        cols = ["original", "compressed", *refs]
+        head = ("", *cols, "change")
+        rows = _summary_rows(s, fp, cols, refs)
+        w = [max(len(r[i]) for r in [*rows, head]) for i in range(len(head))]
+        print(f"{s['model']}: {s['method']}, {_budget_text(s)}")
+        for r in [head, *rows]:
+            print("  ".join([f"{r[0]:<{w[0]}}", *(f"{v:>{w[i]}}" for i, v in enumerate(r[1:-1], 1)),
+                             f"{r[-1]:<{w[-1]}}"]))
+        if refs:
+            print("int8 = the original quantized by onnxruntime's weight-only quantizer (MatMulNBits, block 32)")
+        ev = s.get("evaluation") or {}
+        if ev and not ev.get("held_out", True):
+            print(f"note: accuracy and agreement were measured on the {ev['samples']} calibration images "
+                  f"({ev['source']}), not on held-out data; pass --eval-images or --eval-csv")
+        if "check" in s:
+            from mixrank.engines import format_results
+
+            print(format_results(s["check"]))
+        print(f"artifacts in {s['out']}/ (manifest: {s['manifest']})")
+
+
+def _summary_rows(s: dict, fp: dict, cols: list[str], refs: list[str]) -> list[tuple]:
+    fo, fc = fp["original"], fp["compressed"]
+    rows = [("parameters", *(f"{fp[k]['params']:,}" for k in cols), f"{s['param_ratio']:.3f}x"),
+            ("file MB", *(f"{fp[k]['file_bytes'] / 1e6:.2f}" for k in cols),
+             f"{s['file_bytes_ratio']:.3f}x" + (f" ({s['bytes_ratio_vs_int8']:.2f}x of int8)" if refs else "")),
+            ("peak RSS MB (ORT, b1)", *(f"{fp[k]['peak_rss_bytes'] / 1e6:.1f}" for k in cols),
+             f"{(fc['peak_rss_bytes'] - fo['peak_rss_bytes']) / 1e6:+.1f} MB")]
+    for t in s["throughput"]:
+        rows.append((f"latency p50 ms, batch {t['batch']}", *(f"{t['p50_ms'][k]:.2f}" for k in cols),
+                     f"{t['speedup']:.2f}x (FLOP ideal {t['ideal_speedup']:.2f}x)"))
+    if "top1_original" in s:
+        rows.append(("top-1 accuracy %", f"{100 * s['top1_original']:.2f}", f"{100 * s['top1_compressed']:.2f}",
+                     *(f"{100 * s[f'{r}_top1']:.2f}" for r in refs), f"{-100 * s['top1_drop']:+.2f} pt"))
+    if "top1_agreement" in s:
+        rows.append(("top-1 agreement %", "", f"{100 * s['top1_agreement']:.2f}",
+                     *(f"{100 * s[f'{r}_top1_agreement']:.2f}" for r in refs), ""))
+    return rows
+
+
+def _budget_text(s: dict) -> str:
+    b = s.get("budget") or {"keep": s.get("keep")}
+    kind = next((k for k in ("keep", "params", "bytes") if b.get(k) is not None), "keep")
+    text = f"{kind}={b.get(kind)}"
+    if b.get("precision") not in (None, "fp32"):
+        text += f", precision {b['precision']}"
+        used = b.get("precisions") or {}
+        if used:
+            text += " (" + ", ".join(f"{n} {p}" for p, n in sorted(used.items())) + ")"
+    return text

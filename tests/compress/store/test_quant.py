@@ -1,0 +1,168 @@
+"""Precision: the stored integer weights are read back by onnxruntime exactly as the
+PyTorch simulation reads them, the byte accounting is the bytes in the file, GPTQ beats
+round-to-nearest on the output error, and quantized plans export and run."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import helper, numpy_helper
+
+from mixrank.compress import CompressConfig, MixrankError, apply_factors, compress_model
+from mixrank.compress.store import quantize, storage_bytes
+from mixrank.exporter import export_onnx, rewrite_onnx
+from mixrank.exporter._qlinear import project
+
+
+def _graph_of(build, k, n, opset):
+    """A one-projection graph ``y = x Wᵀ`` from `project`'s nodes."""
+    import onnx_graphsurgeon as gs
+
+    x = gs.Variable("x", dtype=np.float32, shape=["b", k])
+    y = gs.Variable("y", dtype=np.float32, shape=["b", n])
+    g = gs.Graph(nodes=build(x, y), inputs=[x], outputs=[y], opset=opset)
+    model = gs.export_onnx(g.cleanup().toposort())
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return model
+
+
+def _run(model, x, optimize=True):
+    so = ort.SessionOptions()
+    if not optimize:  # onnxruntime would fuse DequantizeLinear + MatMul into its own int8 kernel
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(
+        None, {"x": x})[0]
+
+
+FORMS = [("onnxruntime", False), ("onnxruntime", True), ("tensorrt", True)]  # TensorRT: symmetric only
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+@pytest.mark.parametrize("k, block", [(48, 32), (40, 16), (128, 64)])
+@pytest.mark.parametrize("target, symmetric", FORMS)
+def test_the_engine_reads_back_exactly_what_pytorch_simulates(precision, k, block, target, symmetric):
+    n = 24
+    W = torch.randn(n, k, generator=torch.Generator().manual_seed(k + block))
+    q = quantize(W, 8 if precision == "int8" else 4, block, symmetric=symmetric)
+    tensors = {"l.W.codes": q.codes, "l.W.scale": q.scale, "l.W.zero_point": q.zero_point}
+    model = _graph_of(lambda x, y: project(x, tensors, "l.W", k, n, precision, np.float32, "mm",
+                                           lambda w: f"l.{w}", y, target), k, n, 21 if target == "tensorrt" else 17)
+    onnx.checker.check_model(model)
+    eye = np.eye(k, dtype=np.float32)
+    got = _run(model, eye, optimize=target == "onnxruntime")  # I @ Wᵀ = Wᵀ, read back by the engine
+    np.testing.assert_array_equal(got, q.dequantize().numpy().T)
+    # and what the file holds is what the byte accounting says
+    nbytes = sum(len(t.raw_data) or numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
+    expected = storage_bytes(n, k, precision, block, symmetric)
+    if target == "tensorrt":  # unpadded codes and no zero points
+        expected = -(-n * k * (8 if precision == "int8" else 4) // 8) + 4 * n * -(-k // block)
+    assert nbytes == expected
+
+
+def test_tensorrt_refuses_zero_points():
+    q = quantize(torch.randn(8, 32), 8, 32)
+    tensors = {"l.W.codes": q.codes, "l.W.scale": q.scale, "l.W.zero_point": q.zero_point}
+    with pytest.raises(MixrankError, match="symmetric"):
+        _graph_of(lambda x, y: project(x, tensors, "l.W", 32, 8, "int8", np.float32, "mm", lambda w: w, y,
+                                       "tensorrt"), 32, 8, 21)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_gptq_lowers_the_output_error(bits):
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(64, 96, generator=g)
+    X = (torch.randn(800, 96, generator=g) @ torch.randn(96, 96, generator=g)) * torch.linspace(3, 0.1, 96)
+    H = X.T.double() @ X.double()
+
+    def err(Wq):
+        E = W.double() - Wq.double()
+        return float(torch.einsum("ij,jk,ik->", E, H, E) / torch.einsum("ij,jk,ik->", W.double(), H, W.double()))
+
+    rtn, gptq = quantize(W, bits, 32).dequantize(), quantize(W, bits, 32, H).dequantize()
+    assert err(gptq) < 0.6 * err(rtn), (err(gptq), err(rtn))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=8, in_chans=3, num_classes=10, embed_dim=64, depth=2,
+                              num_heads=2).eval()
+    d = tmp_path_factory.mktemp("q")
+    calib = [torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    export_onnx(model, calib[0][:2], d / "o.onnx")
+    return model, calib, d
+
+
+FAST = {"search_evals": 12, "compensate_steps": 10, "block_steps": 10, "distill_steps": 10}
+
+
+@pytest.mark.parametrize("precision, scheme, target", [
+    ("fp16", "asymmetric", "onnxruntime"), ("int8", "asymmetric", "onnxruntime"),
+    ("int4", "asymmetric", "onnxruntime"), ("int4", "symmetric", "tensorrt"), ("int8", "symmetric", "tensorrt"),
+])
+def test_quantized_factors_export_and_match_the_simulation(exported, precision, scheme, target):
+    model, calib, d = exported
+    f = compress_model(model, calib, CompressConfig(keep=0.5, precision=precision, scheme=scheme, **FAST),
+                       progress=False)
+    assert {i.precision for i in f.layers.values()} == {precision}
+    out = d / f"c_{precision}_{target}.onnx"
+    rep = rewrite_onnx(d / "o.onnx", f, out, target=target)
+    assert len(rep.rewritten) == len(f.factored_layers())
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        ref = apply_factors(model, f)(x).numpy()
+    so = ort.SessionOptions()
+    if target == "tensorrt":
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    got = ort.InferenceSession(str(out), so, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+    assert (got.argmax(1) == ref.argmax(1)).all()
+    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert ("MatMulNBits" in ops) == (precision.startswith("int") and target == "onnxruntime")
+    assert ("DequantizeLinear" in ops) == (target == "tensorrt")
+
+
+def test_the_byte_budget_counts_what_the_file_holds(exported):
+    model, calib, d = exported
+    from mixrank.exporter import model_bytes
+
+    f = compress_model(model, calib, CompressConfig(bytes=40_000, precision="int4", **FAST), progress=False)
+    t = f.plan.totals
+    assert t.cost <= f.plan.budget.budget == 40_000 and t.bytes_after == t.cost
+    rewrite_onnx(d / "o.onnx", f, d / "b.onnx")
+    before, after = model_bytes(onnx.load(str(d / "o.onnx"))), model_bytes(onnx.load(str(d / "b.onnx")))
+    assert after == before - t.bytes_before + t.bytes_after
+
+
+@pytest.mark.parametrize("fraction, alone, factored", [
+    (0.35, ("dense int8 (quantization alone)", "dense int4 (quantization alone)"), ("uniform fp16",)),
+    (0.2, ("dense int4 (quantization alone)",), ("uniform fp16", "uniform int8")),
+])
+def test_auto_precision_is_never_worse_than_quantization_alone(exported, fraction, alone, factored):
+    """Every way of storing the layers that fits the bytes is a candidate, quantization
+    alone included (dense int8 fits above ~0.29x of the float32 bytes, int4 above ~0.16x),
+    and the held-out score of what ships is no worse than any of them."""
+    model, calib, _ = exported
+    sel = 4 * sum(m.weight.numel() for n, m in model.named_modules() if n.startswith("blocks.")
+                  and isinstance(m, torch.nn.Linear))
+    f = compress_model(model, calib, CompressConfig(bytes=int(fraction * sel), precision="auto", **FAST),
+                       progress=False)
+    scores = {c["name"]: c["score"] for c in f.plan.allocation.candidates}
+    assert set(alone) | set(factored) <= set(scores), sorted(scores)
+    assert f.plan.allocation.refinement.score <= min(scores[a] for a in alone) * (1 + 1e-9)
+    assert f.plan.totals.cost <= f.plan.budget.budget
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"keep": 0.4, "precision": "auto"}, "bytes budget"),
+    ({"bytes": "1.5x"}, r"fraction in \(0, 1\)"),
+    ({"precision": "int3"}, "unknown precision"),
+    ({"precision": "int8", "sparse": "row"}, "sparse term is stored in floating point"),
+    ({"block": 48}, "block must be one of"),
+])
+def test_precision_settings_are_checked(kwargs, match):
+    with pytest.raises(MixrankError, match=match):
+        CompressConfig(**kwargs)
