@@ -56,8 +56,7 @@ def kl(ref: np.ndarray, out: np.ndarray) -> float:
 
 def run_case(case: str, out: Path, fractions, keeps, seconds: float) -> list[dict]:
     from mixrank.compress import CompressConfig, compress_model
-    from mixrank.engines import OrtSettings, TimingConfig, make_runner, throughput
-    from mixrank.engines._runner import run_all
+    from mixrank.engines import OrtSettings, TimingConfig, make_runner, run_all, throughput
     from mixrank.exporter import export_onnx, onnx_file_bytes, quantize_reference, rewrite_onnx
 
     model, calib, xte, yte = load_case(case)
@@ -203,11 +202,9 @@ def text_case(out: Path) -> tuple[list[dict], list[str]]:
 
     import minilm
 
-    from mixrank.compress import CompressConfig, apply_factors, compress_model
-    from mixrank.compress._config import Quantize
-    from mixrank.compress._quant import storage_bytes
-    from mixrank.compress._select import select_layers
-    from mixrank.compress._storage import store_weight
+    from mixrank.compress import CompressConfig, Quantize, apply_factors, compress_model
+    from mixrank.compress.calibrate import select_layers
+    from mixrank.compress.store import storage_bytes, store_weight
 
     model, calib, held, desc = minilm.load_case()
     ref = minilm.embed(model, held)
@@ -227,7 +224,7 @@ def text_case(out: Path) -> tuple[list[dict], list[str]]:
             q = copy.deepcopy(model)
             grams = {}
             if quantizer == "gptq":
-                from mixrank.compress._calibrate import collect_stats
+                from mixrank.compress.calibrate import collect_stats
 
                 st = collect_stats(model, layers, calib[: len(calib) // 2], "attention_mask", progress=False)
                 grams = {n: st.layers[n].gram for n in layers}

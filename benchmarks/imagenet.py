@@ -33,8 +33,8 @@ PAPER_MODELS = {  # model -> keep fractions of the block Linear parameters to ev
 
 
 def main() -> int:
+    from mixrank._models import load_model
     from mixrank.compress import CompressConfig, MixrankError, apply_factors, compress_model, image_folder
-    from mixrank.exporter._models import load_model
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train", help="ImageNet train folder (class-per-folder) for calibration")
