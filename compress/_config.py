@@ -48,6 +48,7 @@ from ._sections import (
     flat_name,
     parse_memory,
 )
+from .factor import FACTORIZERS
 
 METRICS = ("auto", "kl", "mse", "cosine")
 GENERAL = ("method", "effort", "metric", "damping", "holdout", "token_mask", "device", "seed", "max_seconds",
@@ -56,7 +57,7 @@ GENERAL = ("method", "effort", "metric", "damping", "holdout", "token_mask", "de
 # left unset and the method reads. The measured time and error of each: README, "Effort".
 EFFORTS: dict[str, dict[str, Any]] = {
     "fast": {"search_rounds": 1, "search_evals": 40, "search_groups": 1, "search_role_scales": (),
-             "compensate_steps": 0, "sequential": False, "distill_steps": 0},
+             "search_forms": ("dense", "lowrank"), "compensate_steps": 0, "sequential": False, "distill_steps": 0},
     "balanced": {"search_rounds": 3, "search_evals": 120, "search_groups": 3, "compensate_steps": 0,
                  "sequential": False, "block_steps": 0, "distill_steps": 230,
                  "distill_work": 10_500_000_000_000},
@@ -161,7 +162,19 @@ class CompressConfig:
             if bad:
                 raise MixrankError(f"unknown [{s}] setting(s) {sorted(bad)}; known: {sorted(known)}")
             setattr(self, s, cls(**parts[s]))
+        self._default_precision()
         self._validate()
+
+    def _default_precision(self) -> None:
+        """A bytes budget with no precision given (nor the deprecated dtype) chooses the
+        precision per layer (``auto``), as the command line does — for a method whose
+        factors are its closed form and without a sparse term (both stored in floating
+        point, which ``auto`` does not mix with integers)."""
+        q, b = self.quantize, self.budget
+        if b.bytes is None or q.precision is not None or b.dtype != "float32" or self.refine.sparse != "none":
+            return
+        if FACTORIZERS[METHODS[self.method].factorizer].closed_form:
+            q.precision = "auto"
 
     def _fill_effort(self, effort: str, parts: dict[str, dict[str, Any]]) -> None:
         """Fill in the preset's settings that the user left unset and the method reads."""
@@ -211,7 +224,7 @@ class CompressConfig:
             raise MixrankError(f"structure={self.selection.structure!r} is ignored by method {self.method!r}, which "
                                f"factors every layer on its own; pairwise forms are read by method "
                                f"{', '.join(users)}")
-        if self.refine.sparse != "none" and self.precision in ("int8", "int4", "auto"):
+        if self.refine.sparse != "none" and self.precision in ("int8", "int4", "int2", "auto"):
             raise MixrankError(f"a sparse term is stored in floating point; it does not combine with "
                                f"precision {self.precision!r} (use sparse='none')")
         check_settings(self, method)
@@ -354,6 +367,7 @@ def optional_settings() -> tuple[str, ...]:
     metric, holdout, token_mask, device, seed, search.samples, search.work) matters to every
     method."""
     return ("damping", "search.rounds", "search.evals", "search.seconds", "search.groups", "search.role_scales",
+            "search.forms",
             *(f"refine.{f.name}" for f in dataclasses.fields(Refine)))
 
 

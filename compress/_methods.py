@@ -49,3 +49,4 @@ METHODS.add("whiten", Method("whiten"))
 METHODS.add("svd", Method("svd"))
 METHODS.add("asvd", Method("asvd"))
 METHODS.add("oats", Method("oats"))
+METHODS.add("quantize", Method("whiten", "dense"))  # quantization alone: every layer dense, its width chosen

@@ -22,16 +22,7 @@ from mixrank.core import MixrankError, close_matches
 from ._config import CompressConfig
 from ._limits import Deadline, scored_samples
 from ._methods import METHODS
-from .allocate import (
-    ALLOCATORS,
-    AUTO_PRECISIONS,
-    Allocation,
-    LayerSpace,
-    alloc_cost,
-    feasible_range,
-    layer_spaces,
-    uniform_allocation,
-)
+from .allocate import ALLOCATORS, Allocation, LayerChoices
 from .artifact import (
     FORMAT_VERSION,
     AllocationInfo,
@@ -73,6 +64,7 @@ from .factor import (
 from .factor.sparse import INDEX_BYTES, sparse_cost
 from .refine import RefineContext, RefineResult, run_refinements, split_layer
 from .score import Evaluator
+from .store import INT_BITS
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -163,39 +155,6 @@ class Shipped(NamedTuple):
         return self.stored.tensors
 
 
-class LayerChoices:
-    """Builds the layers' spaces of choices (`LayerSpace`) at a precision, with the model's
-    pairs in their forms or not; the allocator calls it as ``choices(precision, paired)``."""
-
-    def __init__(self, shapes: dict[str, tuple[int, int]], config: CompressConfig):
-        self.shapes, self.selection, self.quantize = shapes, config.selection, config.quantize
-        self.unit = config.budget.unit
-        self.pairs: dict = {}  # layer -> its PairForm, once the pairs' spectra exist
-
-    def __call__(self, precision: str = "fp32", paired: bool = False, unit: str | None = None
-                 ) -> dict[str, LayerSpace]:
-        sel, q = self.selection, self.quantize
-        return layer_spaces(self.shapes, sel.rank_step, sel.min_rank, sel.overrides, unit or self.unit, precision,
-                            q.block, q.scheme == "symmetric", self.pairs if paired else None)
-
-    def check_feasible(self, budget: int, precision: str) -> None:
-        """Fail before reading data when no allocation can meet the budget.
-
-        Raises:
-            MixrankError: names the smallest storage any precision allows.
-        """
-        if precision != "auto":
-            uniform_allocation(self(precision), budget, self.selection.rank_step)  # raises, naming the range
-            return
-        for p in AUTO_PRECISIONS:
-            spaces = self(p)
-            if feasible_range(spaces)[0] <= budget or alloc_cost(spaces, {n: None for n in spaces}) <= budget:
-                return
-        lo = feasible_range(self(AUTO_PRECISIONS[-1]))[0]
-        raise MixrankError(f"budget of {budget:,} bytes is below the smallest storage any precision allows for "
-                           f"the selected layers ({lo:,} bytes at int4 and the lowest ranks); raise the budget")
-
-
 class _Job:
     """One compression: what the model and the configuration fix before any data is read
     (the selected layers and their shapes, the budget in its unit, the pairs), and the
@@ -257,6 +216,7 @@ class _Job:
                 layers[name] = self.factorizer.spectrum(self.weights[name], calib.layers[name], self.config)
             paired = pair_spectra(self.pairs, self.model, calib.layers, self.config.damping)
             self.choices.pairs = pair_forms(paired)
+            self.residuals = self.choices.attach(self.weights, self.grams, layers)
         return Spectra(layers, paired)
 
     def allocate(self, calib: Calibration, spectra: Spectra, holdout: list) -> tuple[Allocation, Evaluator]:
@@ -267,7 +227,7 @@ class _Job:
             search = self.config.search
             scored = scored_samples(search.samples, search.work, calib.tokens_per_sample, self.total)
             evaluator = Evaluator(self.model, spectra.layers, caps, holdout, self.config.metric, scored, self.grams,
-                                  self.config.quantize, self.config.token_mask, spectra.paired)
+                                  self.config.quantize, self.config.token_mask, spectra.paired, self.residuals)
             allocation = ALLOCATORS[self.method.allocator].allocate(self.choices, self.budget, self.config,
                                                                     evaluator, self.progress, deadline=self.deadline)
             evaluator.use(allocation.spaces)
@@ -301,8 +261,12 @@ class _Job:
         todo = [(n, r) for n, r in allocation.ranks.items() if r is not None]
         for name, r in tqdm(todo, desc=self.factorizer.fit_name, unit="layer",
                             disable=not self.progress or self.factorizer.closed_form):
-            if spaces[name].kind.paired:
+            sp = spaces[name]
+            if sp.kind.paired:
                 fits[name] = closed_form_fit(spectra.paired[name], r)
+                continue
+            if sp.form == "residual":
+                fits[name] = self.residuals.get(name, sp.precision, sp.residual_precision, sp.residual_block).fit_at(r)
                 continue
             fits[name] = self.factorizer.fit(self.weights[name], calib.layers[name], spectra.layers[name], r,
                                              spaces[name].value_cost(r, self.value_bytes), self.config,
@@ -319,6 +283,10 @@ class _Job:
                 continue
             st = calib.layers[n]
             dev = st.gram.device
+            if f.residual is not None:  # the whole weight the form stands for: A B + Q
+                E = self.weights[n].double().to(dev) - f.dense().to(dev)
+                f.nmse = float(torch.einsum("ij,jk,ik->", E, st.gram.double(), E)) / max(spectra.layers[n].ref, 1e-300)
+                continue
             f.nmse = nmse(self.weights[n].to(dev), f.A.to(dev), f.B.to(dev), f.sparse, st.gram,
                           spectra.layers[n].ref)
 
@@ -329,7 +297,7 @@ class _Job:
         source = dict(source or {})
         paired = {n: s for n, s in spectra.paired.items() if allocation.spaces[n].kind.paired}
         layers = {name: self._layer_record(name, allocation, shipped.stored.fits.get(name),
-                                           paired.get(name, spectra.layers[name]), calib)
+                                           paired.get(name, self._spectrum_of(name, allocation, spectra)), calib)
                   for name in self.selected}
         cands = [dict(c) for c in allocation.candidates]
         return Plan(
@@ -355,6 +323,13 @@ class _Job:
             totals=self._totals(layers),
             limits=self.deadline.record(),
         )
+
+    def _spectrum_of(self, name: str, allocation: Allocation, spectra: Spectra):
+        """What the plan's ``nmse_closed_form`` of a layer comes from: its form's spectrum."""
+        sp = allocation.spaces[name]
+        if sp.form == "residual":
+            return self.residuals.get(name, sp.precision, sp.residual_precision, sp.residual_block)
+        return spectra.layers[name]
 
     def _budget_record(self) -> BudgetInfo:
         b, unit = self.config.budget, self.config.budget.unit
@@ -405,6 +380,9 @@ class _Job:
             form=form,
             pair=getattr(spectrum, "pair", "") if form_of(form).paired else "",
             bias_delta=fit is not None and fit.bias is not None,
+            block=space.block if space.precision in INT_BITS else 0,
+            residual_precision=space.residual_precision if form == "residual" else "",
+            residual_block=space.residual_block if form == "residual" else 0,
         )
 
 
@@ -416,10 +394,11 @@ class _Storage:
         self.job, self.evaluator = job, evaluator
         self.precisions = allocation.precisions
         self.dense = {n: p for n, p in self.precisions.items() if allocation.ranks[n] is None and p != "fp32"}
+        self.blocks = {n: allocation.spaces[n].block for n in self.dense}
 
     def __call__(self, fits: dict[str, LayerFit]) -> Realized:
         job = self.job
-        return realize(fits, self.dense, self.precisions, job.config.quantize, job.grams, job.weights)
+        return realize(fits, self.dense, self.precisions, job.config.quantize, job.grams, job.weights, self.blocks)
 
     def score(self, fits: dict[str, LayerFit]) -> float:
         stored = self(fits)

@@ -18,13 +18,14 @@ from typing import Any
 from mixrank.core import MixrankError
 
 from .factor.sparse import SPARSE
-from .store import BLOCKS, PRECISIONS, SPLITS
+from .store import BLOCKS, GRIDS, PRECISIONS, SPLITS
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
 # the storage precision a deprecated ``dtype`` stands for (bfloat16 is not stored by any engine here)
 DTYPE_PRECISION = {"float32": "fp32", "float16": "fp16", "int8": "int8"}
 OVERRIDE_KEYS = ("dense", "rank", "min_rank", "sparse_k")
 STRUCTURES = ("auto", "lowrank", "pairs")
+SEARCH_FORMS = ("dense", "lowrank", "residual")
 
 
 def check_fraction(name: str, value) -> None:
@@ -192,11 +193,12 @@ class Quantize:
     """How weights are stored (docs/design.md, "Precision").
 
     Attributes:
-        precision: ``"fp32"``, ``"fp16"``, ``"int8"``, ``"int4"`` for every compressed
-            layer, or ``"auto"`` (a ``bytes`` budget only): rank and precision are chosen
-            per layer end to end, with dense int8 and int4 of the original weights among
-            the candidates, so the result is never worse than quantization alone at the
-            same bytes. ``None``: the budget's ``dtype`` (fp32 by default).
+        precision: ``"fp32"``, ``"fp16"``, ``"int8"``, ``"int4"``, ``"int2"`` for every
+            compressed layer, or ``"auto"`` (a ``bytes`` budget only): form, rank, precision
+            and block are chosen per layer end to end, with the original weights dense at
+            every integer width among the candidates, so the result is never worse than
+            quantization alone at the same bytes. ``None``: ``"auto"`` with a bytes budget
+            (for a method whose fits are closed forms, without a sparse term), else fp32.
         block: integer block size along the reduction axis (onnxruntime's ``MatMulNBits``).
         quantizer: ``"gptq"`` (rounding errors fed forward through the layer's input
             Gram matrix) or ``"rtn"`` (round to nearest, what onnxruntime's quantizer does).
@@ -205,6 +207,9 @@ class Quantize:
             precisions are stored as fitted.
         scheme: ``"asymmetric"`` (a zero point per block; onnxruntime) or ``"symmetric"``
             (no zero points; what TensorRT's dequantize accepts, and onnxruntime too).
+        grid: each block's range: ``"mse"`` (the range that rounds the block with the
+            least squared error, its min/max shrunk by up to half) or ``"minmax"`` (its
+            min and max, what onnxruntime's quantizer does).
     """
 
     precision: str | None = None
@@ -212,6 +217,7 @@ class Quantize:
     quantizer: str = "gptq"
     split: str = "balanced"
     scheme: str = "asymmetric"
+    grid: str = "mse"
 
     def __post_init__(self) -> None:
         if self.precision is not None and self.precision not in (*PRECISIONS, "auto"):
@@ -226,6 +232,8 @@ class Quantize:
             raise MixrankError(f"unknown split {self.split!r}; choose one of {', '.join(SPLITS)}")
         if self.scheme not in ("asymmetric", "symmetric"):
             raise MixrankError(f"unknown scheme {self.scheme!r}; choose asymmetric or symmetric")
+        if self.grid not in GRIDS:
+            raise MixrankError(f"unknown grid {self.grid!r}; choose one of {', '.join(GRIDS)}")
 
 
 @dataclass
@@ -248,6 +256,10 @@ class Search:
         role_scales: before the rounds, each role's fraction of the budget scaled by each
             of these factors (the other roles share what is left), in two passes; the best
             start wins if it beats uniform (``()``: off). Costs up to 4·roles evaluations.
+        forms: with ``precision="auto"``, the forms the allocation over every form offers each
+            layer: ``"dense"`` (every integer width and block), ``"lowrank"`` (factors at a few
+            ranks), ``"residual"`` (low rank plus a quantized dense residual; one residual fit
+            per layer and option, the costliest to measure).
     """
 
     rounds: int = 6
@@ -257,6 +269,7 @@ class Search:
     work: int | None = 350_000_000_000
     groups: int = 0
     role_scales: tuple[float, ...] = (0.6, 1.6)
+    forms: tuple[str, ...] = ("dense", "lowrank", "residual")
 
     def __post_init__(self) -> None:
         try:
@@ -277,6 +290,13 @@ class Search:
                 raise MixrankError(f"search_{name} must be >= 1, got {v}")
         if isinstance(self.groups, bool) or not isinstance(self.groups, int) or self.groups < 0:
             raise MixrankError(f"search_groups must be >= 0, got {self.groups}")
+        if isinstance(self.forms, str) or not all(isinstance(f, str) for f in self.forms):
+            raise MixrankError(f"search_forms must be a list of forms, got {self.forms!r}")
+        self.forms = tuple(self.forms)
+        bad = [f for f in self.forms if f not in SEARCH_FORMS]
+        if bad or "dense" not in self.forms:
+            raise MixrankError(f"search_forms must include dense and be among {', '.join(SEARCH_FORMS)}, got "
+                               f"{list(self.forms)}")
         check_seconds("search_seconds", self.seconds)
 
 
@@ -400,8 +420,8 @@ FLAT: dict[str, tuple[str, str]] = {
     **{k: ("budget", k) for k in ("keep", "params", "bytes", "dtype")},
     **{k: ("selection", k) for k in ("include", "exclude", "overrides", "rank_step", "min_rank", "structure")},
     **{f"search_{k}": ("search", k) for k in ("rounds", "evals", "seconds", "samples", "work", "groups",
-                                               "role_scales")},
-    **{k: ("quantize", k) for k in ("precision", "block", "quantizer", "split", "scheme")},
+                                               "role_scales", "forms")},
+    **{k: ("quantize", k) for k in ("precision", "block", "quantizer", "split", "scheme", "grid")},
     **{f.name: ("refine", f.name) for f in dataclasses.fields(Refine)},
 }
 

@@ -3,7 +3,7 @@ precision and engine runs (docs/design.md, "Precision"):
 
 - fp32: ``MatMul`` with the (K, N) constant (every engine).
 - fp16: fp16 constant → ``Cast`` → ``MatMul`` in float32 graphs (every engine).
-- int8/int4 for onnxruntime: ``com.microsoft.MatMulNBits`` (codes packed along K,
+- int8/int4/int2 for onnxruntime: ``com.microsoft.MatMulNBits`` (codes packed along K,
   float32 scales, packed zero points).
 - int8/int4 for TensorRT: ``DequantizeLinear`` (signed INT8/INT4, ``block_size``,
   opset 21) → ``MatMul``; symmetric codes only.
@@ -27,14 +27,20 @@ MS_DOMAIN = "com.microsoft"
 
 
 def pack_low_first(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Pack unsigned codes along the last axis, low bits first (8 bits: as they are)."""
+    """Pack unsigned ``bits``-bit codes along the last axis, 8 // bits per byte, the first
+    code in the lowest bits (8 bits: as they are); the last byte is padded with zeros."""
     codes = codes.astype(np.uint8)
     if bits == 8:
         return codes
-    if codes.shape[-1] % 2:
-        codes = np.concatenate([codes, np.zeros((*codes.shape[:-1], 1), np.uint8)], -1)
-    pairs = codes.reshape(*codes.shape[:-1], -1, 2)
-    return (pairs[..., 0] | (pairs[..., 1] << 4)).astype(np.uint8)
+    per = 8 // bits
+    pad = -codes.shape[-1] % per
+    if pad:
+        codes = np.concatenate([codes, np.zeros((*codes.shape[:-1], pad), np.uint8)], -1)
+    groups = codes.reshape(*codes.shape[:-1], -1, per)
+    out = np.zeros(groups.shape[:-1], np.uint8)
+    for i in range(per):
+        out |= (groups[..., i] << (i * bits)).astype(np.uint8)
+    return out
 
 
 def project(x, tensors: dict, key: str, k: int, n_out: int, precision: str, graph_dtype, node: str,
@@ -71,6 +77,9 @@ def project(x, tensors: dict, key: str, k: int, n_out: int, precision: str, grap
     bits, codes = INT_BITS[precision], q.codes.numpy()
     scale, zp = q.scale.numpy().astype(np.float32), q.zero_point.numpy()
     if target == "tensorrt":
+        if bits not in (8, 4):
+            raise MixrankError(f"{key}: TensorRT dequantizes INT8 and INT4 weights, not {precision}; store it at "
+                               "int4 or int8 for a TensorRT artifact")
         return _dequantize_matmul(x, q, codes, scale, bits, k, n_out, node, const, role, out, graph_dtype)
     inputs = [x, gs.Constant(const(f"{role}_q"), np.ascontiguousarray(pack_low_first(codes, bits))),
               gs.Constant(const(f"{role}_scale"), np.ascontiguousarray(scale.reshape(-1)))]

@@ -228,9 +228,9 @@ def _replace(graph, site: WeightSite, layer: str, factors: Factors, tag: str, ta
                              low, target)
         values = m * n
     else:
-        def proj(inp, role: str, k: int, n_out: int, name: str, out):
-            return project(inp, factors.tensors, f"{layer}.{role}", k, n_out, info.precision, dtype, name,
-                           const, out, target)
+        def proj(inp, role: str, k: int, n_out: int, name: str, out, precision: str | None = None):
+            return project(inp, factors.tensors, f"{layer}.{role}", k, n_out, precision or info.precision, dtype,
+                           name, const, out, target)
 
         ctx = EmitContext(base, const, proj, dtype, y.dtype)
         nodes, low, values = form_of(info.form).emit_onnx(x, info, factors.tensors, layer, ctx)

@@ -260,7 +260,7 @@ def test_installed_wheel_has_one_namespace(tmp_path):
         "import mixrank.core, mixrank.compress.factor.forms, mixrank.engines.runners\n"
         "assert mixrank.compress.__file__.startswith(sys.prefix), mixrank.compress.__file__\n"
         "assert callable(mixrank.compress.compress_model) and callable(mixrank.engines.measure)\n"
-        "assert mixrank.compress.FORMS.names() == ('lowrank', 'rows', 'cols')\n"
+        "assert mixrank.compress.FORMS.names() == ('lowrank', 'rows', 'cols', 'residual')\n"
         "for bare in ('compress', 'exporter', 'engines', 'core'):\n"
         "    assert importlib.util.find_spec(bare) is None, bare + ' is importable'\n"
         "print('ok')\n"
@@ -278,12 +278,12 @@ def test_registries_name_every_builtin():
     from mixrank.compress import ALLOCATORS, FACTORIZERS, FORMS, METHODS, PAIRINGS, REFINEMENTS, SPARSE, MixrankError
     from mixrank.engines import RUNNERS
 
-    assert set(METHODS.names()) == {"mixrank", "whiten", "svd", "asvd", "oats"}
+    assert set(METHODS.names()) == {"mixrank", "whiten", "svd", "asvd", "oats", "quantize"}
     assert set(FACTORIZERS.names()) == {"whiten", "svd", "asvd", "oats"}
-    assert set(ALLOCATORS.names()) == {"uniform", "search"}
+    assert set(ALLOCATORS.names()) == {"uniform", "search", "dense"}
     assert set(REFINEMENTS.names()) == {"sparse", "compensate", "sequential", "distill", "qdistill"}
     assert set(SPARSE.names()) == {"channel", "row"}
-    assert set(FORMS.names()) == {"lowrank", "rows", "cols"}
+    assert set(FORMS.names()) == {"lowrank", "rows", "cols", "residual"}
     assert PAIRINGS.names() == ("bert", "timm-mlp")  # in this order: the first rule that claims a layer keeps it
     assert set(RUNNERS.names()) == {"onnxruntime", "tensorrt"}
     with pytest.raises(MixrankError, match=r"unknown engine 'tensorrtt'.*did you mean: tensorrt"):

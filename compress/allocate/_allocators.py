@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from mixrank.core import MixrankError, Registry
 
 from .._limits import Deadline
+from ._mixed import mixed_allocation
 from ._search import search_allocation
 from ._spaces import Alloc, Candidate, LayerSpace, alloc_cost
 from ._uniform import uniform_allocation
@@ -90,21 +91,28 @@ class Allocator:
         Raises:
             MixrankError: no family meets the budget.
         """
-        families = _families(spaces_at, budget, config)
+        families = self.families(spaces_at, budget, config, evaluator)
         scored = []
         for name, spaces, ranks in families:
             evaluator.use(spaces)
             cost = alloc_cost(spaces, ranks)
-            scored.append(Candidate(name, evaluator(ranks), cost, ranks=dict(ranks), cost=cost,
-                                    precision=spaces and next(iter(spaces.values())).precision))
+            precision = "mixed" if name.startswith("mixed") else spaces and next(iter(spaces.values())).precision
+            scored.append(Candidate(name, evaluator(ranks), cost, ranks=dict(ranks), cost=cost, precision=precision))
         best = min(range(len(scored)), key=lambda i: scored[i].score)
         name, spaces, ranks = families[best]
         evaluator.use(spaces)
         return Allocation(ranks, spaces, scored, "uniform", name), scored
 
+    def families(self, spaces_at: SpacesAt, budget: int, config: CompressConfig, evaluator
+                 ) -> list[tuple[str, dict, Alloc]]:
+        """(name, spaces, ranks) of every starting point `start` scores (`_families`)."""
+        return _families(spaces_at, budget, config)
 
-def _families(spaces_at: SpacesAt, budget: int, config: CompressConfig) -> list[tuple[str, dict, Alloc]]:
-    """(name, spaces, ranks) of every starting family that meets the budget (`Allocator.start`)."""
+
+def _families(spaces_at: SpacesAt, budget: int, config: CompressConfig, strict: bool = True
+              ) -> list[tuple[str, dict, Alloc]]:
+    """(name, spaces, ranks) of every starting family that meets the budget (`Allocator.start`);
+    ``strict``: none is an error (else the caller adds its own families first)."""
     step = config.selection.rank_step
     storage = config.precision
     structures = {"auto": (False, True), "lowrank": (False,), "pairs": (True,)}[config.structure]
@@ -128,7 +136,7 @@ def _families(spaces_at: SpacesAt, budget: int, config: CompressConfig) -> list[
             ranks = {n: None for n in spaces}
             if alloc_cost(spaces, ranks) <= budget:
                 families.append((f"dense {p} (quantization alone)", spaces, ranks))
-    if not families:
+    if strict and not families:
         raise MixrankError(f"no precision meets the budget of {budget:,} bytes for the selected layers "
                            "even at the lowest rank; raise the budget or lower min_rank")
     return families
@@ -150,19 +158,75 @@ class SearchAllocator(Allocator):
     """Rank moved between layers from the uniform start, judged end to end
     (`search_allocation`), at the best precision family of `Allocator.start`."""
 
-    settings = ("search.rounds", "search.evals", "search.seconds", "search.groups", "search.role_scales")
+    settings = ("search.rounds", "search.evals", "search.seconds", "search.groups", "search.role_scales",
+                "search.forms")
+
+    def families(self, spaces_at, budget, config, evaluator):
+        """`Allocator.families`, and with ``precision="auto"`` the best allocation over every
+        form per layer (`mixed_allocation`), when ``spaces_at`` can list the options."""
+        families = _families(spaces_at, budget, config, strict=not hasattr(spaces_at, "options"))
+        if config.precision == "auto" and hasattr(spaces_at, "options"):
+            def score(spaces: dict, ranks: Alloc) -> float:
+                evaluator.use(spaces)
+                return evaluator(ranks)
+
+            reference = spaces_at("fp32", unit="bytes")
+            for plan, _ in mixed_allocation(spaces_at.options(), budget, reference, score)[:1]:
+                families.append((plan.family(), plan.spaces, plan.ranks))
+        if not families:
+            raise MixrankError(f"no precision meets the budget of {budget:,} bytes for the selected layers "
+                               "even at the lowest rank; raise the budget or lower min_rank")
+        return families
 
     def allocate(self, spaces_at, budget, config, evaluator, progress=True, deadline=None):
         best, families = self.start(spaces_at, budget, config, evaluator)
-        if all(r is None for r in best.ranks.values()):
-            return best  # quantization alone won: nothing to move rank between
+        if all(r is None or not best.spaces[n].free for n, r in best.ranks.items()):
+            return best  # quantization alone (or every rank fixed) won: nothing to move rank between
         s = config.search
         seconds = s.seconds if deadline is None else deadline.cap(s.seconds, share=0.4)
+        start = best.ranks if best.family.startswith("mixed") else None
         ranks, cands, stop = search_allocation(best.spaces, budget, config.selection.rank_step, evaluator,
                                                s.rounds, max(1, s.evals - len(families) + 1), seconds,
-                                               progress=progress, groups=s.groups, role_scales=s.role_scales)
+                                               progress=progress, groups=s.groups, role_scales=s.role_scales,
+                                               start=start)
         if deadline is not None:
             deadline.note("search", stop == "seconds")
         if len(families) > 1:  # the search's own uniform start is the chosen family
             cands = [*families, *cands[1:]]
         return Allocation(ranks, best.spaces, cands, stop, best.family)
+
+
+@ALLOCATORS.register("dense")
+class DenseAllocator(Allocator):
+    """Quantization alone, at its best: every layer dense, each at the integer width and
+    block the allocation over every form chooses for it (`mixed_allocation` over the dense
+    options), beside every layer at one precision; the best end to end ships. Needs a bytes
+    budget (``precision="auto"``)."""
+
+    settings = ("search.forms",)
+
+    def families(self, spaces_at, budget, config, evaluator):
+        if config.precision != "auto" or not hasattr(spaces_at, "options"):
+            raise MixrankError("quantization alone (method 'quantize') chooses each layer's integer width under a "
+                               "bytes budget: give bytes= (and no precision, or precision='auto')")
+        families = []
+        for p in ("int8", "int4", "int2"):
+            spaces = spaces_at(p, False)
+            ranks = {n: None for n in spaces}
+            if alloc_cost(spaces, ranks) <= budget:
+                families.append((f"dense {p} (quantization alone)", spaces, ranks))
+
+        def score(spaces: dict, ranks: Alloc) -> float:
+            evaluator.use(spaces)
+            return evaluator(ranks)
+
+        dense = {n: [o for o in opts if o.rank is None] for n, opts in spaces_at.options(("dense",)).items()}
+        for plan, _ in mixed_allocation(dense, budget, spaces_at("fp32", unit="bytes"), score)[:1]:
+            families.append((plan.family() + " (quantization alone)", plan.spaces, plan.ranks))
+        if not families:
+            raise MixrankError(f"no integer width fits the budget of {budget:,} bytes with every layer dense; "
+                               "raise the budget")
+        return families
+
+    def allocate(self, spaces_at, budget, config, evaluator, progress=True, deadline=None):
+        return self.start(spaces_at, budget, config, evaluator)[0]

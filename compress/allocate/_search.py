@@ -54,6 +54,7 @@ def search_allocation(
     progress: bool = True,
     groups: int = 0,
     role_scales: tuple[float, ...] = (),
+    start: Alloc | None = None,
 ) -> tuple[Alloc, list[Candidate], str]:
     """Move rank between layers from the uniform start, accepting only measured gains.
 
@@ -79,12 +80,13 @@ def search_allocation(
         max_seconds: a wall-clock bound (``None``: none).
         progress: show a progress bar.
         groups, role_scales: see above (0 and ``()``: off).
+        start: the allocation to start from (``None``: the uniform one).
 
     Returns:
         (allocation, every `Candidate` scored — uniform first —, stop reason: ``"converged"``,
         ``"rounds"``, ``"evals"`` or ``"seconds"``).
     """
-    search = _Search(spaces, budget, step, score, max_evals, max_seconds, progress, groups)
+    search = _Search(spaces, budget, step, score, max_evals, max_seconds, progress, groups, start)
     try:
         if role_scales:
             search.role_passes(role_scales)
@@ -98,13 +100,13 @@ class _Search:
     """The state of one search: the current allocation and its score, every candidate
     scored, and the units whose rank moves together."""
 
-    def __init__(self, spaces, budget, step, score, max_evals, max_seconds, progress, groups):
+    def __init__(self, spaces, budget, step, score, max_evals, max_seconds, progress, groups, start=None):
         self.spaces, self.budget, self.step, self.score = spaces, budget, step, score
         self.max_evals, self.max_seconds = max_evals, max_seconds
         self.t0 = time.perf_counter()
         self.evals = 0
         self.bar = tqdm(total=max_evals, desc="allocate", unit="eval", disable=not progress)
-        self.alloc = uniform_allocation(spaces, budget, step)
+        self.alloc = dict(start) if start is not None else uniform_allocation(spaces, budget, step)
         self.best = self.scored(self.alloc)
         self.current = "uniform"
         self.cands = [Candidate("uniform", self.best, self.cost(self.alloc), ranks=dict(self.alloc))]

@@ -37,6 +37,8 @@ class LayerSpace:
     form: str = "lowrank"  # a `FORMS` name: a pair's layers are "rows" / "cols", one factor plus an index
     bias_delta: bool = False  # a pair's layer that stores a new bias (m values)
     tie: str | None = None  # the pair's other layer: both always have the same rank
+    residual_precision: str = ""  # the "residual" form's dense term: its precision and block
+    residual_block: int = 0
 
     @property
     def free(self) -> bool:
@@ -67,10 +69,9 @@ class LayerSpace:
 
     def stored_bytes(self, r: int | None) -> int:
         """Bytes as the exporter stores rank ``r`` (``None``: dense) at this precision."""
-        m, n, p, b, s = self.m, self.n, self.precision, self.block, self.symmetric
         if r is None:
-            return storage_bytes(m, n, p, b, s)
-        return self.kind.stored_bytes(m, n, r, p, b, s, self.bias_delta)
+            return storage_bytes(self.m, self.n, self.precision, self.block, self.symmetric)
+        return self.kind.stored_bytes(self, r)
 
     def value_cost(self, r: int | None, value_bytes: int) -> int:
         """The cost in values of ``value_bytes`` (what a sparse term's size is counted in)."""

@@ -31,12 +31,14 @@ class FactoredLinear(nn.Module):
         form: a registered layer form (`FORMS`: ``"lowrank"``, ``"rows"``, ``"cols"``); ``index``: (rank,) their rows or
             columns.
         bias_delta: (out,) added to the bias (a pair's new bias), or ``None``.
+        residual: (out, in) the ``residual`` form's dense term (fixed: a buffer), or ``None``.
     """
 
     def __init__(self, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None = None,
                  sparse_structure: str = "none", sparse_index: torch.Tensor | None = None,
                  sparse_value: torch.Tensor | None = None, form: str = "lowrank",
-                 index: torch.Tensor | None = None, bias_delta: torch.Tensor | None = None):
+                 index: torch.Tensor | None = None, bias_delta: torch.Tensor | None = None,
+                 residual: torch.Tensor | None = None):
         super().__init__()
         if A.ndim != 2 or B.ndim != 2 or A.shape[1] != B.shape[0]:
             raise ValueError(f"incompatible factors A{tuple(A.shape)} B{tuple(B.shape)}")
@@ -52,6 +54,12 @@ class FactoredLinear(nn.Module):
             self.index = None
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         self.bias_delta = None if bias_delta is None else nn.Parameter(bias_delta.detach().to(B).clone())
+        if (form == "residual") != (residual is not None):
+            raise ValueError("the residual form needs its dense term, and only it has one")
+        if residual is not None:
+            self.register_buffer("residual", residual.detach().to(B).clone())
+        else:
+            self.residual = None
         self.in_features = B.shape[1]
         self.out_features = A.shape[0]
         self._rank = B.shape[0]
@@ -73,7 +81,7 @@ class FactoredLinear(nn.Module):
         A, B = self.A, self.B
         if self.fake_quant is not None:
             A, B = form_of(self.form).straight_through(A, B, *self.fake_quant)
-        y = form_of(self.form).forward(x, A, B, self.index, self.out_features)  # (..., r) -> (..., m)
+        y = form_of(self.form).forward(x, A, B, self.index, self.out_features, self.residual)  # (..., m)
         if self.sparse_structure != "none":
             y = y + SPARSE[self.sparse_structure].apply(x, self.sparse_index.long(), self.sparse_value)
         if self.bias_delta is not None:
@@ -95,7 +103,8 @@ def factored_from_fit(fit, lin: nn.Module) -> FactoredLinear:
                           None if sp is None else sp.index.to(w.device),
                           None if sp is None else sp.value.to(w), fit.form,
                           None if fit.index is None else fit.index.to(w.device),
-                          None if fit.bias is None else fit.bias.to(w))
+                          None if fit.bias is None else fit.bias.to(w),
+                          None if fit.residual is None else fit.residual.dequantize().to(w))
 
 
 def fit_from_factored(mod: FactoredLinear, old):
@@ -176,5 +185,7 @@ def apply_factors(
         delta = t.get(f"{name}.bias_delta")
         if delta is not None:  # a pair's new bias: one bias, as the engine adds it
             bias = delta.to(dev, dt) if bias is None else bias.detach() + delta.to(dev, dt)
-        set_module(out, name, FactoredLinear(A, B, bias, structure, idx, val, form, index))
+        residual = form_of(form).read_residual(t, name, info)
+        set_module(out, name, FactoredLinear(A, B, bias, structure, idx, val, form, index,
+                                             residual=None if residual is None else residual.to(dev, dt)))
     return out

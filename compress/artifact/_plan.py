@@ -17,8 +17,8 @@ from mixrank.core import MixrankError, Record
 
 from .._sections import nest_settings
 
-FORMAT_VERSION = 3  # 3: pairwise forms (form, index, bias_delta); 2 and 1 read as all low rank
-READABLE_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4  # 4: the residual form and int2, a block per layer; 3: pairwise forms; 2, 1: all low rank
+READABLE_VERSIONS = (1, 2, 3, 4)
 
 
 @dataclass(eq=False)
@@ -81,6 +81,13 @@ class LayerPlan(Record):
     its ``nmse`` is then the pair's relative error, the same for both layers."""
     bias_delta: bool
     """Whether ``<name>.bias_delta`` (added to the original bias) is stored."""
+    block: int
+    """The integer block of the layer's factors (or of its dense weight); 0: stored as
+    floats (or a file older than format 4, whose blocks are the config's)."""
+    residual_precision: str
+    """The ``residual`` form's dense term ``<name>.W``: its precision (``""``: no such term)."""
+    residual_block: int
+    """Its integer block (0: none)."""
 
 
 @dataclass(eq=False)

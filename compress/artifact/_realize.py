@@ -27,7 +27,8 @@ class Realized(NamedTuple):
 
 
 def realize(fits: dict, dense: dict[str, str], precisions: dict[str, str], quant,
-            grams: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> Realized:
+            grams: dict[str, torch.Tensor], weights: dict[str, torch.Tensor],
+            blocks: dict[str, int] | None = None) -> Realized:
     """Store every compressed layer at its precision.
 
     Args:
@@ -36,6 +37,8 @@ def realize(fits: dict, dense: dict[str, str], precisions: dict[str, str], quant
         precisions: layer → precision of the factored layers (fp32 where absent).
         quant: the `Quantize` settings.
         grams, weights: each layer's input Gram matrix and original weight.
+        blocks: layer → the integer block of a dense layer (``None``, or absent:
+            ``quant.block``).
 
     Returns:
         `Realized`.
@@ -57,7 +60,7 @@ def realize(fits: dict, dense: dict[str, str], precisions: dict[str, str], quant
             sp = replace(sp, value=value.float())
         read[name] = f if p == "fp32" else f.replace(A=A.cpu(), B=B.cpu(), sparse=sp)
     for name, p in dense.items():
-        stored, W = store_weight(weights[name], p, quant, grams.get(name))
+        stored, W = store_weight(weights[name], p, quant, grams.get(name), block=(blocks or {}).get(name))
         keep(name, stored)
         read_dense[name] = W
     return Realized(tensors, read, read_dense)

@@ -13,6 +13,7 @@
 from . import forms, pairs, sparse
 from ._factorizers import ASVD, FACTORIZERS, OATS, Factorizer, PlainSVD, Whiten, asvd_spectrum, oats_fit
 from ._fit import LayerFit, closed_form_fit, fit_layer, nmse
+from ._residual import ResidualBank, ResidualSpectrum, fit_residual
 from ._spectrum import Spectrum, activation_error, damped_sqrt, plain_spectrum, ridge_toward, whitened_spectrum
 from .forms import FORMS, EmitContext, LayerForm, form_of
 from .pairs import PAIRINGS, Pair, PairedSpectrum, PairForm, find_pairs, pair_forms, pair_spectra

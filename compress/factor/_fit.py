@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from ..store import QTensor
 from ._spectrum import Spectrum, whitened_spectrum
 from .forms import form_of
 from .sparse import SparseTerm, fit_sparse, fit_values
@@ -31,6 +32,10 @@ class LayerFit:
         index: (r,) int64 kept rows or columns (``rows``/``cols`` only).
         bias: (m,) float32 added to the layer's bias (the new bias of a pair's layer),
             or ``None``.
+        residual: the ``residual`` form's dense term ``Q`` (m, n), block-quantized
+            (`QTensor`), added to ``A B``; ``None`` for every other form.
+        start: the residual form's start that won (``"lowrank"`` or ``"quant"``,
+            `fit_residual`); ``""`` otherwise.
     """
 
     A: torch.Tensor
@@ -41,6 +46,8 @@ class LayerFit:
     form: str = "lowrank"
     index: torch.Tensor | None = None
     bias: torch.Tensor | None = None
+    residual: QTensor | None = None
+    start: str = ""
 
     @property
     def trainable(self) -> tuple[str, ...]:
@@ -56,9 +63,12 @@ class LayerFit:
         return int(self.B.shape[0])
 
     def dense(self) -> torch.Tensor:
+        """The (m, n) weight the fit stands for, float64."""
         W = self.A.double() @ self.B.double()
         if self.sparse is not None:
             W = W + self.sparse.dense(self.B.shape[1]).double()
+        if self.residual is not None:
+            W = W + self.residual.dequantize().double().to(W.device)
         return W
 
 

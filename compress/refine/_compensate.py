@@ -78,7 +78,7 @@ class Compensate(Refinement):
         r = ctx.config.refine
         out = {}
         for n in tqdm(list(fits), desc="compensate", unit="layer", disable=not ctx.progress):
-            if form_of(fits[n].form).paired:  # a pair's layers: its error is not the layer's own
+            if not form_of(fits[n].form).plain:  # a pair's layer (its error is the pair's), a residual
                 out[n] = fits[n]
                 continue
             out[n] = compensate(fits[n], ctx.weights[n], ctx.calib.layers[n].gram, ctx.spectra[n].ref,

@@ -24,6 +24,7 @@ from ..calibrate import batch_size, block_sequence, mask_tokens, model_output, m
 from ..calibrate import distributed as _dist
 from ..factor import LayerFit
 from ..score import loss_normaliser, output_loss, output_loss_sum
+from ..store import INT_BITS
 from ._guard import REFINEMENTS, Outcome, Refinement
 from ._optim import Schedule, descend
 
@@ -213,12 +214,12 @@ class QuantAwareDistill(Refinement):
                 "refine.distill_target")
 
     def enabled(self, config) -> bool:
-        return config.refine.distill_steps > 0 and config.precision in ("int8", "int4", "auto")
+        return config.refine.distill_steps > 0 and config.precision in ("int8", "int4", "int2", "auto")
 
     def run(self, ctx, fits, chosen):
         cfg = ctx.config
         stored = {n: (ctx.spaces[n].precision, cfg.quantize) for n in fits
-                  if ctx.spaces[n].precision in ("int8", "int4")}
+                  if ctx.spaces[n].precision in INT_BITS}
         if not stored:
             return Outcome("quantization-aware distill", None, note="not applicable: no layer is stored as an integer")
         out, rec = distill(ctx.model, fits, ctx.train, ctx.held, cfg.metric, _steps(ctx),

@@ -243,7 +243,7 @@ def _refit_block(paths: _Paths, b: int, group: list[str], current: dict[str, Lay
                              paths.h_c, paths.ctxs, paths.masks)
         for n in part:
             st, lin = stats[n], paths.orig.get_submodule(n)
-            if form(n).paired:
+            if not form(n).plain:  # a pair's layer, a residual: the form refits itself
                 fit = form(n).refit(current[n], lin, st, damping)
             else:
                 # W̃ = W G_oc G_cc⁻¹, damped toward W, so that damping does not shrink W

@@ -65,7 +65,7 @@ class SparseSplit(Refinement):
         return config.refine.sparse != "none" and (config.refine.sparse_splits > 0 or has_sparse_k(config))
 
     def run(self, ctx, fits, chosen):
-        out = {n: fits[n] if form_of(fits[n].form).paired else split_layer(ctx, n)
+        out = {n: split_layer(ctx, n) if form_of(fits[n].form).plain else fits[n]
                for n in tqdm(list(fits), desc=f"sparse ({ctx.config.refine.sparse})", unit="layer",
                              disable=not ctx.progress)}
         return Outcome(f"sparse_{ctx.config.refine.sparse}", out)

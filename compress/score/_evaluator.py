@@ -36,10 +36,14 @@ class _SwitchLinear(nn.Module):
 
     CACHE = 8  # stored variants kept per layer (a search revisits a few ranks)
 
-    def __init__(self, lin: nn.Linear, spec: Spectrum, cap: int, gram=None, quant=None, paired=None):
+    def __init__(self, lin: nn.Linear, spec: Spectrum, cap: int, gram=None, quant=None, paired=None,
+                 residuals=None, name: str = ""):
         super().__init__()
         self.paired = paired  # the layer's `PairedSpectrum` when it belongs to a pair
+        self.residuals, self.name = residuals, name  # the `ResidualBank` of the residual form's fits
         self.form = "lowrank"
+        self.block: int | None = None  # a dense layer's integer block (None: quant.block)
+        self.residual: tuple = ("", 0)  # the residual form's (precision, block)
         dev, dt = lin.weight.device, lin.weight.dtype
         self.weight = lin.weight
         self.bias = lin.bias
@@ -52,20 +56,21 @@ class _SwitchLinear(nn.Module):
         self.fit: tuple | None = None  # (A, B, sparse) overriding the rank switch when set
 
     def _stored(self, r: int | None, p: str) -> tuple:
-        """(A, B) or (W,) read back at precision ``p`` — (A, B, bias delta) for a pair's
-        form — (cached, oldest dropped first)."""
-        key = (r, p, self.form if r is not None else "lowrank")
+        """(A, B) or (W,) read back at precision ``p`` — the form's state (form, A, B, index,
+        bias delta, residual) for any form but ``lowrank`` — (cached, oldest dropped first)."""
+        key = (r, p, self.form, self.residual) if r is not None else (None, p, self.block)
         if key not in self.stored:
             dev, dt = self.weight.device, self.weight.dtype
-            if r is not None and self.form != "lowrank":  # a pair's form: the closed form of its spectrum
-                fit = closed_form_fit(self.paired, r)
+            if r is not None and self.form != "lowrank":  # the form's own closed form at rank r
+                fit = self._form_fit(r, p)
                 if p == "fp32":
                     A, B = fit.A, fit.B
                 else:
                     _, A, B = form_of(self.form).store(fit, p, self.quant, self._gram())
                 val = _form_state(fit.replace(A=A, B=B), dev, dt)
             elif r is None:
-                val = (store_weight(self.weight.detach(), p, self.quant, self._gram())[1].to(dev, dt),)
+                W = store_weight(self.weight.detach(), p, self.quant, self._gram(), block=self.block)[1]
+                val = (W.to(dev, dt),)
             else:
                 _, A, B = store_pair(self.us[:, :r], self.vt[:r], p, self.quant, self._gram())
                 val = (A.to(dev, dt), B.to(dev, dt))
@@ -76,6 +81,11 @@ class _SwitchLinear(nn.Module):
 
     def _gram(self) -> torch.Tensor | None:
         return self.gram() if callable(self.gram) else self.gram
+
+    def _form_fit(self, r: int, p: str):
+        if self.form == "residual":
+            return self.residuals.get(self.name, p, *self.residual).fit_at(r)
+        return closed_form_fit(self.paired, r)  # a pair's layer
 
     def set_fit(self, fit) -> None:
         """Use a `LayerFit`'s factors, or a dense weight given as a tensor (``None``
@@ -93,19 +103,19 @@ class _SwitchLinear(nn.Module):
         self.fit = (*_form_state(fit, dev, dt), sp)
 
     def _forms(self, x, state):
-        form, A, B, index, delta = state
-        y = form_of(form).forward(x, A, B, index, self.weight.shape[0])
+        form, A, B, index, delta, residual = state
+        y = form_of(form).forward(x, A, B, index, self.weight.shape[0], residual)
         return y if delta is None else y + delta
 
     def forward(self, x):
         if self.fit is not None:
             if self.fit[0] == "dense":  # a dense weight as stored
                 return F.linear(x, self.fit[1], self.bias)
-            y = self._forms(x, self.fit[:5])
-            if self.fit[5] is not None:
-                y = y + self.fit[5].apply(x)
+            y = self._forms(x, self.fit[:6])
+            if self.fit[6] is not None:
+                y = y + self.fit[6].apply(x)
             return y if self.bias is None else y + self.bias
-        if self.rank is not None and self.form != "lowrank":  # a pair's form
+        if self.rank is not None and self.form != "lowrank":  # another form
             y = self._forms(x, self._stored(self.rank, self.precision))
             return y if self.bias is None else y + self.bias
         if self.rank is None:
@@ -120,11 +130,12 @@ class _SwitchLinear(nn.Module):
 
 
 def _form_state(fit, dev, dt) -> tuple:
-    """(form, A, B, index, bias delta) of a `LayerFit` on ``dev`` in ``dt`` (the selection
-    factor of a pair's layer is not needed: ``index`` stands for it)."""
+    """(form, A, B, index, bias delta, residual) of a `LayerFit` on ``dev`` in ``dt`` (the
+    selection factor of a pair's layer is not needed: ``index`` stands for it)."""
     need = fit.trainable
     return (fit.form, fit.A.to(dev, dt) if "A" in need else None, fit.B.to(dev, dt) if "B" in need else None,
-            None if fit.index is None else fit.index.to(dev), None if fit.bias is None else fit.bias.to(dev, dt))
+            None if fit.index is None else fit.index.to(dev), None if fit.bias is None else fit.bias.to(dev, dt),
+            None if fit.residual is None else fit.residual.dequantize().to(dev, dt))
 
 
 class Evaluator:
@@ -139,7 +150,7 @@ class Evaluator:
     def __init__(self, model: nn.Module, spectra: dict[str, Spectrum], caps: dict[str, int],
                  batches: list, metric: str, max_samples: int | None = None,
                  grams: dict[str, torch.Tensor] | None = None, quant=None, token_mask: str | None = None,
-                 paired: dict | None = None):
+                 paired: dict | None = None, residuals=None):
         self.model = copy.deepcopy(model).eval()
         self.token_mask = token_mask
         self.device = next(self.model.parameters()).device
@@ -160,11 +171,12 @@ class Evaluator:
                                    "values; check the model's weights and the calibration data")
         self.precisions: dict[str, str] = {}
         self.forms: dict[str, str] = {}  # layer -> form ("lowrank" where absent)
+        self.storage: dict[str, tuple] = {}  # layer -> (its integer block, its residual storage)
         seq = block_sequence(self.model, list(spectra))  # before the Linears become switches
         for name, spec in spectra.items():
             sw = _SwitchLinear(self.model.get_submodule(name), spec, caps[name],
                                None if grams is None else functools.partial(grams.__getitem__, name), quant,
-                               (paired or {}).get(name))
+                               (paired or {}).get(name), residuals, name)
             parent, _, child = name.rpartition(".")
             setattr(self.model.get_submodule(parent) if parent else self.model, child, sw)
             self.switches[name] = sw
@@ -176,12 +188,16 @@ class Evaluator:
         self.outputs: list[list] = []  # outputs[j][i]: block j's output on held-out batch i, at the base
 
     def use(self, spaces: dict) -> None:
-        """Score at the precision and form of each layer's `LayerSpace`."""
+        """Score at the precision, form and storage of each layer's `LayerSpace`."""
         self.precisions = {n: sp.precision for n, sp in spaces.items()}
         self.forms = {n: sp.form for n, sp in spaces.items()}
+        self.storage = {n: (sp.block, (sp.residual_precision, sp.residual_block)) for n, sp in spaces.items()}
+
+    def _variant(self, n: str) -> tuple:
+        return (self.precisions.get(n, "fp32"), self.forms.get(n, "lowrank"), *self.storage.get(n, ()))
 
     def _state(self, alloc: dict[str, int | None]) -> dict:
-        return {n: (r, self.precisions.get(n, "fp32"), self.forms.get(n, "lowrank")) for n, r in alloc.items()}
+        return {n: (r, *self._variant(n)) for n, r in alloc.items()}
 
     def set_base(self, alloc: dict[str, int | None]) -> None:
         """Cache every block's output on the held-out batches at ``alloc``, so that an
@@ -216,13 +232,12 @@ class Evaluator:
 
     def _set(self, alloc: dict[str, int | None]) -> None:
         for name, r in alloc.items():
-            self.switches[name].rank = r
-            self.switches[name].precision = self.precisions.get(name, "fp32")
-            self.switches[name].form = self.forms.get(name, "lowrank")
+            sw = self.switches[name]
+            sw.rank, sw.precision, sw.form = r, self.precisions.get(name, "fp32"), self.forms.get(name, "lowrank")
+            sw.block, sw.residual = self.storage.get(name, (None, ("", 0)))
 
     def __call__(self, alloc: dict[str, int | None]) -> float:
-        key = tuple(sorted((n, r, self.precisions.get(n, "fp32"), self.forms.get(n, "lowrank"))
-                           for n, r in alloc.items()))
+        key = tuple(sorted((n, r, *self._variant(n)) for n, r in alloc.items()))
         if key in self.cache:
             return self.cache[key]
         self._set(alloc)
@@ -235,7 +250,7 @@ class Evaluator:
         """Score explicit per-layer fits, used as given: a `LayerFit`, or a tensor for a
         dense weight as stored (layers absent from ``fits`` stay dense at full precision)."""
         for name, sw in self.switches.items():
-            sw.rank, sw.precision, sw.form = None, "fp32", "lowrank"
+            sw.rank, sw.precision, sw.form, sw.block, sw.residual = None, "fp32", "lowrank", None, ("", 0)
             sw.set_fit(fits.get(name))
         try:
             return self._score()

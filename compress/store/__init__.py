@@ -5,6 +5,7 @@ reads it (docs/design.md, "Precision")."""
 from ._quant import (
     BLOCKS,
     FLOAT_BYTES,
+    GRIDS,
     INT_BITS,
     PRECISIONS,
     SCALE_BYTES,
@@ -18,4 +19,4 @@ from ._quant import (
     ste,
     storage_bytes,
 )
-from ._storage import StoredFactors, read_back, store_pair, store_weight, stored_qtensor
+from ._storage import StoredFactors, qtensor_tensors, read_back, store_pair, store_weight, stored_qtensor

@@ -1,4 +1,4 @@
-"""Storage precision of weights: fp32, fp16, and block-wise int8/int4.
+"""Storage precision of weights: fp32, fp16, and block-wise int8/int4/int2.
 
 Integer precisions quantize a weight ``W`` (N, K) — N output rows, K the reduction axis —
 in blocks of ``block`` consecutive K entries per row (K zero-padded to a whole number of
@@ -25,8 +25,8 @@ import torch
 
 from mixrank.core import MixrankError
 
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
-INT_BITS = {"int8": 8, "int4": 4}
+PRECISIONS = ("fp32", "fp16", "int8", "int4", "int2")
+INT_BITS = {"int8": 8, "int4": 4, "int2": 2}
 FLOAT_BYTES = {"fp32": 4, "fp16": 2}
 BLOCKS = (16, 32, 64, 128)
 SCALE_BYTES = 4  # scales are float32 (the graph's activation type)
@@ -64,7 +64,37 @@ class QTensor:
         return w.reshape(w.shape[0], -1)[:, : self.k]
 
 
-def _grid(Wb: torch.Tensor, qmax: int, symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+GRIDS = ("mse", "minmax")
+GRID_STEPS = 20  # shrink factors tried by the "mse" grid, from 1 down to GRID_SHRINK
+GRID_SHRINK = 0.5
+
+
+def _grid(Wb: torch.Tensor, qmax: int, symmetric: bool = False, grid: str = "minmax"
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero point) of blocks ``Wb`` (..., block): the min/max grid (``"minmax"``),
+    or the grid whose range, shrunk by one of `GRID_STEPS` factors down to `GRID_SHRINK`,
+    rounds the block with the least squared error (``"mse"``: clipping a few outliers
+    buys every other weight a finer step; decisive at 2 bits)."""
+    scale, zp = _minmax_grid(Wb, qmax, symmetric)
+    if grid == "minmax":
+        return scale, zp
+    w = Wb.float()
+
+    def sq_error(s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        c = torch.clamp(torch.round(w / s.unsqueeze(-1)) + z.unsqueeze(-1), 0, qmax)
+        return ((w - (c - z.unsqueeze(-1)) * s.unsqueeze(-1)) ** 2).sum(-1)
+
+    best = sq_error(scale, zp)
+    for i in range(1, GRID_STEPS + 1):
+        f = 1.0 - (1.0 - GRID_SHRINK) * i / GRID_STEPS
+        s, z = _minmax_grid(Wb * f, qmax, symmetric)
+        e = sq_error(s, z)
+        better = e < best
+        scale, zp, best = torch.where(better, s, scale), torch.where(better, z, zp), torch.where(better, e, best)
+    return scale, zp
+
+
+def _minmax_grid(Wb: torch.Tensor, qmax: int, symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale float32, zero point) of blocks ``Wb`` (..., block): the min/max grid with
     zero inside it, or the symmetric grid around zero."""
     if symmetric:
@@ -81,7 +111,7 @@ def _grid(Wb: torch.Tensor, qmax: int, symmetric: bool = False) -> tuple[torch.T
 
 
 def quantize(W: torch.Tensor, bits: int, block: int, H: torch.Tensor | None = None,
-             damping: float = 0.01, symmetric: bool = False) -> QTensor:
+             damping: float = 0.01, symmetric: bool = False, grid: str = "minmax") -> QTensor:
     """Block-wise asymmetric quantization of ``W`` (N, K) along K (see the module docs).
 
     Without ``H`` every weight rounds to its nearest code (RTN). With ``H`` (K, K), the
@@ -89,8 +119,9 @@ def quantize(W: torch.Tensor, bits: int, block: int, H: torch.Tensor | None = No
     et al., 2022): column by column, the error of a rounded column is compensated on the
     columns not yet rounded through ``H⁻¹``, minimising ``tr(E H Eᵀ)`` — the layer's
     output error — instead of the weight error; each block's grid is set from its weights
-    as they stand when the block is reached. Either way the result is codes, scales and
-    zero points, read back exactly as the engine does.
+    as they stand when the block is reached (``grid``: `_grid`'s min/max or least-squares
+    range). Either way the result is codes, scales and zero points, read back exactly as
+    the engine does.
     """
     if block not in BLOCKS:
         raise MixrankError(f"block size must be one of {BLOCKS} (onnxruntime's MatMulNBits), got {block}")
@@ -101,7 +132,7 @@ def quantize(W: torch.Tensor, bits: int, block: int, H: torch.Tensor | None = No
     Wp[:, :K] = W.detach()
     if H is None:
         Wb = Wp.reshape(N, nb, block)
-        scale, zp = _grid(Wb, qmax, symmetric)
+        scale, zp = _grid(Wb, qmax, symmetric, grid)
         codes = torch.clamp(torch.round(Wb / scale.unsqueeze(-1)) + zp.unsqueeze(-1), 0, qmax)
         return QTensor(codes.to(torch.uint8), scale.contiguous(), zp.to(torch.uint8), K, bits)
     Hinv = _inverse_factor(H.to(Wp.device), K, nb * block, damping)
@@ -111,7 +142,7 @@ def quantize(W: torch.Tensor, bits: int, block: int, H: torch.Tensor | None = No
     for b in range(nb):  # one block of columns at a time; the update of the rest is one matmul
         lo, hi = b * block, (b + 1) * block
         Wk = Wp[:, lo:hi].clone()
-        s, z = _grid(Wk, qmax, symmetric)
+        s, z = _grid(Wk, qmax, symmetric, grid)
         scale[:, b], zp[:, b] = s, z
         s64 = s.double()
         Err = torch.empty_like(Wk)

@@ -66,30 +66,32 @@ def store_pair(A: torch.Tensor, B: torch.Tensor, precision: str, quant, G: torch
     A, B = rebalance(A, B, quant.split)
     G = None if G is None else G.to(B.device)
     sym = quant.scheme == "symmetric"
-    qB = quantize(B, bits, quant.block, _gram(G, quant.quantizer), symmetric=sym)
+    qB = quantize(B, bits, quant.block, _gram(G, quant.quantizer), symmetric=sym, grid=quant.grid)
     Bd = qB.dequantize()
     HA = None if G is None else Bd.double() @ G.double() @ Bd.double().T
-    qA = quantize(A, bits, quant.block, _gram(HA, quant.quantizer), symmetric=sym)
-    return StoredFactors({**_qt("A", qA), **_qt("B", qB)}, qA.dequantize(), Bd)
+    qA = quantize(A, bits, quant.block, _gram(HA, quant.quantizer), symmetric=sym, grid=quant.grid)
+    return StoredFactors({**qtensor_tensors("A", qA), **qtensor_tensors("B", qB)}, qA.dequantize(), Bd)
 
 
-def store_weight(W: torch.Tensor, precision: str, quant, G: torch.Tensor | None = None, role: str = "W"
-                 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def store_weight(W: torch.Tensor, precision: str, quant, G: torch.Tensor | None = None, role: str = "W",
+                 block: int | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Store a weight ``W`` (N, K) at ``precision`` under ``role`` (``{}`` for a dense
-    layer's ``W`` at fp32: the graph keeps the original). Returns (tensors by role suffix,
-    W read back)."""
+    layer's ``W`` at fp32: the graph keeps the original), integer blocks of ``block``
+    (``None``: ``quant.block``). Returns (tensors by role suffix, W read back)."""
     if precision == "fp32":
         return ({} if role == "W" else {role: W.float()}), W.float()
     if precision == "fp16":
         Wh = W.half()
         return {role: Wh}, Wh.float()
-    qW = quantize(W, INT_BITS[precision], quant.block, _gram(None if G is None else G.to(W.device),
-                                                              quant.quantizer),
-                  symmetric=quant.scheme == "symmetric")
-    return _qt(role, qW), qW.dequantize()
+    qW = quantize(W, INT_BITS[precision], block or quant.block,
+                  _gram(None if G is None else G.to(W.device), quant.quantizer),
+                  symmetric=quant.scheme == "symmetric", grid=quant.grid)
+    return qtensor_tensors(role, qW), qW.dequantize()
 
 
-def _qt(role: str, q: QTensor) -> dict[str, torch.Tensor]:
+def qtensor_tensors(role: str, q: QTensor) -> dict[str, torch.Tensor]:
+    """The factors file's tensors of ``q`` stored under ``role`` (``codes``, ``scale``,
+    ``zero_point``)."""
     return {f"{role}.codes": q.codes, f"{role}.scale": q.scale, f"{role}.zero_point": q.zero_point}
 
 

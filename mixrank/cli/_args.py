@@ -115,11 +115,12 @@ class CompressArgs(ArgGroup):
                             help=f"storage budget: a byte count for the block Linear layers, or a fraction of the "
                                  f"whole model's float32 weight bytes such as 0.12x (default: {JOB_BYTES}; rank "
                                  f"and precision are then chosen per layer)")
-        parser.add_argument("--precision", default=None, choices=["auto", "fp32", "fp16", "int8", "int4"],
+        parser.add_argument("--precision", default=None, choices=["auto", "fp32", "fp16", "int8", "int4", "int2"],
                             help="storage of the compressed layers (default: auto with a bytes budget, "
                                  "fp32 with --keep)")
         parser.add_argument("--method", default=None, help="compression method (default: mixrank; also "
-                                                          "whiten, svd, asvd, oats)")
+                                                          "whiten, svd, asvd, oats, and quantize: every "
+                                                          "layer dense, its integer width chosen)")
         parser.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
         parser.add_argument("--structure", default=None, choices=["auto", "lowrank", "pairs"],
                             help="pairs: attention query/key, value/output and MLP pairs shrink their "

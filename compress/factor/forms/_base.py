@@ -29,9 +29,10 @@ class EmitContext:
     Attributes:
         base: prefix of the names of the nodes it adds (unique per rewritten node).
         const: ``const(what)`` names a constant uniquely in the graph.
-        project: ``project(x, role, k, n_out, node, out)``: the nodes computing ``out = x
-            Wᵀ`` for the factor ``role`` (``"A"`` or ``"B"``) of the layer as stored, at its
-            precision and in the form the target engine runs (`mixrank.exporter`).
+        project: ``project(x, role, k, n_out, node, out, precision=None)``: the nodes
+            computing ``out = x Wᵀ`` for the stored tensor ``role`` (``"A"``, ``"B"``, or a
+            residual's ``"W"``) of the layer, at ``precision`` (``None``: the layer's) and in
+            the form the target engine runs (`mixrank.exporter`).
         dtype: numpy dtype of the graph's weights.
         out_dtype: the dtype of the layer's output tensor.
     """
@@ -54,12 +55,16 @@ class LayerForm:
             its form (`refit`).
         own_pass: the sequential refit fits it on a pass of its own, once the block's
             layers before it are in place (it reads, and undoes, their error).
+        plain: a plain factor pair (``A B`` and nothing else): the sparse split and
+            per-layer compensation apply to it, and the sequential refit refits it with the
+            factorizer's closed form; any other form refits itself (`refit`).
     """
 
     name: str = ""
     trainable: tuple[str, ...] = ("A", "B")
     paired: bool = False
     own_pass: bool = False
+    plain: bool = False
 
     def extra(self, m: int, r: int, bias_delta: bool) -> int:
         """Values beyond the factors, in 4-byte values as the exporter writes them
@@ -83,15 +88,16 @@ class LayerForm:
         largest a pair's spectrum has; 0 for a layer of no pair)."""
         raise NotImplementedError
 
-    def stored_bytes(self, m: int, n: int, r: int, precision: str, block: int = 32, symmetric: bool = False,
-                     bias_delta: bool = False) -> int:
-        """Bytes as the exporter stores rank ``r`` at ``precision`` (integer blocks padded,
-        scales and zero points included)."""
+    def stored_bytes(self, space, r: int) -> int:
+        """Bytes as the exporter stores rank ``r`` of the layer whose choices are ``space``
+        (a `LayerSpace`: shape, precision, block, scheme, bias delta, residual storage),
+        integer blocks padded, scales and zero points included."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, A: torch.Tensor | None, B: torch.Tensor | None,
-                index: torch.Tensor | None, m: int) -> torch.Tensor:
-        """``x`` (..., n) through the factors, without the bias: (..., m)."""
+                index: torch.Tensor | None, m: int, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` (..., n) through the factors (and a ``residual`` form's dense term,
+        (m, n)), without the bias: (..., m)."""
         raise NotImplementedError
 
     def straight_through(self, A: torch.Tensor | None, B: torch.Tensor | None, precision: str, quant
@@ -111,6 +117,11 @@ class LayerForm:
         its 0/1 matrix); ``info`` is the layer's `LayerPlan`."""
         raise NotImplementedError
 
+    def read_residual(self, tensors: dict[str, torch.Tensor], name: str, info) -> torch.Tensor | None:
+        """The dense term the form adds to its factors, (m, n) float32 as stored (``None``:
+        it has none)."""
+        return None
+
     def emit_onnx(self, x, info, tensors: dict, layer: str, ctx: EmitContext) -> tuple[list, object, int]:
         """The ONNX subgraph of ``x`` through the factors, without the bias.
 
@@ -125,8 +136,9 @@ class LayerForm:
         raise NotImplementedError
 
     def refit(self, fit, lin: torch.nn.Linear, stats: dict, damping: float):
-        """A ``paired`` form's fit refit on the compressed path's statistics (the
-        sequential refit; ``stats``: its cross statistics of the layer's inputs)."""
+        """A fit of this form (not `plain`) refit on the compressed path's statistics (the
+        sequential refit; ``stats``: its cross statistics of the layer's inputs, ``cc``,
+        ``oc``, ``sc``, ``so``, ``n``)."""
         raise NotImplementedError
 
 

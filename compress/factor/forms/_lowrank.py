@@ -15,6 +15,7 @@ class LowRank(LayerForm):
     reduction axis (n for B, r for A) at an integer precision."""
 
     trainable = ("A", "B")
+    plain = True
 
     def values(self, m, n, r):
         return r * (m + n)
@@ -25,11 +26,10 @@ class LowRank(LayerForm):
     def max_rank(self, m, n, size):
         return (m * n - 1) // (m + n)  # the largest r with r (m + n) < m n
 
-    def stored_bytes(self, m, n, r, precision, block=32, symmetric=False, bias_delta=False):
-        # B (r, n) over n; A (m, r) over r
-        return storage_bytes(r, n, precision, block, symmetric) + storage_bytes(m, r, precision, block, symmetric)
+    def stored_bytes(self, space, r):
+        return pair_bytes(space.m, space.n, r, space.precision, space.block, space.symmetric)
 
-    def forward(self, x, A, B, index, m):
+    def forward(self, x, A, B, index, m, residual=None):
         return F.linear(F.linear(x, B), A)
 
     def straight_through(self, A, B, precision, quant):
@@ -51,3 +51,8 @@ class LowRank(LayerForm):
         nodes = ctx.project(x, "B", n, r, f"{ctx.base}/matmul_b", h)
         nodes += ctx.project(h, "A", r, m, f"{ctx.base}/matmul_a", low)
         return nodes, low, r * (m + n)
+
+
+def pair_bytes(m: int, n: int, r: int, precision: str, block: int = 32, symmetric: bool = False) -> int:
+    """Bytes of a factor pair of rank ``r``: B (r, n) blocked over n, A (m, r) over r."""
+    return storage_bytes(r, n, precision, block, symmetric) + storage_bytes(m, r, precision, block, symmetric)

@@ -30,9 +30,11 @@ class _Pairwise(LayerForm):
     def max_rank(self, m, n, size):
         return size
 
-    def stored_bytes(self, m, n, r, precision, block=32, symmetric=False, bias_delta=False):
+    def stored_bytes(self, space, r):
+        m, n = space.m, space.n
         rows, k = (r, n) if self.role == "B" else (m, r)  # B (r, n) over n; A (m, r) over r
-        return storage_bytes(rows, k, precision, block, symmetric) + 4 * self.extra(m, r, bias_delta)
+        return (storage_bytes(rows, k, space.precision, space.block, space.symmetric)
+                + 4 * self.extra(m, r, space.bias_delta))
 
     def selection(self, index: torch.Tensor, size: int) -> torch.Tensor:
         """The 0/1 selection factor: (size, r) for ``rows`` (output row ``index[j]`` is
@@ -96,7 +98,7 @@ class Rows(_Pairwise):
     def per_rank(self, m, n):
         return n
 
-    def forward(self, x, A, B, index, m):
+    def forward(self, x, A, B, index, m, residual=None):
         h = F.linear(x, B)
         return h.new_zeros(*h.shape[:-1], m).index_copy(-1, index, h)
 
@@ -147,7 +149,7 @@ class Cols(_Pairwise):
     def per_rank(self, m, n):
         return m + 1
 
-    def forward(self, x, A, B, index, m):
+    def forward(self, x, A, B, index, m, residual=None):
         return F.linear(x.index_select(-1, index), A)
 
     def read(self, tensors, name, info):

@@ -41,7 +41,7 @@ def test_typed_and_json_views_agree():
     assert Plan.read(json.loads(json.dumps(p))) == p
 
 
-@pytest.mark.parametrize("version", [0, 4, None])
+@pytest.mark.parametrize("version", [0, 5, None])
 def test_unknown_versions_are_refused(version):
     with pytest.raises(MixrankError, match="factors format version"):
         Plan.read({"format_version": version})

@@ -166,3 +166,26 @@ def test_auto_precision_is_never_worse_than_quantization_alone(exported, fractio
 def test_precision_settings_are_checked(kwargs, match):
     with pytest.raises(MixrankError, match=match):
         CompressConfig(**kwargs)
+
+
+@pytest.mark.parametrize("k, block", [(48, 32), (200, 64), (256, 128)])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_int2_is_read_back_by_onnxruntime_bit_for_bit(k, block, symmetric):
+    """int2 codes (four to a byte) and their zero points (four to a byte) as
+    ``MatMulNBits`` bits=2: onnxruntime reads back exactly the PyTorch simulation, and the
+    file holds exactly the bytes the accounting says; TensorRT's form refuses int2."""
+    n = 20
+    W = torch.randn(n, k, generator=torch.Generator().manual_seed(k))
+    q = quantize(W, 2, block, symmetric=symmetric)
+    assert int(q.codes.max()) <= 3 and bool((q.dequantize() != 0).any())
+    tensors = {"l.W.codes": q.codes, "l.W.scale": q.scale, "l.W.zero_point": q.zero_point}
+    model = _graph_of(lambda x, y: project(x, tensors, "l.W", k, n, "int2", np.float32, "mm", lambda w: f"l.{w}",
+                                           y), k, n, 17)
+    onnx.checker.check_model(model)
+    got = _run(model, np.eye(k, dtype=np.float32))
+    np.testing.assert_array_equal(got, q.dequantize().numpy().T)
+    nbytes = sum(len(t.raw_data) or numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
+    assert nbytes == storage_bytes(n, k, "int2", block, symmetric)
+    with pytest.raises(MixrankError, match="INT8 and INT4"):
+        _graph_of(lambda x, y: project(x, tensors, "l.W", k, n, "int2", np.float32, "mm", lambda w: w, y,
+                                       "tensorrt"), k, n, 21)
