@@ -228,7 +228,7 @@ def text_case(out: Path) -> tuple[list[dict], list[str]]:
 
     import minilm
 
-    from mixrank.compress import CompressConfig, Quantize, apply_factors, compress_model
+    from mixrank.compress import CompressConfig, MixrankError, Quantize, apply_factors, compress_model
     from mixrank.compress.calibrate import collect_stats, select_layers
     from mixrank.compress.store import storage_bytes, store_weight
 
@@ -262,8 +262,13 @@ def text_case(out: Path) -> tuple[list[dict], list[str]]:
     for label, frac in budgets:
         for method, tag in (("quantize", "quantization alone (mixed GPTQ)"), ("mixrank", "mixrank")):
             t0 = time.perf_counter()
-            f = compress_model(model, calib, CompressConfig(method, bytes=int(frac * fp32), include=minilm.INCLUDE,
-                                                            token_mask="attention_mask"), progress=False)
+            try:
+                f = compress_model(model, calib, CompressConfig(method, bytes=int(frac * fp32),
+                                                                include=minilm.INCLUDE, token_mask="attention_mask"),
+                                   progress=False)
+            except MixrankError as e:  # quantization alone has no width below int2 at block 128's bytes
+                print(json.dumps({"candidate": f"{tag} at {label}", "infeasible": str(e)}), flush=True)
+                continue
             factored = sum(1 for i in f.layers.values() if not i.dense)
             row(f"{tag.split(' (')[0]} at {label}", tag, f.plan.totals.bytes_after,
                 minilm.cosine(ref, apply_factors(model, f), held), time.perf_counter() - t0,

@@ -335,17 +335,18 @@ def job_config(flags: dict[str, Any] | None = None, config_file: str | os.PathLi
             wrong setting (named with the file when the file alone is wrong).
     """
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
-    if "keep" in flags and "bytes" in flags:
-        raise MixrankError("give --keep or --bytes, not both")
+    given_budgets = [k for k in ("keep", "params", "bytes") if k in flags]
+    if len(given_budgets) > 1:
+        raise MixrankError(f"give one budget: {' or '.join('--' + k for k in given_budgets)}, not both")
     raw = read_toml(config_file) if config_file else {}
 
     def given(key: str, section: str) -> bool:
         return key in raw or key in (raw.get(section) or {})
 
     defaults: dict[str, Any] = {}
-    if not any(given(k, "budget") for k in ("keep", "params", "bytes")) and not ({"keep", "bytes"} & set(flags)):
+    if not any(given(k, "budget") for k in ("keep", "params", "bytes")) and not given_budgets:
         defaults["bytes"] = JOB_BYTES
-    budget_is_bytes = "bytes" in flags or "bytes" in defaults or (given("bytes", "budget") and "keep" not in flags)
+    budget_is_bytes = "bytes" in flags or "bytes" in defaults or (given("bytes", "budget") and not given_budgets)
     if budget_is_bytes and not given("precision", "quantize") and "precision" not in flags \
             and not given("dtype", "budget"):
         defaults["precision"] = "auto"

@@ -45,6 +45,7 @@ from .calibrate import (
     GramView,
     batch_size,
     collect_stats,
+    countable_params,
     linear_layers,
     select_layers,
     split_holdout,
@@ -177,7 +178,7 @@ class _Job:
         self.shapes = {n: tuple(self.linears[n].weight.shape) for n in self.selected}
         self.total = sum(m * n for m, n in self.shapes.values())
         self.model_params = sum(p.numel() for p in model.parameters())
-        self.budget = config.budget.resolve(self.total, self.model_params)
+        self.budget = config.budget.resolve(self.total, countable_params(model))
         self.pairs = _pairs_of(model, self.selected, sel.overrides, config)
         self.choices = LayerChoices(self.shapes, config)
         self.choices.check_feasible(self.budget, self.precision)

@@ -49,28 +49,40 @@ class Budget:
     Attributes:
         keep: the fraction of the selected layers' weight parameters kept (``keep=0.4``
             removes 60 %).
-        params: an absolute parameter count for the selected layers.
+        params: an absolute parameter count for the selected layers, or ``"0.4x"``: that
+            fraction of the whole model's parameters, the weights left out of the selection
+            counted as they are (``--like``: a smaller sibling's count).
         bytes: the selected layers' storage as the exporter writes it (values at their
             precision, plus the scales and zero points of integer blocks, plus sparse
             indices), as a byte count, or as ``"0.12x"``: that fraction of the whole
-            model's float32 weight bytes, the layers left out of the selection counted at
+            model's float32 weight bytes, the weights left out of the selection counted at
             float32. With none of the three: ``keep=0.5``.
+
         dtype: deprecated; the storage precision is `Quantize.precision` (``"float16"``
             here is precision ``"fp16"``). Giving one other than ``"float32"`` warns.
+
+        The whole model, for a fraction, leaves out lookup tables (``nn.Embedding``: a
+        text model's token and position embeddings, half of MiniLM), which no method
+        compresses and no MatMul reads (`countable_params`).
     """
 
     keep: float | None = None
-    params: int | None = None
+    params: int | str | None = None
     bytes: int | str | None = None
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        if isinstance(self.bytes, str):
-            self.bytes = self.bytes.strip()
-            if not self.bytes.endswith("x"):
-                raise MixrankError(f"bytes must be a byte count or a fraction of the model's float32 weight "
-                                   f"bytes such as '0.12x', got {self.bytes!r}")
-            check_fraction("bytes (as a fraction, 'NNx')", self.bytes[:-1])
+        for name in ("params", "bytes"):
+            v = getattr(self, name)
+            if isinstance(v, str):
+                v = v.strip()
+                setattr(self, name, v)
+                if not v.endswith("x"):
+                    what = "parameter count or a fraction of the model's parameters such as '0.4x'" \
+                        if name == "params" else "byte count or a fraction of the model's float32 weight bytes " \
+                        "such as '0.12x'"
+                    raise MixrankError(f"{name} must be a {what}, got {v!r}")
+                check_fraction(f"{name} (as a fraction, 'NNx')", v[:-1])
         given = [k for k in ("keep", "params", "bytes") if getattr(self, k) is not None]
         if len(given) > 1:
             raise MixrankError(f"give one budget, not {' and '.join(given)}")
@@ -102,13 +114,16 @@ class Budget:
         """The budget of the selected layers in its `unit`, given their dense parameter
         count and the whole model's (`params_for`, `bytes_for`)."""
         return self.bytes_for(selected_params, model_params) if self.unit == "bytes" else \
-            self.params_for(selected_params)
+            self.params_for(selected_params, model_params)
 
-    def params_for(self, total_params: int) -> int:
-        """The parameter budget of the selected layers, given their dense total."""
+    def params_for(self, total_params: int, model_params: int | None = None) -> int:
+        """The parameter budget of the selected layers, given their dense total (and, for
+        a fraction ``"0.4x"``, the whole model's countable parameters)."""
         if self.keep is not None:
             return int(math.floor(self.keep * total_params))
         if self.params is not None:
+            if isinstance(self.params, str):
+                return self._fraction("params", total_params, model_params, 1)
             return int(self.params)
         return int(self.bytes) // DTYPE_BYTES[self.dtype]
 
@@ -121,13 +136,20 @@ class Budget:
         """
         if not isinstance(self.bytes, str):
             return int(self.bytes)
-        frac = float(self.bytes[:-1])
-        rest = 4 * (model_params - selected_params)
-        budget = int(math.floor(frac * 4 * model_params)) - rest
+        return self._fraction("bytes", selected_params, model_params, 4)
+
+    def _fraction(self, name: str, selected_params: int, model_params: int | None, width: int) -> int:
+        if model_params is None:
+            raise MixrankError(f"{name} as a fraction of the model needs the model's parameter count")
+        frac = float(getattr(self, name)[:-1])
+        rest = width * (model_params - selected_params)
+        budget = int(math.floor(frac * width * model_params)) - rest
         if budget <= 0:
-            raise MixrankError(f"bytes {self.bytes} of the model is {frac * 4 * model_params:,.0f} bytes, but the "
-                               f"layers not selected for compression already take {rest:,} bytes at float32; "
-                               "raise the fraction or select more layers (include=...)")
+            unit = "bytes" if width == 4 else "parameters"
+            raise MixrankError(f"{name} {getattr(self, name)} of the model is {frac * width * model_params:,.0f} "
+                               f"{unit}, but the weights not selected for compression already take {rest:,} "
+                               f"{unit}{' at float32' if width == 4 else ''}; raise the fraction or select more "
+                               "layers (include=...)")
         return budget
 
 

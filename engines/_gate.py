@@ -10,7 +10,8 @@ Limits file (TOML)::
     max_latency_p99_ms = { 1 = 20.0 }
     max_top1_drop = 0.01           # needs labels
     min_top1_agreement = 0.97
-    min_cosine = 0.99
+    min_cosine = 0.99              # mean per-sample cosine of the outputs (embeddings, logits)
+    min_cosine_p5 = 0.95           # its 5th percentile: the worst twentieth of the inputs
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ SCALAR_LIMITS = {
     "max_top1_drop": ("top1_drop", "max"),
     "min_top1_agreement": ("top1_agreement", "min"),
     "min_cosine": ("cosine_mean", "min"),
+    "min_cosine_p5": ("cosine_p5", "min"),
 }
 BATCH_LIMITS = {
     "min_speedup": ("speedup_b{}", "min"),

@@ -19,7 +19,7 @@ from mixrank.core import Record, import_onnxruntime
 from mixrank.exporter import load_onnx, onnx_file_bytes, output_agreement, topk_accuracy
 
 from ._errors import MixrankError
-from .runners import RUNNERS, Runner, check_inputs, make_runner, random_feeds, run_all
+from .runners import RUNNERS, SEQ_LEN, Runner, check_inputs, make_runner, random_feeds, run_all
 
 
 def onnx_params(onnx_path: str | os.PathLike) -> dict:
@@ -51,37 +51,27 @@ def onnx_params(onnx_path: str | os.PathLike) -> dict:
             "file_bytes": int(onnx_file_bytes(onnx_path))}
 
 
-def matmul_flops(onnx_path: str | os.PathLike, batch: int) -> int:
+def matmul_flops(onnx_path: str | os.PathLike, batch: int, seq_len: int = SEQ_LEN) -> int:
     """FLOPs (2 per multiply-add) of every MatMul, Gemm, MatMulNBits and Conv of the ONNX
-    file ``onnx_path`` at
-    ``batch``, from shape inference with the batch dimension fixed (onnxruntime's symbolic
-    shape inference where the graph has onnxruntime's own operators)."""
-    from onnx import shape_inference
-
+    file ``onnx_path`` at ``batch`` (a text model's sequence axis at ``seq_len`` tokens),
+    from shape inference with the dynamic dimensions fixed (onnxruntime's symbolic shape
+    inference where the graph has onnxruntime's own operators, or where onnx's leaves a
+    MatMul's shape unknown)."""
     model = load_onnx(onnx_path)
     for inp in model.graph.input:
-        dims = inp.type.tensor_type.shape.dim
-        if dims and not dims[0].HasField("dim_value"):
-            dims[0].Clear()
-            dims[0].dim_value = batch
-    if any(n.domain == "com.microsoft" for n in model.graph.node):
-        import_onnxruntime()
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-        model = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
-    else:
-        model = shape_inference.infer_shapes(model, data_prop=True)
-    shapes = {}
-    for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
-        shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None
-                           for d in vi.type.tensor_type.shape.dim]
-    for t in model.graph.initializer:
-        shapes[t.name] = list(t.dims)
+        for j, d in enumerate(inp.type.tensor_type.shape.dim):
+            if not d.HasField("dim_value"):
+                d.Clear()
+                d.dim_value = batch if j == 0 else seq_len
+    shapes = _inferred_shapes(model, any(n.domain == "com.microsoft" for n in model.graph.node))
+    if any(not shapes.get(n.output[0]) or None in shapes[n.output[0]] for n in model.graph.node
+           if n.op_type in MATMUL_OPS):
+        shapes = _inferred_shapes(model, True)  # e.g. BERT's position ids, sliced to a computed length
     flops = 0
     for n in model.graph.node:
         out = shapes.get(n.output[0])
         if not out or any(d is None for d in out):
-            if n.op_type in ("MatMul", "Gemm", "Conv", "MatMulNBits"):
+            if n.op_type in MATMUL_OPS:
                 raise MixrankError(f"cannot infer the shape of {n.name or n.op_type}'s output")
             continue
         if n.op_type == "MatMulNBits":
@@ -98,16 +88,41 @@ def matmul_flops(onnx_path: str | os.PathLike, batch: int) -> int:
     return flops
 
 
-def peak_rss(artifact: str | os.PathLike, batch: int = 1, settings=None, engine: str = "onnxruntime") -> dict:
+MATMUL_OPS = ("MatMul", "Gemm", "Conv", "MatMulNBits")
+
+
+def _inferred_shapes(model, symbolic: bool) -> dict[str, list]:
+    """Every tensor's shape (``None`` for an unknown dimension), by onnx's shape inference
+    with data propagation, or by onnxruntime's symbolic shape inference (``symbolic``: it
+    knows onnxruntime's own operators and follows computed shapes further)."""
+    from onnx import shape_inference
+
+    if symbolic:
+        import_onnxruntime()
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        model = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    else:
+        model = shape_inference.infer_shapes(model, data_prop=True)
+    shapes = {}
+    for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+    for t in model.graph.initializer:
+        shapes[t.name] = list(t.dims)
+    return shapes
+
+
+def peak_rss(artifact: str | os.PathLike, batch: int = 1, settings=None, engine: str = "onnxruntime",
+             seq_len: int = SEQ_LEN) -> dict:
     """Peak resident memory of a fresh process that loads ``artifact`` with the
     ``engine`` runner and runs one batch (``python -m mixrank.engines._memprobe``; a child process
     so runs do not contaminate each other), the process's resident memory before
     loading, and what the engine reports about its own memory. ``settings``: the engine's
-    (``None``: its defaults)."""
+    (``None``: its defaults); ``seq_len``: a text model's tokens per input."""
     cls = RUNNERS[engine]
     s = settings or cls.settings_type()
     out = subprocess.run([sys.executable, "-m", "mixrank.engines._memprobe", engine, str(artifact), str(batch),
-                          json.dumps(s.to_dict())], capture_output=True, text=True)
+                          json.dumps(s.to_dict()), str(seq_len)], capture_output=True, text=True)
     if out.returncode != 0:
         lines = out.stderr.strip().splitlines()
         raise MixrankError(f"measuring memory of {artifact} failed: {lines[-1] if lines else out.returncode}")
@@ -125,12 +140,13 @@ class TimingConfig:
 
 
 def throughput(runners: dict[str, Runner], batch: int, cfg: TimingConfig | None = None,
-               progress: bool = True) -> dict:
+               progress: bool = True, seq_len: int = SEQ_LEN) -> dict:
     """Latency of each runner at ``batch``, interleaved in rounds (the order of the
     runners alternates every round), until the medians are stable or the time
     limit is hit. Each runner times itself (`Runner.time`: the wall clock on the CPU,
     device timers on a GPU). ``cfg``: the `TimingConfig` (``None``: defaults); ``progress``:
-    show a progress bar.
+    show a progress bar; ``seq_len``: a text model's tokens per input (random ids, no
+    padding).
 
     Returns per runner p50/p90/p99 (ms) and images/s, and for the first two
     runners the speedup (p50 ratio) with the spread of the per-round ratios.
@@ -139,7 +155,7 @@ def throughput(runners: dict[str, Runner], batch: int, cfg: TimingConfig | None 
     names = list(runners)
     feeds = {}
     for n in names:
-        feeds[n] = random_feeds(runners[n], batch)
+        feeds[n] = random_feeds(runners[n], batch, seq_len=seq_len)
         runners[n].time(feeds[n], cfg.warmup)
     lat = {n: [] for n in names}
     round_medians = {n: [] for n in names}
@@ -184,19 +200,36 @@ def throughput(runners: dict[str, Runner], batch: int, cfg: TimingConfig | None 
     return res
 
 
-def fidelity(orig: Runner, comp: Runner, inputs: np.ndarray, labels: np.ndarray | None = None,
-             batch: int = 32) -> dict:
-    """Compressed (``comp``) vs original (``orig``) on the same inputs, run in chunks of
-    ``batch``: max abs/rel error, mean cosine of the outputs, top-1 agreement; top-1/top-5
-    accuracy of both when labels are given."""
+def fidelity(orig: Runner, comp: Runner, inputs, labels: np.ndarray | None = None,
+             batch: int = 32, output: str = "logits") -> dict:
+    """Compressed (``comp``) vs original (``orig``) on the same inputs (an array, or a
+    list of feeds), run in chunks of ``batch``: max abs/rel error, the mean, 5th
+    percentile and least per-sample cosine; for ``output="logits"`` also top-1 agreement
+    and the mean KL divergence of the softmax (original to compressed), and top-1/top-5
+    accuracy of both when labels are given. ``output="embedding"``: a sentence embedding,
+    compared by cosine alone."""
     a, b = run_all(orig, inputs, batch), run_all(comp, inputs, batch)
     res = output_agreement(a, b)
+    if output == "embedding":
+        res.pop("top1_agreement")
+        return res
+    if a.ndim == 2:
+        res["logits_kl"] = _softmax_kl(a, b)
     if labels is not None:
         for tag, out in (("original", a), ("compressed", b)):
             acc = topk_accuracy(out, labels)
             res[f"top1_{tag}"], res[f"top5_{tag}"] = acc["top1"], acc["top5"]
         res["top1_drop"] = res["top1_original"] - res["top1_compressed"]
     return res
+
+
+def _softmax_kl(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean KL(softmax(a) || softmax(b)) over the rows of two (N, classes) logits."""
+    la = a - a.max(1, keepdims=True)
+    la = la - np.log(np.exp(la).sum(1, keepdims=True))
+    lb = b - b.max(1, keepdims=True)
+    lb = lb - np.log(np.exp(lb).sum(1, keepdims=True))
+    return float((np.exp(la) * (la - lb)).sum(1).mean())
 
 
 @dataclass(eq=False)
@@ -232,6 +265,8 @@ class Measurement(Record):
     references: list | None
     target: dict | None
     evaluation: dict | None
+    seq_len: int | None
+    output: str | None
 
 
 def measure(original: str | os.PathLike, compressed: str | os.PathLike,
@@ -239,7 +274,8 @@ def measure(original: str | os.PathLike, compressed: str | os.PathLike,
             inputs: np.ndarray | None = None, labels: np.ndarray | None = None,
             timing: TimingConfig | None = None, progress: bool = True,
             engine: str = "onnxruntime", graphs: tuple | None = None,
-            references: dict[str, str | os.PathLike] | None = None) -> Measurement:
+            references: dict[str, str | os.PathLike] | None = None, seq_len: int = SEQ_LEN,
+            output: str = "logits") -> Measurement:
     """Everything about two artifacts (and optional references) on one engine in one
     run: footprint (with peak RSS from child processes), throughput per batch size
     (interleaved, every artifact in every round), fidelity against the original.
@@ -249,8 +285,9 @@ def measure(original: str | os.PathLike, compressed: str | os.PathLike,
             onnxruntime, engine files for TensorRT).
         batches: the batch sizes to time.
         settings: the engine's settings (`OrtSettings`, `TrtSettings`; ``None``: defaults).
-        inputs, labels: inputs for fidelity (``None``: none measured), and their integer
-            labels for top-1/top-5 (``None``: agreement only).
+        inputs, labels: inputs for fidelity (``None``: none measured): an array of the
+            first input, or a list of feeds (input name → array; texts padded per batch);
+            and their integer labels for top-1/top-5 (``None``: agreement only).
         timing: the `TimingConfig` (``None``: defaults); progress: show progress bars.
         engine: a registered runner (`RUNNERS`).
         graphs: the ONNX files the artifacts were built from, for parameter counts and
@@ -258,6 +295,8 @@ def measure(original: str | os.PathLike, compressed: str | os.PathLike,
         references: more artifacts measured the same way beside them, by name (e.g.
             ``{"int8": "original.int8.onnx"}``, the obvious alternative to compression); a
             value may be an ``(artifact, graph)`` pair when the artifact is not ONNX.
+        seq_len: a text model's tokens per input for timing, FLOPs and peak memory.
+        output: ``"logits"``, or ``"embedding"`` (fidelity by cosine alone, `fidelity`).
 
     Returns:
         The `Measurement`.
@@ -279,20 +318,24 @@ def measure(original: str | os.PathLike, compressed: str | os.PathLike,
     try:
         if inputs is not None:  # wrong inputs fail before any work
             check_inputs(runners["original"], inputs)
-            if labels is not None and len(labels) != len(inputs):
-                raise MixrankError(f"{len(labels)} labels for {len(inputs)} inputs; give one label per input")
+            n = sum(len(next(iter(f.values()))) for f in inputs) if isinstance(inputs, list) else len(inputs)
+            if labels is not None and len(labels) != n:
+                raise MixrankError(f"{len(labels)} labels for {n} inputs; give one label per input")
+        if any(None in spec.shape[1:] for spec in runners["original"].inputs()):
+            res.seq_len = seq_len
+        res.output = output
         for tag, p, g in arts:
-            res.footprint[tag] = {**onnx_params(g), **peak_rss(p, 1, s, engine)}
-            res.flops[tag] = {str(b): matmul_flops(g, b) for b in batches}
+            res.footprint[tag] = {**onnx_params(g), **peak_rss(p, 1, s, engine, seq_len)}
+            res.flops[tag] = {str(b): matmul_flops(g, b, seq_len) for b in batches}
         res.runner = runners["compressed"].describe()
         for b in batches:
-            res.throughput.append(throughput(runners, b, timing, progress))
+            res.throughput.append(throughput(runners, b, timing, progress, seq_len))
         for t in res.throughput:
             t["ideal_speedup"] = res.flops["original"][str(t["batch"])] / res.flops["compressed"][str(t["batch"])]
         if inputs is not None:
-            res.fidelity = fidelity(runners["original"], runners["compressed"], inputs, labels)
-            res.reference_fidelity = {name: fidelity(runners["original"], runners[name], inputs, labels)
-                                      for name in refs}
+            res.fidelity = fidelity(runners["original"], runners["compressed"], inputs, labels, output=output)
+            res.reference_fidelity = {name: fidelity(runners["original"], runners[name], inputs, labels,
+                                                     output=output) for name in refs}
     finally:
         for r in runners.values():
             r.close()

@@ -63,12 +63,10 @@ def build_report(measurement: dict, factors_plan=None, rewrite: dict | None = No
         summary[f"latency_p99_ms_b{b}"] = t["sessions"]["compressed"]["p99_ms"]
     fid = measurement.get("fidelity")
     if fid:
-        summary["top1_agreement"] = fid["top1_agreement"]
-        summary["cosine_mean"] = fid["cosine_mean"]
-        if "top1_drop" in fid:
-            summary["top1_drop"] = fid["top1_drop"]
-            summary["top1_original"] = fid["top1_original"]
-            summary["top1_compressed"] = fid["top1_compressed"]
+        for k in ("top1_agreement", "cosine_mean", "cosine_p5", "logits_kl", "top1_drop", "top1_original",
+                  "top1_compressed"):
+            if k in fid:
+                summary[k] = fid[k]
     for name in measurement.get("references", []):  # the compressed model against each alternative
         r = fp[name]
         summary[f"{name}_file_bytes_ratio"] = r["file_bytes"] / o["file_bytes"]
@@ -77,9 +75,11 @@ def build_report(measurement: dict, factors_plan=None, rewrite: dict | None = No
         for t in measurement["throughput"]:
             p50 = {k: v["p50_ms"] for k, v in t["sessions"].items()}
             summary[f"speedup_vs_{name}_b{t['batch']}"] = p50[name] / p50["compressed"]
-        rf = measurement.get("reference_fidelity", {}).get(name)
+        rf = (measurement.get("reference_fidelity") or {}).get(name)
         if rf:
-            summary[f"{name}_top1_agreement"] = rf["top1_agreement"]
+            for k in ("top1_agreement", "cosine_mean", "cosine_p5"):
+                if k in rf:
+                    summary[f"{name}_{k}"] = rf[k]
             if "top1_compressed" in rf:
                 summary[f"{name}_top1"] = rf["top1_compressed"]
     rep = {"schema_version": REPORT_SCHEMA, "summary": summary, "measurement": measurement,
@@ -91,6 +91,9 @@ def build_report(measurement: dict, factors_plan=None, rewrite: dict | None = No
                          for n, i in factors_plan.layers.items()}
         rep["compression"] = {"method": factors_plan.method, "budget": factors_plan.budget,
                               "totals": factors_plan.totals}
+        like = factors_plan.source.get("like")
+        if like:
+            rep["compression"]["like"] = like
     if rewrite:
         rep["rewrite"] = rewrite
     return rep
@@ -130,40 +133,78 @@ def report_markdown(rep: dict) -> str:
         if all(key in fp[k] for k in cols):
             rows.append(row(label, [_fmt_bytes(fp[k][key]) for k in cols],
                             f"{c[key] / max(o[key], 1):.3f}x"))
+    text = m.get("seq_len") is not None
+    unit = "texts" if text else "images"
     for t in m["throughput"]:
         ss, sp = t["sessions"], t["speedup_spread"]
-        rows.append(row(f"batch {t['batch']} latency p50 / p99 (ms)",
+        at = f", {m['seq_len']} tokens" if text else ""
+        rows.append(row(f"batch {t['batch']}{at} latency p50 / p99 (ms)",
                         [f"{ss[k]['p50_ms']:.2f} / {ss[k]['p99_ms']:.2f}" for k in cols],
                         f"{t['speedup']:.2f}x faster (rounds {sp['min']:.2f}-{sp['max']:.2f}; "
                         f"FLOP ideal {t['ideal_speedup']:.2f}x)"
                         + "".join(f"; {ss[r]['p50_ms'] / ss['compressed']['p50_ms']:.2f}x vs {r}" for r in refs)))
-        rows.append(row(f"batch {t['batch']} images/s", [f"{ss[k]['images_per_s']:.1f}" for k in cols]))
+        rows.append(row(f"batch {t['batch']} {unit}/s", [f"{ss[k]['images_per_s']:.1f}" for k in cols]))
     fid = m.get("fidelity")
     if fid:
-        rf = m.get("reference_fidelity", {})
-        if "top1_original" in fid:
-            rows.append(row("top-1 accuracy", [f"{100 * fid['top1_original']:.2f} %",
-                                               f"{100 * fid['top1_compressed']:.2f} %",
-                                               *(f"{100 * rf[r]['top1_compressed']:.2f} %" for r in refs)],
-                            f"{-100 * fid['top1_drop']:+.2f} pt"))
-        rows.append(row("top-1 agreement / logits cosine",
-                        ["", f"{100 * fid['top1_agreement']:.2f} % / {fid['cosine_mean']:.5f}",
-                         *(f"{100 * rf[r]['top1_agreement']:.2f} % / {rf[r]['cosine_mean']:.5f}" for r in refs)],
-                        f"{fid['samples']} images"))
+        rows += _fidelity_rows(fid, m.get("reference_fidelity") or {}, refs, unit, row)
     head = ["", *cols, "change"]
     lines = ["# mixrank report", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     ev = m.get("evaluation")
     if ev:
-        lines += ["", f"Fidelity and accuracy on {ev['samples']} images: {ev['source']}"
-                  + ("" if ev.get("held_out", True) else " (the calibration images: NOT held out)") + "."
-                  + (f" {ev['note']}." if ev.get("note") else "")]
+        what = "Fidelity and accuracy" if fid and "top1_original" in fid else "Fidelity"
+        held = {True: "", False: f" (the calibration {unit}: NOT held out)",
+                None: " (held out or not: unknown here; mixrank bench does not see the calibration data)"}
+        line = f"{what} on {ev['samples']} {unit}: {ev['source']}{held[ev.get('held_out', True)]}."
+        if "truncated" in ev:  # texts: what was read, skipped and cut, always stated
+            first = f" (lines {', '.join(map(str, ev['skipped_lines'][:5]))}...)" if ev.get("skipped_lines") else ""
+            line += (f" Texts: {ev.get('read')} read, {ev.get('skipped')} skipped{first}, {ev['truncated']} cut to "
+                     f"{ev.get('max_length')} tokens.")
+            if ev.get("shared_with_calibration"):
+                line += f" {ev['shared_with_calibration']} of them are calibration texts too."
+        elif ev.get("note"):
+            line += f" {ev['note']}."
+        lines += ["", line]
+    like = (rep.get("compression") or {}).get("like")
+    if like:
+        lines += ["", like_line(like, fp)]
     if refs:
         lines += ["", "References: " + "; ".join(
             f"`{r}` = the original's MatMul weights quantized by onnxruntime's MatMulNBitsQuantizer "
             f"(block 32, asymmetric), what a user gets without mixrank" for r in refs) + "."]
     lines += ["", engine_line(m, rep)]
     return "\n".join(lines) + "\n"
+
+
+def _fidelity_rows(fid: dict, rf: dict, refs: list[str], unit: str, row) -> list[tuple]:
+    """The report's fidelity rows: accuracy and top-1 agreement of logits, or the
+    cosine of embeddings, for the compressed model and each reference."""
+    rows = []
+    if "top1_original" in fid:
+        rows.append(row("top-1 accuracy", [f"{100 * fid['top1_original']:.2f} %",
+                                           f"{100 * fid['top1_compressed']:.2f} %",
+                                           *(f"{100 * rf[r]['top1_compressed']:.2f} %" for r in refs)],
+                        f"{-100 * fid['top1_drop']:+.2f} pt"))
+    if "top1_agreement" in fid:
+        rows.append(row("top-1 agreement / logits cosine",
+                        ["", f"{100 * fid['top1_agreement']:.2f} % / {fid['cosine_mean']:.5f}",
+                         *(f"{100 * rf[r]['top1_agreement']:.2f} % / {rf[r]['cosine_mean']:.5f}" for r in refs)],
+                        f"{fid['samples']} {unit}"))
+    else:
+        rows.append(row("embedding cosine mean / p5",
+                        ["", f"{fid['cosine_mean']:.5f} / {fid['cosine_p5']:.5f}",
+                         *(f"{rf[r]['cosine_mean']:.5f} / {rf[r]['cosine_p5']:.5f}" for r in refs)],
+                        f"{fid['samples']} {unit}"))
+    return rows
+
+
+def like_line(like: dict, fp: dict) -> str:
+    """The ``--like`` budget: the sibling named, what it would have cost, what was built."""
+    unit = "float32 weight bytes" if like.get("unit") == "bytes" else "parameters"
+    return (f"Budget: the size of {like['name']}, {like['countable_params']:,} parameters "
+            f"({_fmt_bytes(like['fp32_bytes'])} at float32), by {unit}; that sibling would cost that much as "
+            f"trained. The compressed model: {fp['compressed']['params']:,} parameters, "
+            f"{_fmt_bytes(fp['compressed']['file_bytes'])} ONNX file.")
 
 
 def engine_line(m: dict, rep: dict) -> str:

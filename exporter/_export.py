@@ -20,12 +20,12 @@ from ._verify import Tolerance, compare_outputs, run_onnxruntime
 
 def export_onnx(
     model: nn.Module,
-    example: torch.Tensor,
+    example,
     path: str | os.PathLike,
     opset: int = 17,
     dynamic_batch: bool = True,
     fp16: bool = False,
-    check_inputs: torch.Tensor | None = None,
+    check_inputs=None,
     tolerance: Tolerance | None = None,
     input_name: str = "input",
     output_name: str = "output",
@@ -35,16 +35,21 @@ def export_onnx(
     onnxruntime with PyTorch on ``check_inputs`` (default ``example``).
 
     Args:
-        model: an image model taking one (B, C, H, W) tensor.
-        example: an example input (its shape fixes the non-batch dimensions).
+        model: an image model taking one (B, C, H, W) tensor, or a text model taking
+            named (B, T) integer tensors (``input_ids``, ``attention_mask``, ...).
+        example: an example input: a tensor (its shape fixes the non-batch dimensions),
+            or a dict of the named inputs in the order of the model's ``forward``
+            (optimum's convention: each with a dynamic ``batch`` and ``sequence`` axis).
         path: the .onnx file to write (atomically; external data when over 2 GB).
         opset: ONNX opset (>= 17).
-        dynamic_batch: make the batch dimension symbolic.
+        dynamic_batch: make the batch dimension symbolic (and, for named inputs, the
+            sequence dimension).
         fp16: export in float16 (for TensorRT 11's strongly typed networks): weights
-            and activations are float16, inputs and outputs too.
+            and activations are float16, float inputs and outputs too.
         check_inputs: inputs compared between PyTorch and onnxruntime (``None``: ``example``).
         tolerance: `Tolerance` of the comparison (defaults by precision).
-        input_name, output_name: the graph's input and output names (``input``, ``output``).
+        input_name, output_name: the graph's input name for a tensor ``example``
+            (``input``), and its output name (``output``; e.g. ``embedding`` or ``logits``).
         external_data: force (or forbid) external data; ``None`` decides by size.
 
     Returns:
@@ -62,25 +67,28 @@ def export_onnx(
     dtype = torch.float16 if fp16 else torch.float32
     device = next(model.parameters()).device
     export_model = model if not fp16 else _half_copy(model)
-    example = example.to(device, dtype)
+    example = _named(example, input_name, device, dtype)
+    names = list(example)
+    axes = {n: ({0: "batch", 1: "sequence"} if example[n].ndim == 2 and not example[n].is_floating_point()
+                else {0: "batch"}) for n in names}
     with tempfile.TemporaryDirectory(prefix="mixrank-export-") as tmpdir:
         tmp = Path(tmpdir) / "export.onnx"
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                export_model, (example,), str(tmp), dynamo=False, opset_version=opset,
-                input_names=[input_name], output_names=[output_name], do_constant_folding=True,
-                dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}}
-                if dynamic_batch else None,
+                export_model, tuple(example.values()), str(tmp), dynamo=False, opset_version=opset,
+                input_names=names, output_names=[output_name], do_constant_folding=True,
+                dynamic_axes={**axes, output_name: {0: "batch"}} if dynamic_batch else None,
             )
         proto = onnx.load(str(tmp))
     proto.producer_name = "mixrank"
     check_and_save(proto, path, external_data)
-    x = (check_inputs if check_inputs is not None else example).to(device, dtype)
+    x = _named(check_inputs if check_inputs is not None else example, input_name, device, dtype)
     with torch.no_grad():
-        ref = export_model(x).float().cpu().numpy()
+        ref = export_model(**x).float().cpu().numpy() if len(x) > 1 else \
+            export_model(*x.values()).float().cpu().numpy()
     try:
-        got = run_onnxruntime(path, {input_name: x.cpu().numpy()})[0]
+        got = run_onnxruntime(path, {n: t.cpu().numpy() for n, t in x.items()})[0]
     except Exception as e:
         path.unlink(missing_ok=True)
         raise MixrankError(f"onnxruntime cannot run the exported model: {e}") from None
@@ -92,6 +100,13 @@ def export_onnx(
     return report
 
 
+def _named(x, input_name: str, device, dtype) -> dict[str, torch.Tensor]:
+    """The example as named inputs: a tensor becomes ``{input_name: x}``; float tensors
+    take ``dtype``, integer ones (token ids, masks) stay integers."""
+    named = dict(x) if isinstance(x, dict) else {input_name: x}
+    return {n: t.to(device, dtype) if t.is_floating_point() else t.to(device) for n, t in named.items()}
+
+
 def _half_copy(model: nn.Module) -> nn.Module:
     import copy
 
@@ -101,11 +116,13 @@ def _half_copy(model: nn.Module) -> nn.Module:
 def verify_rewrite(onnx_path, model, factors, inputs, tolerance: Tolerance | None = None,
                    input_name: str | None = None) -> dict:
     """Run the rewritten ONNX model ``onnx_path`` on onnxruntime and compare it with the
-    factored PyTorch model (``apply_factors(model, factors)``) on real ``inputs``.
+    factored PyTorch model (``apply_factors(model, factors)``) on real ``inputs``: a
+    tensor of the first input, or a dict of named inputs (a text model's ``input_ids``,
+    ``attention_mask``, ...).
 
     Args:
         tolerance: the `Tolerance` (``None``: fp32's, or fp16's for an fp16 graph).
-        input_name: the graph input fed (``None``: its first).
+        input_name: the graph input a tensor is fed to (``None``: its first).
 
     Returns:
         `compare_outputs`' report.
@@ -116,14 +133,20 @@ def verify_rewrite(onnx_path, model, factors, inputs, tolerance: Tolerance | Non
     """
     ort = import_onnxruntime()
     small = apply_factors(model, factors).eval()
-    x = inputs if isinstance(inputs, torch.Tensor) else torch.as_tensor(inputs)
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     inp = sess.get_inputs()[0]
-    feed_dtype = np.float16 if "float16" in inp.type else np.float32
+    fp16 = "float16" in inp.type or "float16" in sess.get_outputs()[0].type
+    wdtype = next(small.parameters()).dtype
     with torch.no_grad():
-        ref = small(x.to(next(small.parameters()).dtype)).float().cpu().numpy()
-    got = sess.run(None, {input_name or inp.name: x.cpu().numpy().astype(feed_dtype)})[0]
-    tol = tolerance or (Tolerance.fp16() if feed_dtype == np.float16 else Tolerance.fp32())
+        if isinstance(inputs, dict):
+            ref = small(**inputs).float().cpu().numpy()
+            feeds = {n: t.cpu().numpy() for n, t in inputs.items()}
+        else:
+            x = inputs if isinstance(inputs, torch.Tensor) else torch.as_tensor(inputs)
+            ref = small(x.to(wdtype)).float().cpu().numpy()
+            feeds = {input_name or inp.name: x.cpu().numpy().astype(np.float16 if fp16 else np.float32)}
+    got = sess.run(None, feeds)[0]
+    tol = tolerance or (Tolerance.fp16() if fp16 else Tolerance.fp32())
     name = sess.get_outputs()[0].name
     report = compare_outputs({name: ref}, {name: np.asarray(got, np.float32)}, tol)
     if not report["ok"]:

@@ -43,15 +43,16 @@ def topk_accuracy(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 
 
 def output_agreement(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
-    """Per-sample comparison of two (N, ...) outputs, ``got`` against ``ref``: max abs/rel error, mean and min
-    cosine, and top-1 agreement (argmax over the flattened sample)."""
+    """Per-sample comparison of two (N, ...) outputs, ``got`` against ``ref``: max abs/rel error, the mean, 5th
+    percentile and least cosine, and top-1 agreement (argmax over the flattened sample)."""
     a = np.asarray(ref, np.float64).reshape(len(ref), -1)
     b = np.asarray(got, np.float64).reshape(len(got), -1)
     diff = np.abs(a - b)
     cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-300)
     return {"samples": int(len(a)), "max_abs": float(diff.max()),
             "max_rel": float(diff.max() / max(np.abs(a).max(), 1e-12)),
-            "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
+            "cosine_mean": float(cos.mean()), "cosine_p5": float(np.percentile(cos, 5)),
+            "cosine_min": float(cos.min()),
             "top1_agreement": float((a.argmax(1) == b.argmax(1)).mean())}
 
 

@@ -23,8 +23,11 @@ from mixrank.core import atomic_write_text, check_writable_path, output_folder, 
 from mixrank.engines import TimingConfig, build_report, check_report, junit_xml, load_limits, measure, write_report
 from mixrank.exporter import export_onnx, quantize_reference, rewrite_onnx, verify_rewrite
 
-from ._sources import ModelSource
+from ._sources import ModelSource, check_texts, held_out_texts
 from ._target import Target
+from ._texts import MAX_LENGTH
+
+SEQ_LEN = 128  # engines.runners.SEQ_LEN, the tokens per input a text model is timed at (not imported: lazy)
 
 
 def _key(*parts) -> str:
@@ -96,6 +99,12 @@ class RunOptions:
             write the check as JUnit XML.
         progress: progress bars and stage lines.
         target: where artifacts are built, timed and gated (`Target`).
+        texts, eval_texts, max_length: a text model's calibration and evaluation texts
+            (``None``: the shipped ones) and tokens per text; calib_images is then the
+            number of calibration texts.
+        seq_len: the tokens per input a text model is timed at.
+        like: the sibling whose size is the budget (`CompressArgs.like`'s record), for
+            the plan and the report.
     """
 
     model: str | None = None
@@ -114,6 +123,11 @@ class RunOptions:
     force: bool = False
     progress: bool = True
     target: Target = Target()
+    texts: str | None = None
+    eval_texts: str | None = None
+    max_length: int = MAX_LENGTH
+    seq_len: int = SEQ_LEN
+    like: dict | None = None
 
 
 def run_pipeline(options: RunOptions, cfg: CompressConfig, log: Callable[[str], None]) -> dict:
@@ -143,17 +157,20 @@ class _Run:
         o = self.o
         limits = load_limits(o.limits) if o.limits else None  # a bad limits file fails first
         torch.manual_seed(self.cfg.seed)
-        src = ModelSource(o.model, o.pretrained, o.checkpoint, o.progress, o.max_image_pixels, warn)
+        check_texts(o.texts, o.eval_texts)  # a bad text file fails before the model loads
+        src = ModelSource(o.model, o.pretrained, o.checkpoint, o.progress, o.max_image_pixels, warn,
+                          max_length=o.max_length)
+        self.src, self.cfg = src, src.configure(self.cfg)
         self.model, self.mfp = src.model, model_fingerprint(src.model)
-        self.calib = src.calibration(o.images, o.calib_images, self.cfg.seed)
-        self.ev = src.evaluation(o.eval_images, o.eval_csv, fallback=self.calib)
-        self.source = {"model": src.label, "calibration": self.calib.source,
-                       "calibration_images": self.calib.record}
+        self.calib = src.calibration(o.images, o.calib_images, self.cfg.seed, texts=o.texts)
+        self.ev = held_out_texts(src.evaluation(o.eval_images, o.eval_csv, fallback=self.calib, texts=o.eval_texts),
+                                 self.calib, warn)
+        self.source = src.source(self.calib, o.like)
         factors = self.compress()
         self.export()
         k_rw = self.rewrite(factors)
         graphs = self.reference_graphs()
-        settings = self.target.settings(o.batch_sizes)
+        settings = self.target.settings(o.batch_sizes, o.seq_len, o.max_length)
         built = {tag: self.target.artifact(tag) for tag in graphs}
         k_build = self.build(graphs, built, settings, k_rw)
         rep = self.bench(graphs, built, settings, factors, k_build)
@@ -170,12 +187,15 @@ class _Run:
         return load_factors(self.out / "model.mixrank.safetensors")
 
     def export(self) -> None:
-        x = self.ev.x
+        ev, src = self.ev, self.src
 
         def do():
-            export_onnx(self.model, x[:2], self.out / "original.onnx", check_inputs=x[:16])
+            export_onnx(self.model, ev.head(2), self.out / "original.onnx", check_inputs=ev.head(16),
+                        input_name=src.input_names[0], output_name=src.output_name)
 
-        self.man.stage("export", _key(self.mfp, list(x.shape[1:]), 17), ["original.onnx"], do, self.log)
+        shape = [] if src.kind == "text" else list(ev.x.shape[1:])
+        key = _key(self.mfp, shape, 17, src.input_names, src.output_name)
+        self.man.stage("export", key, ["original.onnx"], do, self.log)
 
         def do_reference():  # what a user gets without mixrank: onnxruntime's int8 weight-only quantizer
             quantize_reference(self.out / "original.onnx", self.out / "original.int8.onnx", bits=8, block=32)
@@ -190,7 +210,7 @@ class _Run:
         def do():
             rep = rewrite_onnx(out / "original.onnx", factors, out / comp_onnx, target=self.target.rewrite_target)
             atomic_write_text(out / "rewrite.json", json.dumps(rep.to_dict(), indent=1))
-            v = verify_rewrite(out / comp_onnx, self.model, factors, self.ev.x[:64])
+            v = verify_rewrite(out / comp_onnx, self.model, factors, self.ev.head(64))
             return {"verify": v["outputs"]}
 
         key = _key(sha256_file(out / "original.onnx"), sha256_file(out / "model.mixrank.safetensors"),
@@ -209,7 +229,8 @@ class _Run:
 
     def build(self, graphs: dict, built: dict, settings, k_rw: str) -> str:
         def do():
-            calib_x = [b.numpy() for b in self.calib.batches] if self.target.engine == "tensorrt" else None
+            calib_x = [b.numpy() for b in self.calib.batches] \
+                if self.target.engine == "tensorrt" and self.src.kind == "image" else None
             for tag, onnx_file in graphs.items():
                 self.target.build(self.out / onnx_file, self.out / built[tag], settings, calib_x)
 
@@ -221,24 +242,28 @@ class _Run:
     def bench(self, graphs: dict, built: dict, settings, factors, k_build: str) -> dict:
         out, ev, o = self.out, self.ev, self.o
 
+        src = self.src
+
         def do():
             refs = ({"int8": (out / built["original.int8"], out / graphs["original.int8"])}
                     if "original.int8" in built else None)
+            inputs = ev.feeds(src.input_names) if src.kind == "text" else ev.x.numpy()
             res = measure(out / built["original"], out / built["compressed"], o.batch_sizes, settings,
-                          ev.x.numpy(), None if ev.labels is None else ev.labels.numpy(),
+                          inputs, None if ev.labels is None else ev.labels.numpy(),
                           TimingConfig(max_seconds=o.seconds), progress=o.progress, engine=self.target.engine,
-                          graphs=(out / graphs["original"], out / graphs["compressed"]), references=refs)
+                          graphs=(out / graphs["original"], out / graphs["compressed"]), references=refs,
+                          seq_len=o.seq_len, output="embedding" if src.output_name == "embedding" else "logits")
             res.target = self.target.describe()
             for tag, name in (("original", "original"), ("compressed", "compressed"), ("int8", "original.int8")):
                 if name in built:
                     res.footprint[tag]["engine_bytes"] = (out / built[name]).stat().st_size
-            res.evaluation = {"source": ev.source, "held_out": ev.held_out, "samples": len(ev.x), **ev.record,
+            res.evaluation = {"source": ev.source, "held_out": ev.held_out, "samples": ev.count, **ev.record,
                               "note": ev.note}
             rep = build_report(res, factors.plan, json.loads((out / "rewrite.json").read_text()))
             rep["summary"]["engine_bytes"] = res.footprint["compressed"]["engine_bytes"]
             write_report(rep, out)
 
-        key = _key(k_build, o.batch_sizes, o.seconds, self.calib.key, ev.key)
+        key = _key(k_build, o.batch_sizes, o.seconds, self.calib.key, ev.key, o.seq_len)
         self.man.stage("bench", key, ["report.json", "report.md"], do, self.log)
         return json.loads((out / "report.json").read_text())
 
@@ -253,6 +278,8 @@ class _Run:
                    "budget": {"keep": budget.keep, "params": budget.params, "bytes": budget.bytes,
                               "precision": budget.precision, "precisions": used},
                    **rep["summary"], "footprint": m["footprint"], "evaluation": m.get("evaluation", {}),
+                   "calibration": {"source": self.calib.source, **self.calib.record}, "kind": self.src.kind,
+                   "output": self.src.output_name, "seq_len": m.get("seq_len"), "like": self.o.like,
                    "notes": [n for n in (self.calib.note, self.ev.note) if n],
                    "throughput": [{k: v for k, v in t.items() if k != "sessions"} |
                                   {"p50_ms": {n: s["p50_ms"] for n, s in t["sessions"].items()}}

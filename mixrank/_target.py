@@ -92,12 +92,15 @@ class Target:
             return f"{tag}.{self.precision}.engine"
         return f"{tag}.ort.onnx" if self.provider == "cpu" else f"{tag}.ort-{self.provider}.onnx"
 
-    def settings(self, batch_sizes: tuple[int, ...]):
+    def settings(self, batch_sizes: tuple[int, ...], seq_len: int = 128, max_length: int = 128):
+        """The engine's settings for these batch sizes (and a text model's timed sequence
+        length, and its longest evaluation text: TensorRT's profile covers both)."""
         if self.engine == "tensorrt":
             from mixrank.engines import TrtSettings
 
             top = max(batch_sizes)
-            return TrtSettings(precision=self.precision, min_batch=1, opt_batch=top, max_batch=top)
+            return TrtSettings(precision=self.precision, min_batch=1, opt_batch=top, max_batch=top,
+                               opt_seq=seq_len, max_seq=max(seq_len, max_length))
         from mixrank.engines import OrtSettings
 
         return OrtSettings(provider=self.provider, threads=self.threads, trt_fp16=self.precision == "fp16")

@@ -94,3 +94,18 @@ def mlp(dims, seed):
     for a, b in zip(dims, dims[1:], strict=False):
         layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
     return torch.nn.Sequential(*layers[:-1]).eval()
+
+
+def rename_initializers(src, dst, prefix: str = "renamed_") -> None:
+    """Write the ONNX file ``src`` to ``dst`` with every initializer renamed ``prefix<i>``,
+    as another exporter would name them (optimum's ``onnx::MatMul_1234``): only a weight's
+    fingerprint can match it then."""
+    import onnx
+
+    proto = onnx.load(str(src))
+    renames = {t.name: f"{prefix}{i}" for i, t in enumerate(proto.graph.initializer)}
+    for t in proto.graph.initializer:
+        t.name = renames[t.name]
+    for n in proto.graph.node:
+        n.input[:] = [renames.get(i, i) for i in n.input]
+    onnx.save(proto, str(dst))

@@ -118,6 +118,28 @@ def _fixtures(d: Path) -> None:
     np.save(d / "inputs_bad.npy", np.zeros((4, 5), np.float32))
     np.save(d / "inputs_ok.npy", np.zeros((4, 16), np.float32))
     np.save(d / "labels_bad.npy", np.zeros(7, np.int64))
+    _text_fixtures(d)
+
+
+def _text_fixtures(d: Path) -> None:
+    """Hugging Face folders (a small random BERT, a larger one, broken folders) and
+    hostile text files."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from hf_folders import bert_folder
+
+    bert_folder(d / "bert")
+    bert_folder(d / "bert_big", hidden=64)
+    (d / "noconfig").mkdir()
+    (d / "noconfig" / "model.safetensors").write_bytes(b"")
+    (d / "noweights").mkdir()
+    (d / "noweights" / "config.json").write_text('{"model_type": "bert"}')
+    (d / "empty.txt").write_text("")
+    (d / "ok_texts.txt").write_text("A sentence to calibrate on.\nAnother one.\n")
+    (d / "blank.txt").write_text("\n  \n\t\n")
+    (d / "binary.bin").write_bytes(bytes(range(256)) * 64)
+    (d / "huge_line.txt").write_text("word " * 220_000)  # one 1.1 MB line
+    (d / "notext.jsonl").write_text('{"sentence": "a"}\n{"label": 1}\n')
+    (d / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
     (d / "notnpy.npy").write_text("nope")
     np.save(d / "pickled.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
 
@@ -260,6 +282,50 @@ CASES = [
     Case("export opset 99", ["export", "--opset", "99", "-o", "e.onnx"], "--opset 99 is not supported", ["e.onnx"]),
     Case("export opset 9", ["export", "--opset", "9", "-o", "e.onnx"], "--opset 9 is not supported", ["e.onnx"]),
     Case("export onto a fifo", ["export", "-o", "fifo"], "not a regular file"),
+    # Hugging Face folders and texts (a small random BERT in folder bert/)
+    Case("run texts empty file", ["run", "--model", "bert", "--texts", "empty.txt", "--out", "r"],
+         "holds no usable text", ["r"]),
+    Case("run texts blank lines", ["run", "--model", "bert", "--texts", "blank.txt", "--out", "r"],
+         "holds no usable text (3 line(s) read, 3 skipped; first: line 1: empty)", ["r"]),
+    Case("run texts binary", ["run", "--model", "bert", "--texts", "binary.bin", "--out", "r"],
+         "is not a text file", ["r"]),
+    Case("run texts one 1 MB line", ["run", "--model", "bert", "--texts", "huge_line.txt", "--out", "r"],
+         "longer than 100,000 bytes", ["r"]),
+    Case("run texts jsonl without text", ["run", "--model", "bert", "--texts", "notext.jsonl", "--out", "r"],
+         "no 'text' string", ["r"]),
+    Case("run texts latin-1", ["run", "--model", "bert", "--texts", "latin1.txt", "--out", "r"], "not UTF-8", ["r"]),
+    Case("run texts missing", ["run", "--model", "bert", "--texts", "nope.txt", "--out", "r"], "does not exist",
+         ["r"]),
+    Case("run eval texts binary", ["run", "--model", "bert", "--eval-texts", "binary.bin", "--out", "r"],
+         "is not a text file", ["r"]),
+    Case("compress texts binary", ["compress", "--model", "bert", "--texts", "binary.bin", "-o", "c.safetensors"],
+         "is not a text file", ["c.safetensors"]),
+    Case("export texts jsonl without text", ["export", "--model", "bert", "--texts", "notext.jsonl", "-o", "e.onnx"],
+         "no 'text' string", ["e.onnx"]),
+    Case("run images for a text model", ["run", "--model", "bert", "--images", "imgs", "--out", "r"],
+         "is a text model", ["r"]),
+    Case("run texts for an image model", ["run", "--texts", "ok_texts.txt", "--out", "r"], "is for a text model",
+         ["r"]),
+    Case("run max length 1", ["run", "--model", "bert", "--max-length", "1", "--out", "r"], "at least 2 tokens",
+         ["r"]),
+    Case("run max length beyond positions", ["run", "--model", "bert", "--max-length", "100000", "--out", "r"],
+         "beyond the model's 256 positions", ["r"]),
+    Case("run seq len 0", ["run", "--model", "bert", "--seq-len", "0", "--out", "r"], "--seq-len must be", ["r"]),
+    Case("run folder without config", ["run", "--model", "noconfig", "--out", "r"], "config.json is missing", ["r"]),
+    Case("run folder without weights", ["run", "--model", "noweights", "--out", "r"], "no safetensors weights",
+         ["r"]),
+    Case("run hf path missing", ["run", "--model", "hf:nowhere", "--out", "r"], "is not a folder", ["r"]),
+    Case("compress like a larger sibling", ["compress", "--model", "bert", "--like", "bert_big", "-o",
+                                            "c.safetensors"], "not fewer than the model's", ["c.safetensors"]),
+    Case("compress like an unknown model", ["compress", "--model", "bert_big", "--like", "vit_tiny_patch16_22",
+                                            "-o", "c.safetensors"], "unknown timm model", ["c.safetensors"]),
+    Case("compress like with keep", ["compress", "--model", "bert_big", "--like", "bert", "--keep", "0.5", "-o",
+                                     "c.safetensors"], "--like sets the budget", ["c.safetensors"]),
+    Case("compress bytes without a value", ["compress", "--bytes", "-o", "c.safetensors"],
+         "--bytes needs a value", ["c.safetensors"]),
+    Case("bench eval texts without a model", ["bench", "m.onnx", "m.onnx", "--eval-texts", "empty.txt", "--out",
+                                              "b"], "needs --model", ["b"]),
+    Case("eval a text model", ["eval", "--model", "bert"], "scores top-1 on labelled images"),
 ]
 
 

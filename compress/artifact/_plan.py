@@ -103,7 +103,7 @@ class BudgetInfo(Record):
     _zeros: ClassVar[dict[str, Any]] = {"precision": "fp32", "unit": "params"}
 
     keep: float | None
-    params: int | None
+    params: int | str | None
     bytes: int | str | None
     dtype: str
     precision: str

@@ -32,5 +32,5 @@ from ._images import (
     list_images,
     model_transform,
 )
-from ._select import DEFAULT_EXCLUDE, block_sequence, linear_layers, select_layers
+from ._select import DEFAULT_EXCLUDE, block_sequence, countable_params, linear_layers, select_layers
 from ._stats import Calibration, GramView, LayerStats, collect_stats, gram_bytes, spill_plan

@@ -19,6 +19,14 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
+def countable_params(model: nn.Module) -> int:
+    """The parameters a budget fraction (``"0.12x"``) is of: every parameter but those of
+    lookup tables (``nn.Embedding``), which are gathered, not multiplied, and which no
+    method compresses (a text model's token embeddings are half of MiniLM)."""
+    lookup = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    return sum(p.numel() for p in model.parameters() if id(p) not in lookup)
+
+
 def _block_containers(model: nn.Module) -> list[str]:
     """Qualified names of repeated-block containers (ModuleList/Sequential of >= 2
     children that hold Linear layers), e.g. timm's ``blocks`` or Swin's ``layers``."""

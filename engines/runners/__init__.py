@@ -5,7 +5,7 @@ docs/design.md, "Adding an engine"."""
 
 from mixrank.core import lazy_exports
 
-from ._base import RUNNERS, Runner, TensorSpec, check_inputs, make_runner, random_feeds, run_all
+from ._base import RUNNERS, SEQ_LEN, Runner, TensorSpec, check_inputs, make_runner, random_feeds, run_all
 from ._ort import PROVIDERS, OrtRunner, OrtSettings, available_providers, build_ort, ort_session
 
 RUNNERS.add_lazy("tensorrt", "._tensorrt:TrtRunner", __name__)

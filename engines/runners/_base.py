@@ -13,6 +13,8 @@ import numpy as np
 
 from mixrank.core import MixrankError, Registry
 
+SEQ_LEN = 128  # the sequence length a text model is timed at, unless told (--seq-len)
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -22,23 +24,35 @@ class TensorSpec:
     shape: tuple[int | None, ...]
     dtype: type
 
-    def at_batch(self, batch: int, strict: bool = True) -> tuple[int, ...]:
-        """The concrete shape at ``batch`` (only the first dimension may be dynamic; a
-        fixed batch is kept when not ``strict``).
+    def at_batch(self, batch: int, strict: bool = True, seq_len: int | None = None) -> tuple[int, ...]:
+        """The concrete shape at ``batch``: the first dimension is the batch; any other
+        dynamic dimension (a text model's sequence) takes ``seq_len``. A fixed batch is
+        kept when not ``strict``.
 
         Raises:
-            MixrankError: a fixed batch other than ``batch`` (``strict``), or another
-                dynamic dimension.
+            MixrankError: a fixed batch other than ``batch`` (``strict``), or a dynamic
+                dimension beyond the batch without a ``seq_len``.
         """
         if batch < 1:
             raise MixrankError(f"batch size must be >= 1, got {batch}")
-        if any(d is None for d in self.shape[1:]):
-            raise MixrankError(f"input {self.name} has dynamic dimensions {list(self.shape)} beyond the batch")
+        rest = list(self.shape[1:])
+        if any(d is None for d in rest):
+            if seq_len is None:
+                raise MixrankError(f"input {self.name} has dynamic dimensions {list(self.shape)} beyond the batch; "
+                                   "give a sequence length")
+            if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+                raise MixrankError(f"the sequence length must be a positive integer, got {seq_len!r}")
+            rest = [seq_len if d is None else d for d in rest]
         if self.shape and self.shape[0] is not None and not strict:
-            return tuple(self.shape)
+            return (self.shape[0], *rest)
         if self.shape and self.shape[0] is not None and self.shape[0] != batch:
             raise MixrankError(f"{self.name} has a fixed batch of {self.shape[0]}; cannot run batch {batch}")
-        return (batch, *self.shape[1:])
+        return (batch, *rest)
+
+    @property
+    def integer(self) -> bool:
+        """An integer input (token ids, masks), not a float tensor."""
+        return np.issubdtype(np.dtype(self.dtype), np.integer)
 
 
 class Runner:
@@ -117,34 +131,80 @@ def make_runner(engine: str, path: str | os.PathLike, settings=None) -> Runner:
     return cls(path, settings).load()
 
 
-def random_feeds(runner: Runner, batch: int, seed: int = 0, strict: bool = True) -> dict[str, np.ndarray]:
-    """Standard-normal inputs (generator seeded with ``seed``) of every input of
-    ``runner`` at ``batch`` (at the engine's own fixed batch, if it has one, when not
-    ``strict``)."""
+def random_feeds(runner: Runner, batch: int, seed: int = 0, strict: bool = True,
+                 seq_len: int | None = SEQ_LEN) -> dict[str, np.ndarray]:
+    """Random inputs (generator seeded with ``seed``) of every input of ``runner`` at
+    ``batch`` (at the engine's own fixed batch, if it has one, when not ``strict``), any
+    dynamic sequence dimension at ``seq_len``: standard-normal float inputs; for integer
+    inputs, all-ones masks (a name with ``mask``), zero token types (``type``), and token
+    ids below 100 (inside every vocabulary; the values do not change the timing)."""
     rng = np.random.default_rng(seed)
-    return {s.name: rng.standard_normal(s.at_batch(batch, strict)).astype(s.dtype) for s in runner.inputs()}
+    out = {}
+    for s in runner.inputs():
+        shape = s.at_batch(batch, strict, seq_len)
+        if not s.integer:
+            out[s.name] = rng.standard_normal(shape).astype(s.dtype)
+        elif "mask" in s.name:
+            out[s.name] = np.ones(shape, s.dtype)
+        elif "type" in s.name:
+            out[s.name] = np.zeros(shape, s.dtype)
+        else:
+            out[s.name] = rng.integers(0, 100, shape).astype(s.dtype)
+    return out
 
 
-def check_inputs(runner: Runner, x: np.ndarray) -> None:
-    """Refuse inputs ``x`` whose shape or type the first input of ``runner`` does not take.
+def check_inputs(runner: Runner, x) -> None:
+    """Refuse inputs ``x`` the engine does not take: an array (the first input of
+    ``runner``) of the wrong shape or type, or feeds (a dict, or a list of dicts: input
+    name → array) that miss an input, name one it does not have, or have the wrong rank
+    or kind of number.
 
     Raises:
-        MixrankError: names the shape or type and what the engine takes.
+        MixrankError: names the input, and the shape or type the engine takes.
     """
-    spec = runner.inputs()[0]
-    x = np.asarray(x)
+    specs = runner.inputs()
+    if isinstance(x, (dict, list)):
+        feeds = [x] if isinstance(x, dict) else x
+        if not feeds or not all(isinstance(f, dict) for f in feeds):
+            raise MixrankError("give the inputs as an array or as non-empty feeds (input name -> array)")
+        names = {s.name for s in specs}
+        for f in feeds:
+            missing, extra = names - set(f), set(f) - names
+            if missing or extra:
+                raise MixrankError(f"{runner.path.name} takes the inputs {sorted(names)}; the feeds "
+                                   + (f"miss {sorted(missing)}" if missing else f"also name {sorted(extra)}"))
+            for s in specs:
+                _check_one(runner, s, np.asarray(f[s.name]))
+        return
+    _check_one(runner, specs[0], np.asarray(x))
+
+
+def _check_one(runner: Runner, spec: TensorSpec, x: np.ndarray) -> None:
     want = tuple(spec.shape[1:])
     if x.ndim != len(spec.shape) or any(w is not None and w != g for w, g in zip(want, x.shape[1:], strict=False)):
         shown = ["batch", *("?" if d is None else d for d in want)]
-        raise MixrankError(f"the inputs have shape {list(x.shape)}, but {runner.path.name} takes {shown}")
+        raise MixrankError(f"the inputs {spec.name} have shape {list(x.shape)}, but {runner.path.name} takes {shown}")
     if not np.issubdtype(x.dtype, np.number):
-        raise MixrankError(f"the inputs are {x.dtype}, not numbers")
+        raise MixrankError(f"the inputs {spec.name} are {x.dtype}, not numbers")
+    if spec.integer and not np.issubdtype(x.dtype, np.integer):
+        raise MixrankError(f"the inputs {spec.name} are {x.dtype}; {runner.path.name} takes integers (token ids)")
 
 
-def run_all(runner: Runner, x: np.ndarray, batch: int) -> np.ndarray:
+def run_all(runner: Runner, x, batch: int) -> np.ndarray:
     """The first output of ``runner`` on every row of ``x``, in chunks of ``batch`` (a
-    fixed-batch engine gets its own batch, the last chunk padded and cut)."""
+    fixed-batch engine gets its own batch, the last chunk padded and cut). ``x``: an
+    array for the first input, or a list of feeds (input name → array, each a batch of
+    its own, e.g. texts padded per batch), each run in chunks of ``batch`` too."""
     check_inputs(runner, x)
+    if isinstance(x, (dict, list)):
+        feeds = [x] if isinstance(x, dict) else x
+        dtypes = {s.name: s.dtype for s in runner.inputs()}
+        outs = []
+        for f in feeds:
+            n = len(next(iter(f.values())))
+            for i in range(0, n, batch):
+                outs.append(runner.infer({k: np.asarray(v[i:i + batch]).astype(dtypes[k]) for k, v in f.items()})[0])
+        return np.concatenate(outs).astype(np.float32)
     spec = runner.inputs()[0]
     x = np.asarray(x)
     fixed = spec.shape[0] if spec.shape and spec.shape[0] is not None else None

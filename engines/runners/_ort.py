@@ -65,6 +65,21 @@ class OrtSettings:
         return asdict(self)
 
 
+ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+             "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+
+
+def _numpy_type(ort_type: str) -> type:
+    """The numpy type of an onnxruntime input type such as ``tensor(int64)``.
+
+    Raises:
+        MixrankError: a type mixrank does not feed.
+    """
+    if ort_type not in ORT_TYPES:
+        raise MixrankError(f"an input of type {ort_type} is not supported; mixrank feeds {', '.join(ORT_TYPES)}")
+    return ORT_TYPES[ort_type]
+
+
 def available_providers() -> list[str]:
     """The execution providers of the installed onnxruntime build."""
     ort = import_onnxruntime()
@@ -127,8 +142,7 @@ class OrtRunner(Runner):
         return self
 
     def inputs(self) -> list[TensorSpec]:
-        return [TensorSpec(i.name, tuple(d if isinstance(d, int) else None for d in i.shape),
-                           np.float16 if "float16" in i.type else np.float32)
+        return [TensorSpec(i.name, tuple(d if isinstance(d, int) else None for d in i.shape), _numpy_type(i.type))
                 for i in self.session.get_inputs()]
 
     def infer(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

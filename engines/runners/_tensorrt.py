@@ -54,12 +54,16 @@ class TrtSettings:
     opt_batch: int = 8
     max_batch: int = 32
     timing_cache: str | None = None
+    opt_seq: int = 128  # a text model's dynamic sequence axis: optimised for opt_seq, 1 to max_seq tokens
+    max_seq: int = 512
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise MixrankError(f"unknown precision {self.precision!r}; choose one of {PRECISIONS}")
         if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
             raise MixrankError("batch sizes must satisfy 1 <= min_batch <= opt_batch <= max_batch")
+        if not 1 <= self.opt_seq <= self.max_seq:
+            raise MixrankError("sequence lengths must satisfy 1 <= opt_seq <= max_seq")
 
     def to_dict(self) -> dict:
         """The settings as a dict (the report's, and the peak-memory probe's arguments)."""
@@ -148,10 +152,10 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike,
     for i in range(network.num_inputs):
         t = network.get_input(i)
         dims = list(t.shape)
-        if dims and dims[0] == -1:
-            rest = dims[1:]
-            profile.set_shape(t.name, [s.min_batch, *rest], [s.opt_batch, *rest],
-                              [s.max_batch, *rest])
+        if dims and -1 in dims:  # the batch first; any other dynamic axis is a text model's sequence
+            lo, opt, hi = ([b if j == 0 else (q if d == -1 else d) for j, d in enumerate(dims)]
+                           for b, q in ((s.min_batch, 1), (s.opt_batch, s.opt_seq), (s.max_batch, s.max_seq)))
+            profile.set_shape(t.name, lo, opt, hi)
     config.add_optimization_profile(profile)
     cache_path = Path(s.timing_cache) if s.timing_cache else engine_path.with_suffix(".timing.cache")
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")

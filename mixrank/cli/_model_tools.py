@@ -18,18 +18,20 @@ class Compress(Tool):
     def run(self, args):
         from mixrank.compress import compress_model, distributed, save_factors
 
-        from .._sources import ModelSource
+        from .._sources import ModelSource, check_texts
 
-        cfg = CompressArgs.config(args)
+        like = CompressArgs.like(args)
+        cfg = CompressArgs.config(args, like=like)
         output(args.output, args.checkpoint, overwrite=args.overwrite)  # before the work, not after it
+        check_texts(args.texts)  # a bad text file fails before the model loads
         ranks = distributed.init_from_env(cfg.device)  # under torchrun: data parallel (docs/design.md)
         writer = distributed.is_writer()
         src = ModelSource(args.model, args.pretrained, args.checkpoint, not args.quiet, args.max_image_pixels,
-                          warn if writer else None)
-        calib = src.calibration(args.images, args.calib_images, cfg.seed)
+                          warn if writer else None, max_length=args.max_length)
+        cfg = src.configure(cfg)
+        calib = src.calibration(args.images, args.calib_images, cfg.seed, texts=args.texts)
         f = compress_model(src.model, calib.batches, cfg, progress=not args.quiet and writer,
-                           source={"model": src.label, "calibration": calib.source,
-                                   "calibration_images": calib.record})
+                           source=src.source(calib, like and like[2]))
         out = {"summary": f.summary(), "totals": f.plan.totals, "ranks": distributed.world(),
                "seconds": round(f.timings.get("total_s", 0.0), 2)}
         if writer:
@@ -53,14 +55,18 @@ class Export(Tool):
     def run(self, args):
         from mixrank.exporter import export_onnx
 
-        from .._sources import ModelSource
+        from .._sources import ModelSource, check_texts
 
         _opset_ok(args.opset)
         output(args.output, args.checkpoint, overwrite=args.overwrite)
-        src = ModelSource(args.model, args.pretrained, args.checkpoint, not args.quiet)
-        rep = export_onnx(src.model, src.example(), args.output, opset=args.opset, fp16=args.fp16,
-                          dynamic_batch=not args.static_batch)
-        return {"onnx": args.output, "verify": rep["outputs"]}
+        check_texts(args.texts)
+        src = ModelSource(args.model, args.pretrained, args.checkpoint, not args.quiet, max_length=args.max_length)
+        example = src.example(args.texts)
+        rep = export_onnx(src.model, example, args.output, opset=args.opset, fp16=args.fp16,
+                          dynamic_batch=not args.static_batch, input_name=src.input_names[0],
+                          output_name=src.output_name)
+        return {"onnx": args.output, "inputs": list(src.input_names), "output": src.output_name,
+                "verify": rep["outputs"]}
 
 
 def _opset_ok(opset: int) -> None:
@@ -91,6 +97,9 @@ class Eval(Tool):
         from .._sources import ModelSource
 
         src = ModelSource(args.model, args.pretrained, args.checkpoint, not args.quiet, args.max_image_pixels, warn)
+        if src.kind == "text":
+            raise MixrankError("mixrank eval scores top-1 on labelled images; a text model's fidelity (embedding "
+                               "cosine) is measured by mixrank run and mixrank bench --model ... --eval-texts")
         data = src.evaluation(args.images, args.csv)
         if data.labels is None:
             raise MixrankError(f"{args.images} is a flat folder: labels need one sub-folder per class or --csv")

@@ -29,6 +29,15 @@ class Bench(Tool):
         parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all)")
         parser.add_argument("--inputs", help=".npy array of preprocessed inputs for fidelity")
         parser.add_argument("--labels", help=".npy array of integer labels (top-1/top-5 accuracy)")
+        parser.add_argument("--model", help="a text model's Hugging Face folder (or minilm): its tokenizer reads "
+                                            "--eval-texts for fidelity (its weights are not loaded)")
+        parser.add_argument("--eval-texts", help="texts for fidelity, one per line or JSON Lines (default with "
+                                                 "--model: the shipped held-out docstrings)")
+        parser.add_argument("--max-length", type=int, default=128, help="tokens per text; longer texts are cut")
+        parser.add_argument("--seq-len", type=int, default=128, help="tokens per input when timing a text model")
+        parser.add_argument("--int8", action="store_true",
+                            help="also measure the original quantized by onnxruntime's weight-only int8 quantizer "
+                                 "(MatMulNBits, block 32), written to the report folder")
         parser.add_argument("--seconds", type=float, default=30.0, help="time limit per batch size")
         parser.add_argument("--out", default="mixrank-out", help="report folder")
 
@@ -49,16 +58,23 @@ class Bench(Tool):
         limits_file = LimitsArgs.path(args)
         limits = load_limits(limits_file) if limits_file else None  # fail early on a bad limits file
         plan = load_factors(args.factors).plan if args.factors else None
-        inputs, labels = _load_array(args.inputs), _load_array(args.labels)
-        if labels is not None and (inputs is None or len(labels) != len(inputs)):
-            raise MixrankError(f"--labels has {len(labels)} labels but --inputs has "
-                               f"{'no' if inputs is None else len(inputs)} inputs; give one label per input")
+        if args.seq_len < 1:
+            raise MixrankError(f"--seq-len must be a positive number of tokens, got {args.seq_len}")
+        inputs, labels, evaluation = _fidelity_inputs(args)
         if args.junit:
             output(args.junit)
         with output_folder(args.out, " ".join(["mixrank", *sys.argv[1:]])) as out:
+            refs = None
+            if args.int8:
+                from mixrank.exporter import quantize_reference
+
+                refs = {"int8": quantize_reference(args.original, out / "original.int8.onnx", bits=8, block=32)}
             res = measure(args.original, args.compressed, batches,
                           OrtSettings(provider=args.provider, threads=args.threads), inputs, labels,
-                          TimingConfig(max_seconds=args.seconds), progress=not args.quiet)
+                          TimingConfig(max_seconds=args.seconds), progress=not args.quiet, references=refs,
+                          seq_len=args.seq_len, output="embedding" if _embedding(args.original) else "logits")
+            if evaluation:
+                res.evaluation = evaluation
             rep = build_report(res, plan)
             paths = write_report(rep, out)
         result = {"report": {k: str(v) for k, v in paths.items()}, "summary": rep["summary"]}
@@ -75,6 +91,41 @@ class Bench(Tool):
 
             print(format_results(r["check"]))
         print("report: " + ", ".join(r["report"].values()))
+
+
+def _fidelity_inputs(args) -> tuple:
+    """(inputs, labels, evaluation record) for fidelity: ``--inputs``/``--labels`` arrays, or
+    ``--model`` with ``--eval-texts``, tokenised for the graph's inputs; ``(None, None,
+    None)`` without either."""
+    inputs, labels = _load_array(args.inputs), _load_array(args.labels)
+    if args.model is not None or args.eval_texts is not None:
+        if args.model is None:
+            raise MixrankError("--eval-texts needs --model (the Hugging Face folder whose tokenizer reads them)")
+        if inputs is not None or labels is not None:
+            raise MixrankError("give --inputs/--labels arrays or --model with texts, not both")
+        from mixrank.core import warn
+        from mixrank.exporter import load_onnx
+
+        from .._sources import text_feeds
+
+        g = load_onnx(args.original).graph
+        inits = {t.name for t in g.initializer}
+        names = tuple(i.name for i in g.input if i.name not in inits)
+        data = text_feeds(args.model, args.eval_texts, names, args.max_length, warn)
+        held = True if args.eval_texts is None else None  # the shipped texts are disjoint from the shipped calibration
+        return data.feeds(names), None, {"source": data.source, "held_out": held, "samples": data.count,
+                                         **data.record, "note": data.note}
+    if labels is not None and (inputs is None or len(labels) != len(inputs)):
+        raise MixrankError(f"--labels has {len(labels)} labels but --inputs has "
+                           f"{'no' if inputs is None else len(inputs)} inputs; give one label per input")
+    return inputs, labels, None
+
+
+def _embedding(onnx_path: str) -> bool:
+    """The graph's first output is a sentence embedding (mixrank's export names it so)."""
+    from mixrank.exporter import load_onnx
+
+    return load_onnx(onnx_path).graph.output[0].name == "embedding"
 
 
 def _load_array(path: str | None):

@@ -20,6 +20,9 @@ class Run(Tool):
     def add_arguments(self, parser):
         parser.add_argument("--eval-images", help="labelled image folder for accuracy (default: --images)")
         parser.add_argument("--eval-csv", help="CSV of file,label rows for accuracy")
+        parser.add_argument("--eval-texts", help="a text model's evaluation texts (one per line, or JSON Lines with "
+                                                 "a 'text' field; default: the shipped held-out docstrings)")
+        parser.add_argument("--seq-len", type=int, default=128, help="tokens per input when timing a text model")
         parser.add_argument("--out", default="mixrank-out", help="output folder")
         parser.add_argument("--batches", default="1,32", help="batch sizes to time")
         parser.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all cores)")
@@ -42,15 +45,20 @@ class Run(Tool):
             raise MixrankError("mixrank run is one process; scale the compression out with torchrun ... -m mixrank "
                                "compress, then run the other stages on its factors (mixrank rewrite, build, bench)")
         sizes = batch_sizes(args.batches)
+        if args.seq_len < 1:
+            raise MixrankError(f"--seq-len must be a positive number of tokens, got {args.seq_len}")
         target = Target.from_args(args.engine, args.provider, args.engine_precision, args.threads)
         target.check()  # a machine without the engine fails here, before any work
+        like = CompressArgs.like(args)
+        cfg = CompressArgs.config(args, tensorrt=target.rewrite_target == "tensorrt", like=like)
         options = RunOptions(
             model=args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, images=args.images,
             calib_images=args.calib_images, max_image_pixels=args.max_image_pixels, eval_images=args.eval_images,
             eval_csv=args.eval_csv, out=args.out, batch_sizes=sizes, seconds=args.seconds,
-            limits=LimitsArgs.path(args), junit=args.junit, force=args.force, progress=not args.quiet, target=target)
-        return run_pipeline(options, CompressArgs.config(args, tensorrt=target.rewrite_target == "tensorrt"),
-                            log(args))
+            limits=LimitsArgs.path(args), junit=args.junit, force=args.force, progress=not args.quiet, target=target,
+            texts=args.texts, eval_texts=args.eval_texts, max_length=args.max_length, seq_len=args.seq_len,
+            like=like and like[2])
+        return run_pipeline(options, cfg, log(args))
 
     def show(self, s):
         fp = s["footprint"]
@@ -66,8 +74,19 @@ class Run(Tool):
         if refs:
             print("int8 = the original quantized by onnxruntime's weight-only quantizer (MatMulNBits, block 32)")
         ev = s.get("evaluation") or {}
+        text = s.get("kind") == "text"
+        if text:
+            for what, rec in (("calibration", s.get("calibration") or {}), ("evaluation", ev)):
+                print(f"{what} texts: {rec.get('used', rec.get('samples'))} used of {rec.get('read')} read "
+                      f"({rec.get('source')}); {rec.get('skipped', 0)} skipped, {rec.get('truncated', 0)} cut "
+                      f"to {rec.get('max_length')} tokens")
+        if s.get("like"):
+            lk = s["like"]
+            print(f"budget: the size of {lk['name']} ({lk['countable_params']:,} parameters, "
+                  f"{lk['fp32_bytes'] / 1e6:.2f} MB at float32), by {lk['unit']}")
         if ev and not ev.get("held_out", True):
-            print(f"note: accuracy and agreement were measured on the {ev['samples']} calibration images "
+            unit = "texts" if text else "images"
+            print(f"note: fidelity was measured on the {ev['samples']} calibration {unit} "
                   f"({ev['source']}), not on held-out data; pass --eval-images or --eval-csv")
         if "check" in s:
             from mixrank.engines import format_results
@@ -83,8 +102,9 @@ def _summary_rows(s: dict, fp: dict, cols: list[str], refs: list[str]) -> list[t
              f"{s['file_bytes_ratio']:.3f}x" + (f" ({s['bytes_ratio_vs_int8']:.2f}x of int8)" if refs else "")),
             ("peak RSS MB (ORT, b1)", *(f"{fp[k]['peak_rss_bytes'] / 1e6:.1f}" for k in cols),
              f"{(fc['peak_rss_bytes'] - fo['peak_rss_bytes']) / 1e6:+.1f} MB")]
+    at = f", {s['seq_len']} tokens" if s.get("seq_len") else ""
     for t in s["throughput"]:
-        rows.append((f"latency p50 ms, batch {t['batch']}", *(f"{t['p50_ms'][k]:.2f}" for k in cols),
+        rows.append((f"latency p50 ms, batch {t['batch']}{at}", *(f"{t['p50_ms'][k]:.2f}" for k in cols),
                      f"{t['speedup']:.2f}x (FLOP ideal {t['ideal_speedup']:.2f}x)"))
     if "top1_original" in s:
         rows.append(("top-1 accuracy %", f"{100 * s['top1_original']:.2f}", f"{100 * s['top1_compressed']:.2f}",
@@ -92,6 +112,9 @@ def _summary_rows(s: dict, fp: dict, cols: list[str], refs: list[str]) -> list[t
     if "top1_agreement" in s:
         rows.append(("top-1 agreement %", "", f"{100 * s['top1_agreement']:.2f}",
                      *(f"{100 * s[f'{r}_top1_agreement']:.2f}" for r in refs), ""))
+    elif "cosine_mean" in s:
+        for key, label in (("cosine_mean", "embedding cosine, mean"), ("cosine_p5", "embedding cosine, 5th pct")):
+            rows.append((label, "", f"{s[key]:.4f}", *(f"{s[f'{r}_{key}']:.4f}" for r in refs), ""))
     return rows
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from exporter_helpers import build_graph, factors_from_weights, mlp
+from exporter_helpers import build_graph, factors_from_weights, mlp, rename_initializers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto
@@ -94,13 +94,7 @@ def test_initializer_bytes_match_the_plan_exactly(digits_artifacts, digits):
 @pytest.mark.slow
 def test_fingerprint_matching_after_renaming(digits_artifacts, digits, tmp_path):
     d, f = digits_artifacts
-    proto = onnx.load(str(d / "orig.onnx"))
-    renames = {t.name: f"renamed_{i}" for i, t in enumerate(proto.graph.initializer)}
-    for t in proto.graph.initializer:
-        t.name = renames[t.name]
-    for n in proto.graph.node:
-        n.input[:] = [renames.get(i, i) for i in n.input]
-    onnx.save(proto, str(tmp_path / "renamed.onnx"))
+    rename_initializers(d / "orig.onnx", tmp_path / "renamed.onnx")
     rep = rewrite_onnx(tmp_path / "renamed.onnx", f, tmp_path / "comp.onnx")
     assert len(rep.rewritten) == len(f.factored_layers())
     assert all(r["matched_by"] == "fingerprint" for r in rep.rewritten)
