@@ -174,20 +174,20 @@ def check_inputs(runner: Runner, x) -> None:
                 raise MixrankError(f"{runner.path.name} takes the inputs {sorted(names)}; the feeds "
                                    + (f"miss {sorted(missing)}" if missing else f"also name {sorted(extra)}"))
             for s in specs:
-                _check_one(runner, s, np.asarray(f[s.name]))
+                _check_one(runner, s, np.asarray(f[s.name]), f"the inputs {s.name}")
         return
-    _check_one(runner, specs[0], np.asarray(x))
+    _check_one(runner, specs[0], np.asarray(x), "the inputs")
 
 
-def _check_one(runner: Runner, spec: TensorSpec, x: np.ndarray) -> None:
+def _check_one(runner: Runner, spec: TensorSpec, x: np.ndarray, what: str) -> None:
     want = tuple(spec.shape[1:])
     if x.ndim != len(spec.shape) or any(w is not None and w != g for w, g in zip(want, x.shape[1:], strict=False)):
         shown = ["batch", *("?" if d is None else d for d in want)]
-        raise MixrankError(f"the inputs {spec.name} have shape {list(x.shape)}, but {runner.path.name} takes {shown}")
+        raise MixrankError(f"{what} have shape {list(x.shape)}, but {runner.path.name} takes {shown}")
     if not np.issubdtype(x.dtype, np.number):
-        raise MixrankError(f"the inputs {spec.name} are {x.dtype}, not numbers")
+        raise MixrankError(f"{what} are {x.dtype}, not numbers")
     if spec.integer and not np.issubdtype(x.dtype, np.integer):
-        raise MixrankError(f"the inputs {spec.name} are {x.dtype}; {runner.path.name} takes integers (token ids)")
+        raise MixrankError(f"{what} are {x.dtype}; {runner.path.name} takes integers (token ids)")
 
 
 def run_all(runner: Runner, x, batch: int) -> np.ndarray:

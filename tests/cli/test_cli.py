@@ -98,7 +98,7 @@ def test_help(tmp_path):
         out = _mixrank(*args, cwd=tmp_path)
         assert out.returncode == 0 and "usage: mixrank" in out.stdout, args
     text = " ".join(_mixrank("run", "--help", cwd=tmp_path).stdout.split())
-    assert "whole model's float32 weight bytes such as 0.12x (default: 0.12x" in text
+    assert "whole model's float32 weight bytes such as 0.12x, lookup tables left out (default: 0.12x" in text
 
 
 def test_rewrite_command_and_its_errors(tmp_path):
