@@ -222,7 +222,7 @@ def targets(case: str, rows: list[dict]) -> list[str]:
     return out
 
 
-def text_case(out: Path) -> tuple[list[dict], list[str]]:
+def text_case(out: Path, fractions=MINILM_FRACTIONS) -> tuple[list[dict], list[str]]:
     """MiniLM: quantization alone against mixrank at the same bytes (see the module's doc)."""
     import copy
 
@@ -258,7 +258,7 @@ def text_case(out: Path) -> tuple[list[dict], list[str]]:
         nbytes = sum(storage_bytes(m, n, prec, block) for m, n in shapes)
         row(f"gptq {prec} b{block} ({grid} grid)", f"gptq-{prec}", nbytes, minilm.cosine(ref, q, held))
     int4 = next(r for r in rows if r["candidate"] == "gptq int4 b32 (mse grid)")
-    budgets = [(f"{f}x", f) for f in MINILM_FRACTIONS] + [(f"int4 GPTQ bytes ({int4['bytes']:.4f}x)", int4["bytes"])]
+    budgets = [(f"{f}x", f) for f in fractions] + [(f"int4 GPTQ bytes ({int4['bytes']:.4f}x)", int4["bytes"])]
     for label, frac in budgets:
         for method, tag in (("quantize", "quantization alone (mixed GPTQ)"), ("mixrank", "mixrank")):
             t0 = time.perf_counter()
@@ -320,6 +320,8 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--fractions", default=",".join(map(str, FRACTIONS)))
     ap.add_argument("--keeps", default=",".join(map(str, KEEPS)))
+    ap.add_argument("--minilm-fractions", default=",".join(map(str, MINILM_FRACTIONS)),
+                    help="MiniLM's budgets, of the encoder Linear layers' float32 bytes (int4 GPTQ's is always added)")
     ap.add_argument("--seconds", type=float, default=20.0, help="timing limit per batch size")
     args = ap.parse_args()
     out = Path(args.out)
@@ -328,7 +330,7 @@ def main() -> None:
     verdicts = []
     for case in args.models.split(","):
         if case == "minilm":
-            rows, v = text_case(out)
+            rows, v = text_case(out, [float(f) for f in args.minilm_fractions.split(",") if f])
             verdicts += v
             continue
         rows = run_case(case, out, [float(f) for f in args.fractions.split(",") if f],
@@ -338,7 +340,8 @@ def main() -> None:
                 fh.write(json.dumps({**r, "run": " ".join(sys.argv[1:])}) + "\n")
         verdicts += targets(case, rows)
         print("\n".join(targets(case, rows)), flush=True)
-    (out / "footprint_targets.txt").write_text("\n".join(verdicts) + "\n")
+    with open(out / "footprint_targets.txt", "a") as fh:  # one invocation per model set: keep the others' verdicts
+        fh.write(f"# {time.strftime('%Y-%m-%d')}: footprint.py {' '.join(sys.argv[1:])}\n" + "\n".join(verdicts) + "\n")
     print("\n".join(verdicts))
 
 
