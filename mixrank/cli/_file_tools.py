@@ -133,10 +133,7 @@ class Inspect(Tool):
         if r["kind"] == "factors":
             print(r["summary"])
             for n, i in r["layers"].items():
-                sp = "" if i["sparse"] == "none" else f" + {i['sparse']} k={i['k']}"
-                sp = sp or ("" if i.get("form", "lowrank") == "lowrank" else f" pair, {i['form']}")
-                print(f"  {n:<32} rank {str(i['rank']):>5} {i['precision']:<5}{sp:<18} NMSE {i['nmse']:.3e}  "
-                      f"{i['bytes']:,} bytes")
+                print(f"  {n:<32} {_layer_form(i):<34} {i['bytes']:,} bytes")
         elif r["kind"] == "onnx":
             print(f"{r['params']:,} parameters, {r['initializer_bytes']:,} initializer bytes, "
                   f"{r['file_bytes']:,} file bytes, opset {r['opset']}")
@@ -147,6 +144,18 @@ class Inspect(Tool):
                 print(f"  {k:<28} {v}")
 
 
+def _layer_form(i: dict) -> str:
+    """One layer as `inspect` shows it: dense at its width, or the form, rank and precision with
+    the factors' NMSE (a dense layer's error is not measured per layer)."""
+    block = f" b{i['block']}" if i.get("block") else ""
+    if i.get("dense"):
+        return f"dense {i['precision']}{block}"
+    form = i.get("form", "lowrank")
+    extra = {"lowrank": "", "residual": f" + Q {i.get('residual')}"}.get(form, f" (pair {i.get('pair')})")
+    sparse = "" if i["sparse"] == "none" else f" + {i['sparse']} k={i['k']}"
+    return f"{form} rank {i['rank']} {i['precision']}{block}{extra}{sparse}  NMSE {i['nmse']:.2e}"
+
+
 def _factors_summary(p: Path) -> dict:
     from mixrank.compress import load_factors
 
@@ -154,7 +163,10 @@ def _factors_summary(p: Path) -> dict:
     return {"kind": "factors", "summary": f.summary(), "method": f.plan.method,
             "budget": f.plan.budget, "totals": f.plan.totals,
             "layers": {n: {"rank": i.rank, "precision": i.precision, "sparse": i.sparse.structure,
-                           "k": i.sparse.k, "nmse": i.nmse, "bytes": i.bytes_after, "form": i.form}
+                           "k": i.sparse.k, "nmse": i.nmse, "bytes": i.bytes_after, "form": i.form,
+                           "dense": i.dense, "block": i.block, "pair": i.pair,
+                           "residual": (f"{i.residual_precision} b{i.residual_block}" if i.residual_precision
+                                        else None)}
                        for n, i in f.layers.items()}}
 
 

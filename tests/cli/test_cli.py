@@ -167,3 +167,17 @@ def test_library_and_command_line_resolve_the_same_defaults():
     assert cli("--bytes", "50000").precision == "auto" and cli("--bytes", "50000", "--precision", "int8").precision \
         == "int8"
     assert cli(tensorrt=True).quantize.scheme == "symmetric" == job_config(tensorrt=True).quantize.scheme
+
+
+def test_inspect_names_each_layers_form():
+    """inspect shows a dense layer at its width and block, a residual layer with its Q, and a
+    pair's layer with its pair; only factors carry an NMSE."""
+    from mixrank.cli._file_tools import _layer_form
+
+    base = {"sparse": "none", "k": 0, "nmse": 0.0325, "block": 128, "pair": None, "residual": None}
+    assert _layer_form({**base, "dense": True, "precision": "int2", "rank": None}) == "dense int2 b128"
+    res = _layer_form({**base, "dense": False, "form": "residual", "precision": "fp16", "block": None, "rank": 8,
+                       "residual": "int2 b128"})
+    assert res == "residual rank 8 fp16 + Q int2 b128  NMSE 3.25e-02"
+    assert "(pair 3)" in _layer_form({**base, "dense": False, "form": "rows", "precision": "int8", "rank": 4,
+                                      "pair": 3})
