@@ -328,7 +328,8 @@ def job_config(flags: dict[str, Any] | None = None, config_file: str | os.PathLi
     - no budget: ``bytes=JOB_BYTES`` (12 % of the model's float32 weight bytes);
     - a bytes budget and no precision (nor the deprecated dtype): ``precision="auto"``;
     - ``tensorrt`` (the artifact is for TensorRT) and no scheme: ``scheme="symmetric"``
-      (TensorRT's DequantizeLinear takes no zero points).
+      (TensorRT's DequantizeLinear takes no zero points), and no widths: int8 and int4
+      (TensorRT dequantizes no int2).
 
     Raises:
         MixrankError: both ``keep`` and ``bytes`` in ``flags``, an unreadable file, or a
@@ -352,6 +353,8 @@ def job_config(flags: dict[str, Any] | None = None, config_file: str | os.PathLi
         defaults["precision"] = "auto"
     if tensorrt and not given("scheme", "quantize") and "scheme" not in flags:
         defaults["scheme"] = "symmetric"
+    if tensorrt and not given("widths", "quantize") and "widths" not in flags:
+        defaults["widths"] = ("int8", "int4")
     try:
         return CompressConfig.from_dict(merge_settings(raw, {**defaults, **flags}))
     except MixrankError:

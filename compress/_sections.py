@@ -232,6 +232,9 @@ class Quantize:
         grid: each block's range: ``"mse"`` (the range that rounds the block with the
             least squared error, its min/max shrunk by up to half) or ``"minmax"`` (its
             min and max, what onnxruntime's quantizer does).
+        widths: the integer precisions ``precision="auto"`` may choose, for dense layers,
+            factors and the residual form (default: int8, int4 and int2; an artifact for
+            TensorRT leaves int2 out, since TensorRT dequantizes INT8 and INT4 only).
     """
 
     precision: str | None = None
@@ -240,6 +243,7 @@ class Quantize:
     split: str = "balanced"
     scheme: str = "asymmetric"
     grid: str = "mse"
+    widths: tuple[str, ...] = ("int8", "int4", "int2")
 
     def __post_init__(self) -> None:
         if self.precision is not None and self.precision not in (*PRECISIONS, "auto"):
@@ -256,6 +260,11 @@ class Quantize:
             raise MixrankError(f"unknown scheme {self.scheme!r}; choose asymmetric or symmetric")
         if self.grid not in GRIDS:
             raise MixrankError(f"unknown grid {self.grid!r}; choose one of {', '.join(GRIDS)}")
+        ints = [p for p in PRECISIONS if p.startswith("int")]
+        if isinstance(self.widths, str) or not isinstance(self.widths, list | tuple) or not self.widths \
+                or any(w not in ints for w in self.widths):
+            raise MixrankError(f"widths must be a non-empty list of {', '.join(ints)}, got {self.widths!r}")
+        self.widths = tuple(w for w in ints if w in self.widths)  # one order, whatever the file's
 
 
 @dataclass
@@ -443,7 +452,7 @@ FLAT: dict[str, tuple[str, str]] = {
     **{k: ("selection", k) for k in ("include", "exclude", "overrides", "rank_step", "min_rank", "structure")},
     **{f"search_{k}": ("search", k) for k in ("rounds", "evals", "seconds", "samples", "work", "groups",
                                                "role_scales", "forms")},
-    **{k: ("quantize", k) for k in ("precision", "block", "quantizer", "split", "scheme", "grid")},
+    **{k: ("quantize", k) for k in ("precision", "block", "quantizer", "split", "scheme", "grid", "widths")},
     **{f.name: ("refine", f.name) for f in dataclasses.fields(Refine)},
 }
 

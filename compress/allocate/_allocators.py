@@ -23,6 +23,12 @@ SpacesAt = Callable[[str, bool], "dict[str, LayerSpace]"]  # (precision, pairs i
 AUTO_PRECISIONS = ("fp16", "int8", "int4")
 
 
+def auto_precisions(quantize) -> tuple[str, ...]:
+    """The uniform precisions ``precision="auto"`` starts from: `AUTO_PRECISIONS` within the
+    configuration's integer ``widths``."""
+    return tuple(p for p in AUTO_PRECISIONS if p == "fp16" or p in quantize.widths)
+
+
 @dataclass
 class Allocation:
     """An allocator's result.
@@ -117,7 +123,7 @@ def _families(spaces_at: SpacesAt, budget: int, config: CompressConfig, strict: 
     storage = config.precision
     structures = {"auto": (False, True), "lowrank": (False,), "pairs": (True,)}[config.structure]
     families = []
-    for p in (AUTO_PRECISIONS if storage == "auto" else (storage,)):
+    for p in (auto_precisions(config.quantize) if storage == "auto" else (storage,)):
         for paired in structures:
             spaces = spaces_at(p, paired)
             if paired and all(sp.form == "lowrank" for sp in spaces.values()):
@@ -131,7 +137,7 @@ def _families(spaces_at: SpacesAt, budget: int, config: CompressConfig, strict: 
             name = "uniform" if storage != "auto" else f"uniform {p}"
             families.append((name + (" pairs" if paired else ""), spaces, ranks))
     if storage == "auto":
-        for p in AUTO_PRECISIONS:
+        for p in auto_precisions(config.quantize):
             spaces = spaces_at(p, False)
             ranks = {n: None for n in spaces}
             if alloc_cost(spaces, ranks) <= budget:
@@ -210,7 +216,7 @@ class DenseAllocator(Allocator):
             raise MixrankError("quantization alone (method 'quantize') chooses each layer's integer width under a "
                                "bytes budget: give bytes= (and no precision, or precision='auto')")
         families = []
-        for p in ("int8", "int4", "int2"):
+        for p in config.quantize.widths:
             spaces = spaces_at(p, False)
             ranks = {n: None for n in spaces}
             if alloc_cost(spaces, ranks) <= budget:

@@ -11,7 +11,7 @@ from mixrank.core import MixrankError
 
 from ..factor import ResidualBank
 from ..store import storage_bytes, store_pair, store_weight
-from ._allocators import AUTO_PRECISIONS
+from ._allocators import auto_precisions
 from ._mixed import Option
 from ._spaces import LayerSpace, alloc_cost, feasible_range, layer_spaces
 from ._uniform import uniform_allocation
@@ -59,16 +59,17 @@ class LayerChoices:
         if precision != "auto":
             uniform_allocation(self(precision), budget, self.selection.rank_step)  # raises, naming the range
             return
-        for p in AUTO_PRECISIONS:
+        for p in auto_precisions(self.quantize):
             spaces = self(p)
             if feasible_range(spaces)[0] <= budget or alloc_cost(spaces, {n: None for n in spaces}) <= budget:
                 return
         sym = self.quantize.scheme == "symmetric"
-        lo = sum(storage_bytes(m, n, "int2", 128, sym) for m, n in self.shapes.values())
+        low = self.quantize.widths[-1]
+        lo = sum(storage_bytes(m, n, low, 128, sym) for m, n in self.shapes.values())
         if lo <= budget:
             return
         raise MixrankError(f"budget of {budget:,} bytes is below the smallest storage any precision allows for "
-                           f"the selected layers ({lo:,} bytes: every layer dense at int2, block 128); raise the "
+                           f"the selected layers ({lo:,} bytes: every layer dense at {low}, block 128); raise the "
                            "budget")
 
     # ------------------------------------------------------------------ options
@@ -105,6 +106,8 @@ class LayerChoices:
     def _dense_options(self, name: str, sp: LayerSpace) -> list[Option]:
         out, W, G = [], self.weights[name], self.grams[name]
         for p, block in DENSE_OPTIONS:
+            if p != "fp16" and p not in self.quantize.widths:
+                continue
             space = replace(sp, precision=p, block=block or self.quantize.block, dense=True, fixed=None)
             _, What = store_weight(W, p, self.quantize, G, block=space.block)
             label = f"dense {p}" + (f" b{block}" if block else "")
@@ -117,6 +120,8 @@ class LayerChoices:
                                               for f in FACTOR_FRACTIONS if sp.cap >= sp.floor})
         out = []
         for p in FACTOR_PRECISIONS:
+            if p != "fp16" and p not in self.quantize.widths:
+                continue
             space = replace(sp, precision=p)
             for r in ranks:
                 A, B = spec.factors(r)
@@ -127,7 +132,7 @@ class LayerChoices:
     def _residual_options(self, name: str, sp: LayerSpace) -> list[Option]:
         out = []
         for p, r, qp, qb in RESIDUAL_OPTIONS:
-            if r > sp.cap:
+            if r > sp.cap or qp not in self.quantize.widths:
                 continue
             space = replace(sp, precision=p, form="residual", residual_precision=qp, residual_block=qb, fixed=r)
             fit = self.residuals.get(name, p, qp, qb).fit_at(r)

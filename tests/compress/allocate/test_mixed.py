@@ -55,3 +55,26 @@ def test_a_mixed_plan_ships_within_its_bytes_and_runs_on_onnxruntime(digits, tmp
         want = apply_factors(model, f).eval()(x).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
     assert (got.argmax(1) == want.argmax(1)).all()
+
+
+def test_a_tensorrt_artifact_chooses_no_int2(digits, tmp_path):
+    """TensorRT dequantizes INT8 and INT4 only: a job for TensorRT offers the allocation no int2
+    (dense, factors or the residual's Q), and its factors rewrite to the TensorRT form; a bad
+    ``widths`` is refused by name."""
+    from mixrank.compress import MixrankError, job_config
+    from mixrank.exporter import export_onnx, rewrite_onnx
+
+    cfg = job_config({"bytes": "0.12x", "effort": "fast"}, tensorrt=True)
+    assert cfg.quantize.widths == ("int8", "int4") and cfg.quantize.scheme == "symmetric"
+    assert job_config({"bytes": "0.12x"}).quantize.widths == ("int8", "int4", "int2")
+    model = digits["model"]
+    calib = [digits["xtr"][i:i + 64] for i in range(0, 512, 64)]
+    f = compress_model(model, calib, cfg, progress=False)
+    used = {i.precision for i in f.layers.values()} | {i.residual_precision for i in f.layers.values()}
+    assert "int2" not in used and f.plan.totals.bytes_after <= f.plan.budget.budget
+    save_factors(f, tmp_path / "f.safetensors")
+    export_onnx(model, digits["xte"][:2], tmp_path / "o.onnx")
+    rewrite_onnx(tmp_path / "o.onnx", tmp_path / "f.safetensors", tmp_path / "t.onnx", target="tensorrt")
+    for bad in ("int4", ["int3"], []):
+        with pytest.raises(MixrankError, match="widths must be"):
+            CompressConfig(bytes="0.12x", widths=bad)
