@@ -12,7 +12,8 @@ from mixrank.core import lazy_exports
 
 lazy_exports(globals(), {
     "._export": ("export_onnx", "verify_rewrite"),
-    "._onnxio": ("check_and_save", "load_onnx", "model_bytes", "onnx_file_bytes", "save_onnx"),
+    "._onnxio": ("check_and_save", "check_onnx_output", "external_data_files", "load_onnx", "model_bytes",
+                 "onnx_file_bytes", "save_onnx"),
     "._reference": ("quantize_reference",),
     "._rewrite": ("RewriteReport", "find_weight_sites", "rewrite_onnx"),
     "._trt_check": ("SUPPORTED_OPS", "TRT_VERSION", "check_tensorrt_compat"),

@@ -50,6 +50,64 @@ def load_onnx(path: str | os.PathLike):
     return model
 
 
+def external_data_files(path: str | os.PathLike) -> list[Path]:
+    """The external data files that the ONNX file at ``path`` keeps its weights in (those that
+    exist; none for a self-contained file or one that cannot be read)."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    path = Path(path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return []
+    found = []
+    for t in _get_all_tensors(model):
+        if uses_external_data(t):
+            loc = next((e.value for e in t.external_data if e.key == "location"), None)
+            f = path.parent / loc if loc else None
+            if f is not None and f.is_file() and f not in found:
+                found.append(f)
+    return found
+
+
+def check_onnx_output(out: str | os.PathLike, *inputs: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse, before any work, an ONNX output that would destroy an input: the output file or
+    its companion ``<name>.data`` (written, or removed as stale) may not be any input file nor
+    any input's external data. The one exception is ``overwrite`` with the output at an input
+    ONNX file itself, whose companion is then replaced too. A companion path that is not a
+    regular file is refused as well, so that no stage writes the model and then fails.
+
+    Raises:
+        MixrankError: names the two paths.
+    """
+    from mixrank.core import check_writable_path
+
+    out = Path(out)
+    companion = out.parent / (out.name + ".data")
+
+    def same(a: Path, b: Path) -> bool:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+
+    given = [Path(i) for i in inputs if i is not None and Path(i).exists()]
+    for i in given:
+        data = external_data_files(i) if i.suffix == ".onnx" else []
+        replaced = overwrite and same(out, i)  # the whole input is replaced, its weights file with it
+        for d in data:
+            if same(out, d):
+                raise MixrankError(f"the output {out} is the external data of {i}; write elsewhere")
+            if same(companion, d) and not replaced:
+                raise MixrankError(f"the output's weights file {companion} is the external data of {i}; write "
+                                   "the output elsewhere")
+        if same(companion, i):
+            raise MixrankError(f"the output's weights file {companion} is the input {i}; write the output "
+                               "elsewhere")
+    if companion.exists() and not companion.is_file():
+        raise MixrankError(f"{companion} exists and is not a regular file; the output {out} keeps (or removes) "
+                           "its weights there, so write elsewhere or remove it")
+    return check_writable_path(out, inputs=tuple(inputs), overwrite_input=overwrite)
+
+
 def model_bytes(model) -> int:
     """Bytes of all initializers (and Constant node values) of an ONNX model."""
     import numpy as np
@@ -76,6 +134,10 @@ def save_onnx(model, path: str | os.PathLike, external_data: bool | None = None)
     if external_data is None:
         external_data = model_bytes(model) > EXTERNAL_DATA_THRESHOLD
     data_name = path.name + ".data"
+    companion = path.parent / data_name
+    if (companion.exists() or companion.is_symlink()) and not companion.is_file():
+        raise MixrankError(f"{companion} exists and is not a regular file; the output {path} keeps (or removes) "
+                           "its weights there, so write elsewhere or remove it")
 
     def write(tmp: Path) -> None:
         if external_data:

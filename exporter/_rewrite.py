@@ -23,7 +23,7 @@ import numpy as np
 from mixrank.compress import SPARSE, EmitContext, Factors, form_of, load_factors
 from mixrank.core import MixrankError
 
-from ._onnxio import check_and_save, load_onnx
+from ._onnxio import check_and_save, check_onnx_output, load_onnx
 from ._qlinear import MS_DOMAIN, TARGETS, project
 
 
@@ -312,6 +312,9 @@ def rewrite_onnx(
 
     if target not in TARGETS:
         raise MixrankError(f"unknown rewrite target {target!r}; choose one of {', '.join(TARGETS)}")
+    # the output may replace the input ONNX (the API's in-place rewrite), never its weights elsewhere
+    check_onnx_output(out_path, onnx_path, None if isinstance(factors_path, Factors) else factors_path,
+                      overwrite=True)
     factors = factors_path if isinstance(factors_path, Factors) else load_factors(factors_path)
     model = load_onnx(onnx_path)
     integer = any(factors.layers[n].precision in ("int8", "int4") for n in stored_layers(factors))

@@ -43,6 +43,18 @@ class Case:
     fsize_limit: int | None = None  # RLIMIT_FSIZE in bytes: a full disk, as the writer sees it
 
 
+def external_data_fixtures(src: Path, d: Path) -> None:
+    """``src`` saved with its weights in ``w.bin`` (``ext.onnx``) and in ``out2.onnx.data``
+    (``ext2.onnx``, the weights file an output ``out2.onnx`` would have), and a folder where
+    ``dirout.onnx``'s weights file would go."""
+    import onnx
+
+    for name, loc in (("ext.onnx", "w.bin"), ("ext2.onnx", "out2.onnx.data")):
+        onnx.save_model(onnx.load(str(src)), str(d / name), save_as_external_data=True, location=loc,
+                        size_threshold=0)
+    (d / "dirout.onnx.data").mkdir()
+
+
 def _fixtures(d: Path) -> None:
     """Every input file the cases use, in folder ``d``."""
     from PIL import Image
@@ -69,6 +81,7 @@ def _fixtures(d: Path) -> None:
         torch.onnx.export(model, (torch.randn(2, 16),), str(d / name), dynamo=False, opset_version=17,
                           input_names=["x"], dynamic_axes={"x": {0: "b"}})
     save_factors(factors_of(a), d / "f.safetensors")
+    external_data_fixtures(d / "m.onnx", d)
     (d / "garbage.onnx").write_bytes(b"\x08\x07not a model at all")
     raw = (d / "m.onnx").read_bytes()
     (d / "trunc.onnx").write_bytes(raw[: len(raw) // 2])
@@ -219,6 +232,12 @@ CASES = [
     Case("bench batches words", ["bench", "m.onnx", "m.onnx", "--batches", "one", "--out", "b"],
          "comma-separated integers", ["b"]),
     Case("bench out is a file", ["bench", "m.onnx", "m.onnx", "--out", "afile"], "is not a folder"),
+    Case("rewrite onto the input's weights file", ["rewrite", "ext.onnx", "f.safetensors", "-o", "w.bin"],
+         "the output w.bin is the external data of ext.onnx"),
+    Case("rewrite over the input's weights file", ["rewrite", "ext2.onnx", "f.safetensors", "-o", "out2.onnx"],
+         "out2.onnx.data is the external data of ext2.onnx", ["out2.onnx"]),
+    Case("rewrite with a folder as its weights file", ["rewrite", "m.onnx", "f.safetensors", "-o", "dirout.onnx"],
+         "dirout.onnx.data exists and is not a regular file", ["dirout.onnx"]),
     Case("bench garbage onnx", ["bench", "garbage.onnx", "m.onnx", "--out", "b"],
          "garbage.onnx is not a readable ONNX model", ["b"]),
     Case("build garbage onnx", ["build", "garbage.onnx", "-o", "e.ort.onnx"], "cannot load", ["e.ort.onnx"]),

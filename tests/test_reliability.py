@@ -180,3 +180,31 @@ def test_rewrite_records_an_allowed_mismatch(tmp_path):
     rep = rewrite_onnx(tmp_path / "b.onnx", f, tmp_path / "c.onnx", allow_mismatch=True)
     assert rep.mismatched == ["0", "2"] and rep.to_dict()["allowed_mismatch"] is True
     assert onnx.load(str(tmp_path / "c.onnx")).graph.node
+
+
+def test_rewrite_never_destroys_its_inputs_weights(tmp_path):
+    """An output (or its weights file) at the input's external data is refused before any work,
+    through the API as on the command line; the input still loads with its weights, and an
+    in-place rewrite of the input itself still works."""
+    import onnx
+    from exporter_helpers import factors_from_weights
+    from test_bad_inputs import external_data_fixtures
+
+    from mixrank.compress import MixrankError, save_factors
+    from mixrank.exporter import load_onnx, rewrite_onnx
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)).eval()
+    torch.onnx.export(model, (torch.randn(2, 16),), str(tmp_path / "m.onnx"), dynamo=False, opset_version=17)
+    save_factors(factors_from_weights(model, ["0", "2"], rank=4), tmp_path / "f.safetensors")
+    external_data_fixtures(tmp_path / "m.onnx", tmp_path)
+    before = {n: (tmp_path / n).read_bytes() for n in ("w.bin", "out2.onnx.data")}
+    for src, out in (("ext.onnx", "w.bin"), ("ext2.onnx", "out2.onnx"), ("m.onnx", "dirout.onnx")):
+        with pytest.raises(MixrankError, match="external data|not a regular file"):
+            rewrite_onnx(tmp_path / src, tmp_path / "f.safetensors", tmp_path / out)
+    assert {n: (tmp_path / n).read_bytes() for n in before} == before
+    assert not (tmp_path / "out2.onnx").exists() and not (tmp_path / "dirout.onnx").exists()
+    for src in ("ext.onnx", "ext2.onnx"):
+        assert len(load_onnx(tmp_path / src).graph.initializer) == 4
+    rewrite_onnx(tmp_path / "ext2.onnx", tmp_path / "f.safetensors", tmp_path / "ext2.onnx")  # in place
+    onnx.checker.check_model(str(tmp_path / "ext2.onnx"), full_check=True)

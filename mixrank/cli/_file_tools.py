@@ -31,9 +31,9 @@ class Rewrite(Tool):
                             help="engine the integer weights are written for")
 
     def run(self, args):
-        from mixrank.exporter import check_tensorrt_compat, rewrite_onnx
+        from mixrank.exporter import check_onnx_output, check_tensorrt_compat, rewrite_onnx
 
-        output(args.output, args.onnx, args.factors, overwrite=args.overwrite)
+        check_onnx_output(args.output, args.onnx, args.factors, overwrite=args.overwrite)
         rep = rewrite_onnx(args.onnx, args.factors, args.output, allow_partial=args.allow_partial,
                            allow_mismatch=args.allow_mismatch, target=args.target)
         out = rep.to_dict()
