@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import math
 import os
 from typing import Any
 
@@ -46,6 +45,7 @@ from ._sections import (
     check_fraction,
     check_seconds,
     flat_name,
+    is_number,
     parse_memory,
 )
 from .factor import FACTORIZERS
@@ -195,17 +195,13 @@ class CompressConfig:
         method = METHODS[self.method]
         if self.metric not in METRICS:
             raise MixrankError(f"unknown metric {self.metric!r}; choose one of {', '.join(METRICS)}")
-        try:
-            ok = 0.0 <= float(self.damping) and math.isfinite(float(self.damping))
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise MixrankError(f"damping must be >= 0, got {self.damping}")
+        if not (is_number(self.damping) and self.damping >= 0):
+            raise MixrankError(f"damping must be a number >= 0, got {self.damping!r}")
         check_fraction("holdout", self.holdout)
         _check_device(self.device)
         check_seconds("max_seconds", self.max_seconds)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise MixrankError(f"seed must be an integer, got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise MixrankError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         if self.token_mask is not None and not isinstance(self.token_mask, str):
             raise MixrankError(f"token_mask must be a key name, got {self.token_mask!r}")
         if self.refine.sparse == "none" and any(ov.get("sparse_k") for ov in self.selection.overrides.values()):
@@ -263,6 +259,7 @@ class CompressConfig:
         if not isinstance(d, dict):
             raise MixrankError(f"a configuration must be a table, got {type(d).__name__}")
         d = {k: v for k, v in d.items() if k != "format_version"}
+        check_sections(d)
         general = {k: d.pop(k) for k in GENERAL if k in d}
         sections = {s: d.pop(s) for s in SECTIONS if s in d and isinstance(d[s], dict)}
         unknown = [k for k in d if k not in FLAT]
@@ -292,6 +289,17 @@ class CompressConfig:
 
     def __repr__(self) -> str:
         return f"CompressConfig({self.to_dict()!r})"
+
+
+def check_sections(d: dict[str, Any]) -> None:
+    """Every section of a configuration is a table.
+
+    Raises:
+        MixrankError: names the section and what it was given.
+    """
+    for s in SECTIONS:
+        if s in d and not isinstance(d[s], dict):
+            raise MixrankError(f"[{s}] is a section of settings (a table), got {d[s]!r}")
 
 
 def merge_settings(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
@@ -340,6 +348,10 @@ def job_config(flags: dict[str, Any] | None = None, config_file: str | os.PathLi
     if len(given_budgets) > 1:
         raise MixrankError(f"give one budget: {' or '.join('--' + k for k in given_budgets)}, not both")
     raw = read_toml(config_file) if config_file else {}
+    try:
+        check_sections(raw)
+    except MixrankError as e:
+        raise MixrankError(f"{config_file}: {e}") from None
 
     def given(key: str, section: str) -> bool:
         return key in raw or key in (raw.get(section) or {})

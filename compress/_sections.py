@@ -28,17 +28,26 @@ STRUCTURES = ("auto", "lowrank", "pairs")
 SEARCH_FORMS = ("dense", "lowrank", "residual")
 
 
-def check_fraction(name: str, value) -> None:
-    """A fraction in (0, 1).
+def is_number(value) -> bool:
+    """A finite real number given as a number (int or float; not a bool, not text): the one
+    test of every numeric setting, whether it comes from the API, a TOML file or a flag."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_fraction(name: str, value, text: bool = False) -> None:
+    """A fraction in (0, 1); ``text``: given as text (the ``NN`` of ``"NNx"``).
 
     Raises:
         MixrankError: anything else (names the setting).
     """
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise MixrankError(f"{name} must be a number, got {value!r}") from None
-    if not (math.isfinite(v) and 0.0 < v < 1.0):
+    if text:
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise MixrankError(f"{name} must be a number, got {value!r}") from None
+    if not is_number(value):
+        raise MixrankError(f"{name} must be a number, got {value!r}")
+    if not 0.0 < value < 1.0:
         raise MixrankError(f"{name} must be a fraction in (0, 1), got {value}")
 
 
@@ -82,7 +91,7 @@ class Budget:
                         if name == "params" else "byte count or a fraction of the model's float32 weight bytes " \
                         "such as '0.12x'"
                     raise MixrankError(f"{name} must be a {what}, got {v!r}")
-                check_fraction(f"{name} (as a fraction, 'NNx')", v[:-1])
+                check_fraction(f"{name} (as a fraction, 'NNx')", v[:-1], text=True)
         given = [k for k in ("keep", "params", "bytes") if getattr(self, k) is not None]
         if len(given) > 1:
             raise MixrankError(f"give one budget, not {' and '.join(given)}")
@@ -94,8 +103,7 @@ class Budget:
             v = getattr(self, name)
             if isinstance(v, str):
                 continue
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
-                                  or not math.isfinite(v) or int(v) <= 0):
+            if v is not None and (not is_number(v) or int(v) <= 0):
                 what = "parameter" if name == "params" else "byte"
                 raise MixrankError(f"{name} must be a positive {what} count, got {v}")
         if self.dtype not in DTYPE_BYTES:
@@ -183,7 +191,7 @@ class Selection:
 
     def __post_init__(self) -> None:
         for pats in (self.include, self.exclude):
-            if pats is not None and (isinstance(pats, str) or not all(isinstance(p, str) for p in pats)):
+            if pats is not None and (not isinstance(pats, list | tuple) or not all(isinstance(p, str) for p in pats)):
                 raise MixrankError("include/exclude must be lists of glob patterns")
         if not isinstance(self.overrides, dict):
             raise MixrankError("overrides must be a table of layer name = settings")
@@ -249,7 +257,7 @@ class Quantize:
         if self.precision is not None and self.precision not in (*PRECISIONS, "auto"):
             raise MixrankError(f"unknown precision {self.precision!r}; choose one of "
                                f"{', '.join((*PRECISIONS, 'auto'))}")
-        if self.block not in BLOCKS:
+        if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block not in BLOCKS:
             raise MixrankError(f"block must be one of {', '.join(map(str, BLOCKS))} (onnxruntime's "
                                f"MatMulNBits), got {self.block!r}")
         if self.quantizer not in ("gptq", "rtn"):
@@ -387,12 +395,8 @@ class Refine:
                 raise MixrankError(f"{name} must be >= 0, got {v}")
         for name in ("compensate_lr", "block_lr", "distill_lr"):
             v = getattr(self, name)
-            try:
-                ok = float(v) > 0 and math.isfinite(float(v))
-            except (TypeError, ValueError):
-                ok = False
-            if not ok:
-                raise MixrankError(f"{name} must be > 0, got {v}")
+            if not (is_number(v) and v > 0):
+                raise MixrankError(f"{name} must be > 0, got {v!r}")
         if not isinstance(self.sequential, bool):
             raise MixrankError(f"sequential must be true or false, got {self.sequential!r}")
         v = self.distill_work
@@ -410,12 +414,8 @@ def check_seconds(name: str, v) -> None:
     """
     if v is None:
         return
-    try:
-        ok = float(v) > 0 and not isinstance(v, bool)
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise MixrankError(f"{name} must be > 0 or None, got {v}")
+    if not (is_number(v) and v > 0):
+        raise MixrankError(f"{name} must be a number > 0 or None, got {v!r}")
 
 
 _MEMORY_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,

@@ -138,6 +138,20 @@ class TimingConfig:
     max_seconds: float = 30.0
     stable_rel: float = 0.02
 
+    def __post_init__(self) -> None:
+        import math
+
+        for name in ("warmup", "min_rounds", "max_rounds", "iters_per_round"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "warmup" else 1):
+                raise MixrankError(f"timing: {name} must be a whole number >= {0 if name == 'warmup' else 1}, "
+                                   f"got {v!r}")
+        for name in ("max_seconds", "stable_rel"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
+                raise MixrankError(f"timing: {name} must be a number > 0, got {v!r}"
+                                   + (" (--seconds on the command line)" if name == "max_seconds" else ""))
+
 
 def throughput(runners: dict[str, Runner], batch: int, cfg: TimingConfig | None = None,
                progress: bool = True, seq_len: int = SEQ_LEN) -> dict:

@@ -8,7 +8,7 @@ import platform
 import sys
 from pathlib import Path
 
-from mixrank.core import MixrankError, atomic_write, atomic_write_text
+from mixrank.core import MixrankError, atomic_write, atomic_write_text, json_text
 
 REPORT_SCHEMA = 1  # report.json's schema version: `mixrank check` refuses any other
 
@@ -248,13 +248,26 @@ def read_report(path: str | os.PathLike) -> dict:
 
 
 def write_report(rep: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write report.json, report.md, and plots (layers.png, latency.png) into ``out_dir``."""
+    """Write report.json, report.md, and plots (layers.png, latency.png) into ``out_dir``:
+    the plots and the Markdown first and report.json (what `check` reads) last; a failure
+    (a full disk, say) removes every one of them, so no report stands without its plots or
+    beside another run's. Figures that are not finite are written as ``null``."""
     out = Path(out_dir)
     paths = {"json": out / "report.json", "md": out / "report.md"}
-    atomic_write_text(paths["json"], json.dumps(rep, indent=1))
-    atomic_write_text(paths["md"], report_markdown(rep))
-    paths.update(write_plots(rep, out))
-    return paths
+    plots = {}
+    try:
+        text = json_text(rep)
+        plots = write_plots(rep, out)
+        atomic_write_text(paths["md"], report_markdown(rep))
+        atomic_write_text(paths["json"], text)
+    except BaseException:
+        for p in [*paths.values(), *plots.values(), *(out / n for n in PLOT_NAMES)]:
+            p.unlink(missing_ok=True)
+        raise
+    return {**paths, **plots}
+
+
+PLOT_NAMES = ("layers.png", "latency.png")
 
 
 def write_plots(rep: dict, out: Path) -> dict[str, Path]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from mixrank.compress import CompressConfig, compress_model, load_factors, model_fingerprint, save_factors
-from mixrank.core import atomic_write_text, check_writable_path, output_folder, sha256_file, warn
+from mixrank.core import atomic_write_text, check_writable_path, json_text, output_folder, sha256_file, warn
 from mixrank.engines import TimingConfig, build_report, check_report, junit_xml, load_limits, measure, write_report
 from mixrank.exporter import export_onnx, quantize_reference, rewrite_onnx, verify_rewrite
 
@@ -67,7 +67,7 @@ class Manifest:
             self.data["artifacts"][f] = {"sha256": sha256_file(self.out / f), "stage": stage,
                                          "bytes": (self.out / f).stat().st_size,
                                          "command": self.command}
-        atomic_write_text(self.path, json.dumps(self.data, indent=1))
+        atomic_write_text(self.path, json_text(self.data))
 
     def stage(self, name: str, key: str, files: list[str], fn: Callable[[], dict | None],
               log: Callable[[str], None]) -> tuple[dict, bool]:
@@ -209,7 +209,7 @@ class _Run:
 
         def do():
             rep = rewrite_onnx(out / "original.onnx", factors, out / comp_onnx, target=self.target.rewrite_target)
-            atomic_write_text(out / "rewrite.json", json.dumps(rep.to_dict(), indent=1))
+            atomic_write_text(out / "rewrite.json", json_text(rep.to_dict()))
             v = verify_rewrite(out / comp_onnx, self.model, factors, self.ev.head(64))
             return {"verify": v["outputs"]}
 
@@ -288,7 +288,7 @@ class _Run:
         if limits:
             verdict = check_report(rep, limits)
             summary["check"] = verdict
-            atomic_write_text(self.out / "check.json", json.dumps(verdict, indent=1))
+            atomic_write_text(self.out / "check.json", json_text(verdict))
             if self.o.junit:
                 atomic_write_text(Path(self.o.junit), junit_xml(verdict))
         return summary

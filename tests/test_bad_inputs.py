@@ -155,6 +155,13 @@ def _text_fixtures(d: Path) -> None:
     (d / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
     (d / "notnpy.npy").write_text("nope")
     np.save(d / "pickled.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    np.save(d / "inputs_nan.npy", np.full((4, 16), np.nan, np.float32))
+    for name, body in (("conf_keep_text.toml", 'keep = "0.4"\n'),
+                       ("conf_block_float.toml", "[quantize]\nblock = 32.0\n"),
+                       ("conf_budget_scalar.toml", "budget = 5\n"),
+                       ("conf_seconds_text.toml", 'method = "svd"\nmax_seconds = "5"\n'),
+                       ("conf_widths.toml", '[quantize]\nwidths = ["int3"]\n')):
+        (d / name).write_text(body)
 
 
 CASES = [
@@ -238,6 +245,29 @@ CASES = [
          "out2.onnx.data is the external data of ext2.onnx", ["out2.onnx"]),
     Case("rewrite with a folder as its weights file", ["rewrite", "m.onnx", "f.safetensors", "-o", "dirout.onnx"],
          "dirout.onnx.data exists and is not a regular file", ["dirout.onnx"]),
+    Case("compress bytes inf", ["compress", "--bytes", "inf", "-o", "f2.safetensors"], "--bytes must be a byte count",
+         ["f2.safetensors"]),
+    Case("compress bytes overflow", ["compress", "--bytes", "1e999", "-o", "f2.safetensors"],
+         "--bytes must be a byte count", ["f2.safetensors"]),
+    Case("compress seed past 64 bits", ["compress", "--keep", "0.4", "--seed", str(2**70), "-o", "f2.safetensors"],
+         "seed must be an integer in [0, 2**63)", ["f2.safetensors"]),
+    Case("compress config keep as text", ["compress", "--config", "conf_keep_text.toml", "-o", "f2.safetensors"],
+         "keep must be a number, got '0.4'", ["f2.safetensors"]),
+    Case("compress config block as float", ["compress", "--config", "conf_block_float.toml", "-o", "f2.safetensors"],
+         "block must be one of", ["f2.safetensors"]),
+    Case("compress config section as a number",
+         ["compress", "--config", "conf_budget_scalar.toml", "-o", "f2.safetensors"],
+         "[budget] is a section of settings", ["f2.safetensors"]),
+    Case("compress config seconds as text", ["compress", "--config", "conf_seconds_text.toml", "-o", "f2.safetensors"],
+         "max_seconds must be a number > 0 or None, got '5'", ["f2.safetensors"]),
+    Case("compress config unknown width", ["compress", "--config", "conf_widths.toml", "-o", "f2.safetensors"],
+         "widths must be a non-empty list", ["f2.safetensors"]),
+    Case("bench seconds nan", ["bench", "m.onnx", "m.onnx", "--seconds", "nan", "--out", "b"],
+         "max_seconds must be a number > 0, got nan", ["b"]),
+    Case("bench seconds negative", ["bench", "m.onnx", "m.onnx", "--seconds", "-5", "--out", "b"],
+         "max_seconds must be a number > 0, got -5.0", ["b"]),
+    Case("bench inputs of NaN", ["bench", "m.onnx", "m.onnx", "--inputs", "inputs_nan.npy", "--out", "b", "--seconds",
+                                 "1"], "values that are NaN or infinite", ["b"]),
     Case("bench garbage onnx", ["bench", "garbage.onnx", "m.onnx", "--out", "b"],
          "garbage.onnx is not a readable ONNX model", ["b"]),
     Case("build garbage onnx", ["build", "garbage.onnx", "-o", "e.ort.onnx"], "cannot load", ["e.ort.onnx"]),

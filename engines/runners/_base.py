@@ -188,6 +188,10 @@ def _check_one(runner: Runner, spec: TensorSpec, x: np.ndarray, what: str) -> No
         raise MixrankError(f"{what} are {x.dtype}, not numbers")
     if spec.integer and not np.issubdtype(x.dtype, np.integer):
         raise MixrankError(f"{what} are {x.dtype}; {runner.path.name} takes integers (token ids)")
+    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+        bad = int((~np.isfinite(x)).sum())
+        raise MixrankError(f"{what} hold {bad:,} values that are NaN or infinite (of {x.size:,}); timing and "
+                           "fidelity on them mean nothing")
 
 
 def run_all(runner: Runner, x, batch: int) -> np.ndarray:

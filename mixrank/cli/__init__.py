@@ -27,6 +27,9 @@ def build_parser() -> Parser:
     """The parser of every subcommand (`TOOLS`)."""
     p = Parser(prog="mixrank", formatter_class=HelpFormatter,
                description="Activation-aware mixed-rank compression of Vision Transformers.")
+    import mixrank
+
+    p.add_argument("--version", action="version", version=f"mixrank {mixrank.__version__}")
     sub = p.add_subparsers(dest="command", parser_class=Parser)
     for tool in TOOLS:
         tool.parser(sub)

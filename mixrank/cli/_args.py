@@ -230,7 +230,7 @@ def bytes_value(text: str) -> int | str:
         return t
     try:
         return int(float(t))
-    except ValueError:
+    except (ValueError, OverflowError):  # inf and 1e999 overflow int()
         raise MixrankError(f"--bytes must be a byte count or a fraction such as 0.12x, got {text!r}") from None
 
 

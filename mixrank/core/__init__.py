@@ -3,7 +3,7 @@
 - errors: `MixrankError` (a user mistake: one line, exit 2), `WriteError`, `warn` (one
   line on stderr), `close_matches`, `import_onnxruntime` (whichever onnxruntime build is installed);
 - files: `atomic_write` and its helpers, the one way an artifact is written; output
-  folders with their lock; `sha256_file`;
+  folders with their lock; `sha256_file`; `json_text` (strict JSON, no bare NaN);
 - `Registry`: the named implementations of an extension point (with lazy entries);
 - `lazy_exports`: package namespaces imported on first use;
 - `Record` and `Table`: typed records that are also JSON objects;
@@ -18,7 +18,7 @@ from ._lazy import lazy_exports
 lazy_exports(globals(), {
     "._errors": ("ORT_MISSING", "MixrankError", "WriteError", "close_matches", "import_onnxruntime", "warn"),
     "._io": ("FolderLock", "atomic_write", "atomic_write_bytes", "atomic_write_text", "check_writable_path",
-             "file_mode", "output_dir", "output_folder", "sha256_file"),
+             "file_mode", "json_text", "output_dir", "output_folder", "sha256_file"),
     "._lazy": ("lazy_exports",),
     "._records": ("Record", "Table", "zero_of"),
     "._registry": ("Registry",),

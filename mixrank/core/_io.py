@@ -210,6 +210,25 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def json_text(obj, indent: int | None = 1) -> str:
+    """``obj`` as strict JSON: a float that is not finite (NaN, ±inf: what an unmeasurable
+    figure can come to) is written as ``null``, since bare ``NaN`` is not JSON and other
+    readers refuse the file."""
+    import json
+    import math
+
+    def clean(o):
+        if isinstance(o, float) and not math.isfinite(o):
+            return None
+        if isinstance(o, dict):
+            return {k: clean(v) for k, v in o.items()}
+        if isinstance(o, list | tuple):
+            return [clean(v) for v in o]
+        return o
+
+    return json.dumps(clean(obj), indent=indent, allow_nan=False)
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """The SHA-256 of the file at ``path`` (hex), read in 1 MiB pieces."""
     h = hashlib.sha256()

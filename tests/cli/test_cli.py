@@ -181,3 +181,10 @@ def test_inspect_names_each_layers_form():
     assert res == "residual rank 8 fp16 + Q int2 b128  NMSE 3.25e-02"
     assert "(pair 3)" in _layer_form({**base, "dense": False, "form": "rows", "precision": "int8", "rank": 4,
                                       "pair": 3})
+
+
+def test_version(tmp_path):
+    import mixrank
+
+    out = _mixrank("--version", cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.strip() == f"mixrank {mixrank.__version__}"
