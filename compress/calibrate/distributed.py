@@ -49,6 +49,21 @@ def is_writer() -> bool:
     return rank() == 0
 
 
+def world_size_from_env() -> int:
+    """``WORLD_SIZE`` as torchrun sets it (1 when unset or empty).
+
+    Raises:
+        MixrankError: it is not a positive whole number.
+    """
+    text = os.environ.get("WORLD_SIZE", "").strip()
+    if not text:
+        return 1
+    if not text.isdigit() or int(text) < 1:
+        raise MixrankError(f"WORLD_SIZE={text!r} is not a positive number of processes; unset it, or launch with "
+                           "torchrun")
+    return int(text)
+
+
 def init_from_env(device: str | None = None, timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> bool:
     """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1): gloo on the CPU,
     nccl on CUDA. Returns whether this process is one of several.
@@ -56,7 +71,7 @@ def init_from_env(device: str | None = None, timeout: datetime.timedelta = DEFAU
     Raises:
         MixrankError: the environment is half set or the rendezvous fails.
     """
-    size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    size = world_size_from_env()
     if size <= 1 or active():
         return active()
     missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]

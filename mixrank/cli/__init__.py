@@ -36,6 +36,18 @@ def build_parser() -> Parser:
     return p
 
 
+def _follower() -> bool:
+    """A rank other than 0 of a torchrun job (``WORLD_SIZE`` > 1): rank 0 prints for all. A
+    stray ``RANK`` without a job of several processes silences nothing."""
+    from mixrank.compress.calibrate.distributed import world_size_from_env
+
+    try:
+        several = world_size_from_env() > 1
+    except MixrankError:
+        several = False
+    return several and os.environ.get("RANK", "0").strip() not in ("", "0")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line on ``argv`` (``None``: ``sys.argv[1:]``); returns the exit code.
     With no subcommand it is ``run``."""
@@ -63,10 +75,14 @@ def main(argv: list[str] | None = None) -> int:
         print("mixrank: internal error: this is a bug in mixrank, not in your input; please "
               "report it with the traceback above and the command you ran", file=sys.stderr)
         return EXIT_INTERNAL
-    if os.environ.get("RANK", "0") not in ("", "0"):
-        pass  # under torchrun rank 0 speaks for all
-    elif args.json:
-        print(json.dumps(result, indent=2, default=str))
-    else:
-        tool.show(result)
+    try:
+        if _follower():
+            pass  # under torchrun rank 0 speaks for all
+        elif args.json:
+            print(json.dumps(result, indent=2, default=str))
+        else:
+            tool.show(result)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `mixrank inspect ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return tool.exit_code(result)

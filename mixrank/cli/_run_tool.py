@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 from mixrank.core import MixrankError
 
 from ._args import CompressArgs, LimitsArgs, ModelArgs, Printing, Tool, batch_sizes, log
@@ -38,10 +36,12 @@ class Run(Tool):
         parser.add_argument("--force", action="store_true", help="redo every stage")
 
     def run(self, args):
+        from mixrank.compress.calibrate.distributed import world_size_from_env
+
         from .._pipeline import RunOptions, run_pipeline
         from .._target import Target
 
-        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        if world_size_from_env() > 1:
             raise MixrankError("mixrank run is one process; scale the compression out with torchrun ... -m mixrank "
                                "compress, then run the other stages on its factors (mixrank rewrite, build, bench)")
         sizes = batch_sizes(args.batches)

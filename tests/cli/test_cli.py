@@ -188,3 +188,27 @@ def test_version(tmp_path):
 
     out = _mixrank("--version", cwd=tmp_path)
     assert out.returncode == 0 and out.stdout.strip() == f"mixrank {mixrank.__version__}"
+
+
+def test_the_torchrun_environment_is_checked(tmp_path):
+    """A WORLD_SIZE that is not a number is one line and exit 2; a stray RANK without a job of
+    several processes silences nothing; output into a closed pipe is no traceback."""
+    import os
+
+    env = {**os.environ, "WORLD_SIZE": "abc", "MIXRANK_NO_PROGRESS": "1"}
+    out = subprocess.run([sys.executable, "-m", "mixrank", "compress", "--method", "svd", "--keep", "0.4", "-o",
+                          "f.safetensors"], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert out.returncode == 2 and out.stderr.strip() == ("mixrank: error: WORLD_SIZE='abc' is not a positive "
+                                                          "number of processes; unset it, or launch with torchrun")
+    assert not (tmp_path / "f.safetensors").exists()
+    env = {k: v for k, v in os.environ.items() if k != "WORLD_SIZE"} | {"RANK": "1"}
+    out = subprocess.run([sys.executable, "-m", "mixrank", "--help"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and "usage: mixrank" in out.stdout
+    (tmp_path / "ok.toml").write_text("max_param_ratio = 0.5\n")
+    from mixrank.engines import REPORT_SCHEMA
+
+    rep = {"schema_version": REPORT_SCHEMA, "summary": {"param_ratio": 0.4}}
+    (tmp_path / "r.json").write_text(json.dumps(rep))
+    out = subprocess.run(f"{sys.executable} -m mixrank check r.json ok.toml | head -c 1", shell=True,
+                         capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert "Traceback" not in out.stderr, out.stderr
