@@ -208,3 +208,22 @@ def test_rewrite_never_destroys_its_inputs_weights(tmp_path):
         assert len(load_onnx(tmp_path / src).graph.initializer) == 4
     rewrite_onnx(tmp_path / "ext2.onnx", tmp_path / "f.safetensors", tmp_path / "ext2.onnx")  # in place
     onnx.checker.check_model(str(tmp_path / "ext2.onnx"), full_check=True)
+
+
+def test_sigterm_during_run_leaves_nothing(tmp_path, digits):
+    """SIGTERM while `mixrank run` compresses: one line, exit 143, and the folder it created
+    (holding only its lock) is gone, as after Ctrl-C."""
+    import signal
+
+    env = {**os.environ, "MIXRANK_NO_PROGRESS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "mixrank", "run", "--out", "r", "--seconds", "1"], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "r" / ".mixrank.lock").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1] == "mixrank: terminated (SIGTERM)", err[-2000:]
+    assert not (tmp_path / "r").exists(), list((tmp_path / "r").iterdir())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 
 from mixrank.core import MixrankError
@@ -36,6 +37,14 @@ def build_parser() -> Parser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that every stage cleans up as on Ctrl-C."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def _follower() -> bool:
     """A rank other than 0 of a torchrun job (``WORLD_SIZE`` > 1): rank 0 prints for all. A
     stray ``RANK`` without a job of several processes silences nothing."""
@@ -56,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         args = parser.parse_args(["run", *(argv or [])])
     tool: Tool = args.tool
+    try:  # SIGTERM unwinds like Ctrl-C, so that nothing is left
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # main() called from a thread other than the main one
+        previous = None
     try:
         result = tool.run(args)
     except MixrankError as e:
@@ -65,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"mixrank: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Terminated:
+        print("mixrank: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("mixrank: interrupted", file=sys.stderr)
         return 130
@@ -75,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         print("mixrank: internal error: this is a bug in mixrank, not in your input; please "
               "report it with the traceback above and the command you ran", file=sys.stderr)
         return EXIT_INTERNAL
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     try:
         if _follower():
             pass  # under torchrun rank 0 speaks for all
