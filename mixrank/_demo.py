@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from mixrank.core import atomic_write
+from mixrank.core import MixrankError, atomic_write, check_writable_path, warn
 
 
 @dataclass(frozen=True)
@@ -126,18 +126,41 @@ def digits_vit(recipe: DigitsRecipe = DigitsRecipe(), progress: bool = True,
                cache: Path | None = None) -> nn.Module:
     """The trained digits ViT: loaded from the cache, or trained once and cached
     (written atomically as safetensors)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     cache = Path(cache) if cache else cache_dir()
     path = cache / f"digits_vit_{recipe.key()}.safetensors"
+    try:  # before two minutes of training, not after
+        check_writable_path(path)
+    except MixrankError as e:
+        raise MixrankError(f"the model cache (MIXRANK_CACHE={cache}) cannot hold the trained model: {e}") from None
     model = build_digits_vit(recipe)
     if path.is_file():
         try:
-            model.load_state_dict(load_file(str(path)))
+            with safe_open(str(path), "pt") as f:
+                recorded = (f.metadata() or {}).get("sha256")
+            state = load_file(str(path))
+            if recorded != _state_digest(state):
+                raise ValueError("digest")
+            model.load_state_dict(state)
             return model.eval()
-        except Exception:
-            path.unlink(missing_ok=True)  # a damaged cache entry is retrained
+        except Exception:  # damaged (or from before digests): retrained, with one line to say so
+            warn(f"the cached digits model {path} is damaged or from an older mixrank (its digest does not "
+                 "match); training it again")
+            path.unlink(missing_ok=True)
     model = train_digits_vit(recipe, progress=progress)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={"recipe": json.dumps(asdict(recipe))}))
+    meta = {"recipe": json.dumps(asdict(recipe)), "sha256": _state_digest(state)}
+    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
     return model
+
+
+def _state_digest(state: dict) -> str:
+    """SHA-256 over a state dict's names, dtypes, shapes and bytes (in name order)."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].contiguous()
+        h.update(f"{k}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

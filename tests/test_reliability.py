@@ -227,3 +227,30 @@ def test_sigterm_during_run_leaves_nothing(tmp_path, digits):
     assert proc.returncode == 143, err[-2000:]
     assert err.strip().splitlines()[-1] == "mixrank: terminated (SIGTERM)", err[-2000:]
     assert not (tmp_path / "r").exists(), list((tmp_path / "r").iterdir())
+
+
+def test_a_damaged_model_cache_is_retrained_and_a_bad_cache_path_fails_first(tmp_path, capsys, monkeypatch):
+    """A cached model whose bytes were changed but which still loads is not used (its digest
+    does not match): one warning, and it is trained again. A cache path that is a file fails
+    before any training."""
+    from mixrank import _demo
+    from mixrank._demo import DigitsRecipe, digits_vit
+
+    recipe = DigitsRecipe(embed_dim=16, depth=1, num_heads=2, epochs=1)
+    first = digits_vit(recipe, progress=False, cache=tmp_path)
+    path = next(tmp_path.glob("digits_vit_*.safetensors"))
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x40  # a bit of the last weight: still a valid file
+    path.write_bytes(bytes(data))
+    trained = []
+    real = _demo.train_digits_vit
+    monkeypatch.setattr(_demo, "train_digits_vit", lambda *a, **k: trained.append(1) or real(*a, **k))
+    again = digits_vit(recipe, progress=False, cache=tmp_path)
+    assert trained == [1] and "is damaged" in capsys.readouterr().err
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values(),
+                                                 strict=True))
+    assert digits_vit(recipe, progress=False, cache=tmp_path) is not None and trained == [1]  # now it loads
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(MixrankError, match="MIXRANK_CACHE"):
+        digits_vit(recipe, progress=False, cache=tmp_path / "afile")
+    assert trained == [1]
