@@ -28,7 +28,7 @@ lazy_exports(globals(), {
     ".allocate": ("ALLOCATORS", "Allocation", "Allocator", "Candidate", "LayerSpace", "layer_spaces",
                   "uniform_allocation"),
     ".artifact": ("FORMAT_VERSION", "FactoredLinear", "Factors", "LayerPlan", "Plan", "apply_factors",
-                  "load_factors", "save_factors", "weight_fingerprint"),
+                  "load_factors", "save_factors", "validate_factors", "weight_fingerprint"),
     ".calibrate": ("MAX_IMAGE_PIXELS", "Calibration", "ImageBatches", "LayerStats", "collect_stats",
                    "countable_params", "image_csv", "image_folder", "model_transform", "select_layers"),
     "._config": ("CompressConfig", "job_config", "merge_settings"),

@@ -55,6 +55,50 @@ def external_data_fixtures(src: Path, d: Path) -> None:
     (d / "dirout.onnx.data").mkdir()
 
 
+def forged_factors(d: Path, model) -> None:
+    """Factors files that parse and whose digest matches (recomputed, as a forger would), but
+    that are not what their plan says; each ``forged_<what>.safetensors``."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from mixrank.compress import weight_fingerprint
+    from mixrank.compress.artifact._factors import DIGEST_KEY, PLAN_KEY, _digest
+
+    def layer(name, r=4, **kw):
+        W = model.get_submodule(name).weight.detach()
+        return {"shape": list(W.shape), "rank": r, "dense": False, "sha256": weight_fingerprint(W), **kw}
+
+    def good():
+        U, S, Vh = torch.linalg.svd(model.get_submodule("0").weight.detach().double(), full_matrices=False)
+        return {"0.A": (U[:, :4] * S[:4]).float().contiguous(), "0.B": Vh[:4].float().contiguous()}
+
+    def write(what, layers, tensors, version=2):
+        plan = json.dumps({"format_version": version, "layers": layers}, sort_keys=True, separators=(",", ":"))
+        save_file(tensors, str(d / f"forged_{what}.safetensors"),
+                  metadata={PLAN_KEY: plan, DIGEST_KEY: _digest(plan, tensors)})
+
+    t = good()
+    write("nan", {"0": layer("0")}, {**t, "0.A": t["0.A"].clone().index_fill_(0, torch.tensor([3]), float("nan"))})
+    write("rank8", {"0": layer("0", 8)}, t)
+    write("form", {"0": layer("0", form="zigzag")}, t, 4)
+    write("int64", {"0": layer("0")}, {**t, "0.A": t["0.A"].long()})
+    write("version_true", {"0": layer("0")}, t, True)
+    write("layers_list", [layer("0")], t)
+    write("layer_string", {"0": "lowrank"}, t)
+    write("missing_b", {"0": layer("0")}, {"0.A": t["0.A"]})
+    write("int3", {"0": layer("0", precision="int3")}, t)
+    write("rank_null", {"0": layer("0", None)}, t)
+    write("rank_text", {"0": layer("0", "4")}, t)
+    write("int8_floats", {"0": layer("0", precision="int8")}, t, 4)
+    write("sparse", {"0": layer("0", sparse={"structure": "zigzag", "k": 2})}, t)
+    rows = {"0.B": t["0.B"]}  # a pair's rows layer: rank output rows of B and their index
+    for what, idx in (("index_negative", [0, 1, 2, -1]), ("index_repeated", [0, 1, 1, 2]),
+                      ("index_past", [0, 1, 2, 99])):
+        write(what, {"0": layer("0", form="rows", pair="qk:0+2")},
+              {**rows, "0.index": torch.tensor(idx, dtype=torch.int32)}, 4)
+
+
 def _fixtures(d: Path) -> None:
     """Every input file the cases use, in folder ``d``."""
     from PIL import Image
@@ -81,6 +125,7 @@ def _fixtures(d: Path) -> None:
         torch.onnx.export(model, (torch.randn(2, 16),), str(d / name), dynamo=False, opset_version=17,
                           input_names=["x"], dynamic_axes={"x": {0: "b"}})
     save_factors(factors_of(a), d / "f.safetensors")
+    forged_factors(d, a)
     external_data_fixtures(d / "m.onnx", d)
     (d / "garbage.onnx").write_bytes(b"\x08\x07not a model at all")
     raw = (d / "m.onnx").read_bytes()
@@ -268,6 +313,26 @@ CASES = [
          "max_seconds must be a number > 0, got -5.0", ["b"]),
     Case("bench inputs of NaN", ["bench", "m.onnx", "m.onnx", "--inputs", "inputs_nan.npy", "--out", "b", "--seconds",
                                  "1"], "values that are NaN or infinite", ["b"]),
+    *[Case(f"inspect forged factors: {what}", ["inspect", f"forged_{what}.safetensors"], message)
+      for what, message in (
+          ("nan", "tensor 0.A holds 4 values that are NaN or infinite"),
+          ("rank8", "layer 0: rank is 8 over factors of shapes [32, 4] and [4, 16]"),
+          ("form", "layer 0: form is 'zigzag'"),
+          ("int64", "layer 0: A is torch.int64"),
+          ("version_true", "factors format version True"),
+          ("layers_list", "the plan's layers are list"),
+          ("layer_string", "layer 0: entry is str, not a table"),
+          ("missing_b", "layer 0: tensor 0.B is missing"),
+          ("int3", "layer 0: precision is 'int3'"),
+          ("rank_null", "layer 0: rank is None"),
+          ("rank_text", "layer 0: rank is '4'"),
+          ("int8_floats", "layer 0: tensor 0.A.codes is missing (the plan says lowrank at int8)"),
+          ("sparse", "layer 0: sparse structure is 'zigzag'"),
+          ("index_negative", "layer 0: index holds -1..2, outside [0, 32)"),
+          ("index_repeated", "layer 0: index repeats an entry"),
+          ("index_past", "layer 0: index holds 0..99, outside [0, 32)"))],
+    Case("rewrite forged factors", ["rewrite", "m.onnx", "forged_rank8.safetensors", "-o", "o.onnx"],
+         "rank is 8 over factors", ["o.onnx"]),
     Case("bench garbage onnx", ["bench", "garbage.onnx", "m.onnx", "--out", "b"],
          "garbage.onnx is not a readable ONNX model", ["b"]),
     Case("build garbage onnx", ["build", "garbage.onnx", "-o", "e.ort.onnx"], "cannot load", ["e.ort.onnx"]),

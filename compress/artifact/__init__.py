@@ -18,3 +18,4 @@ from ._plan import (
     Totals,
 )
 from ._realize import Realized, realize
+from ._validate import validate_factors

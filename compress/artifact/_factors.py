@@ -17,6 +17,7 @@ import torch
 from mixrank.core import MixrankError, atomic_write
 
 from ._plan import FORMAT_VERSION, READABLE_VERSIONS, LayerPlan, Plan
+from ._validate import validate_factors
 
 PLAN_KEY = "mixrank.plan"
 DIGEST_KEY = "mixrank.digest"
@@ -121,8 +122,9 @@ def load_factors(path: str | os.PathLike) -> Factors:
     of older formats are upgraded (`Plan.read`).
 
     Raises:
-        MixrankError: missing, not a factors file, unsupported version, or tampered
-            (the digest over plan and tensors disagrees).
+        MixrankError: missing, not a factors file, unsupported version, tampered (the
+            digest over plan and tensors disagrees), or not what its plan says
+            (`validate_factors`: one line naming the layer and the field).
     """
     from safetensors import safe_open
 
@@ -145,4 +147,6 @@ def load_factors(path: str | os.PathLike) -> Factors:
         raw = json.loads(meta[PLAN_KEY])
     except json.JSONDecodeError as e:
         raise MixrankError(f"{path}: its plan is not JSON ({e})") from None
-    return Factors(tensors=tensors, plan=Plan.read(raw, where=str(path)))
+    factors = Factors(tensors=tensors, plan=Plan.read(raw, where=str(path)))
+    validate_factors(factors, str(path))
+    return factors

@@ -224,7 +224,7 @@ class Plan(Record):
         if not isinstance(d, dict):
             raise MixrankError(f"{where} is not a JSON object")
         version = d.get("format_version")
-        if version not in READABLE_VERSIONS:
+        if isinstance(version, bool) or version not in READABLE_VERSIONS:  # true == 1 in Python
             raise MixrankError(f"{where} has factors format version {version}; this mixrank reads "
                                f"version{'s' if len(READABLE_VERSIONS) > 1 else ''} "
                                f"{', '.join(map(str, READABLE_VERSIONS))}")
