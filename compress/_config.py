@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from mixrank.core import MixrankError, close_matches, read_toml
+from mixrank.core import MixrankError, close_matches, is_number, read_toml
 
 from ._defaults import JOB_BYTES
 from ._methods import METHODS, Method
@@ -45,7 +45,6 @@ from ._sections import (
     check_fraction,
     check_seconds,
     flat_name,
-    is_number,
     parse_memory,
 )
 from .factor import FACTORIZERS

@@ -15,7 +15,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from mixrank.core import MixrankError
+from mixrank.core import MixrankError, is_number
 
 from .factor.sparse import SPARSE
 from .store import BLOCKS, GRIDS, PRECISIONS, SPLITS
@@ -26,12 +26,6 @@ DTYPE_PRECISION = {"float32": "fp32", "float16": "fp16", "int8": "int8"}
 OVERRIDE_KEYS = ("dense", "rank", "min_rank", "sparse_k")
 STRUCTURES = ("auto", "lowrank", "pairs")
 SEARCH_FORMS = ("dense", "lowrank", "residual")
-
-
-def is_number(value) -> bool:
-    """A finite real number given as a number (int or float; not a bool, not text): the one
-    test of every numeric setting, whether it comes from the API, a TOML file or a flag."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_fraction(name: str, value, text: bool = False) -> None:
@@ -273,6 +267,10 @@ class Quantize:
                 or any(w not in ints for w in self.widths):
             raise MixrankError(f"widths must be a non-empty list of {', '.join(ints)}, got {self.widths!r}")
         self.widths = tuple(w for w in ints if w in self.widths)  # one order, whatever the file's
+
+    def allows(self, precision: str) -> bool:
+        """Whether ``precision="auto"`` may store at ``precision``: a float one, or one of `widths`."""
+        return not precision.startswith("int") or precision in self.widths
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import ClassVar
 import numpy as np
 from tqdm.auto import tqdm
 
-from mixrank.core import Record, import_onnxruntime
+from mixrank.core import Record, import_onnxruntime, is_number
 from mixrank.exporter import load_onnx, onnx_file_bytes, output_agreement, topk_accuracy
 
 from ._errors import MixrankError
@@ -139,8 +139,6 @@ class TimingConfig:
     stable_rel: float = 0.02
 
     def __post_init__(self) -> None:
-        import math
-
         for name in ("warmup", "min_rounds", "max_rounds", "iters_per_round"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "warmup" else 1):
@@ -148,7 +146,7 @@ class TimingConfig:
                                    f"got {v!r}")
         for name in ("max_seconds", "stable_rel"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
+            if not (is_number(v) and v > 0):
                 raise MixrankError(f"timing: {name} must be a number > 0, got {v!r}"
                                    + (" (--seconds on the command line)" if name == "max_seconds" else ""))
 

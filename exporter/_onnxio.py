@@ -30,14 +30,8 @@ def load_onnx(path: str | os.PathLike):
         raise MixrankError(f"{path} is not a readable ONNX model (corrupt or truncated?): {e}") from None
     if not model.graph.node and not model.graph.initializer:
         raise MixrankError(f"{path} is not an ONNX model (it parses to an empty graph)")
-    from onnx.external_data_helper import _get_all_tensors, uses_external_data
-
-    missing = set()
-    for t in _get_all_tensors(model):
-        if uses_external_data(t):
-            loc = next((e.value for e in t.external_data if e.key == "location"), None)
-            if loc is None or not (path.parent / loc).is_file():
-                missing.add(str(path.parent / (loc or "?")))
+    missing = {str(path.parent / (loc or "?")) for loc in _data_locations(model)
+               if loc is None or not (path.parent / loc).is_file()}
     if missing:
         raise MixrankError(
             f"{path} keeps its weights in external data file(s) that are missing: "
@@ -50,11 +44,26 @@ def load_onnx(path: str | os.PathLike):
     return model
 
 
+def _data_locations(model) -> list[str | None]:
+    """The ``location`` of every tensor the model keeps in external data (``None``: none given)."""
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    return [next((e.value for e in t.external_data if e.key == "location"), None)
+            for t in _get_all_tensors(model) if uses_external_data(t)]
+
+
+def _check_companion(path: Path) -> None:
+    """The weights file ``<name>.data`` beside an ONNX output is a regular file or absent."""
+    companion = path.parent / (path.name + ".data")
+    if (companion.exists() or companion.is_symlink()) and not companion.is_file():
+        raise MixrankError(f"{companion} exists and is not a regular file; the output {path} keeps (or removes) "
+                           "its weights there, so write elsewhere or remove it")
+
+
 def external_data_files(path: str | os.PathLike) -> list[Path]:
     """The external data files that the ONNX file at ``path`` keeps its weights in (those that
     exist; none for a self-contained file or one that cannot be read)."""
     import onnx
-    from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
     path = Path(path)
     try:
@@ -62,12 +71,9 @@ def external_data_files(path: str | os.PathLike) -> list[Path]:
     except Exception:
         return []
     found = []
-    for t in _get_all_tensors(model):
-        if uses_external_data(t):
-            loc = next((e.value for e in t.external_data if e.key == "location"), None)
-            f = path.parent / loc if loc else None
-            if f is not None and f.is_file() and f not in found:
-                found.append(f)
+    for loc in _data_locations(model):
+        if loc and (path.parent / loc).is_file() and path.parent / loc not in found:
+            found.append(path.parent / loc)
     return found
 
 
@@ -102,9 +108,7 @@ def check_onnx_output(out: str | os.PathLike, *inputs: str | os.PathLike, overwr
         if same(companion, i):
             raise MixrankError(f"the output's weights file {companion} is the input {i}; write the output "
                                "elsewhere")
-    if companion.exists() and not companion.is_file():
-        raise MixrankError(f"{companion} exists and is not a regular file; the output {out} keeps (or removes) "
-                           "its weights there, so write elsewhere or remove it")
+    _check_companion(out)
     return check_writable_path(out, inputs=tuple(inputs), overwrite_input=overwrite)
 
 
@@ -134,10 +138,7 @@ def save_onnx(model, path: str | os.PathLike, external_data: bool | None = None)
     if external_data is None:
         external_data = model_bytes(model) > EXTERNAL_DATA_THRESHOLD
     data_name = path.name + ".data"
-    companion = path.parent / data_name
-    if (companion.exists() or companion.is_symlink()) and not companion.is_file():
-        raise MixrankError(f"{companion} exists and is not a regular file; the output {path} keeps (or removes) "
-                           "its weights there, so write elsewhere or remove it")
+    _check_companion(path)
 
     def write(tmp: Path) -> None:
         if external_data:

@@ -26,7 +26,7 @@ AUTO_PRECISIONS = ("fp16", "int8", "int4")
 def auto_precisions(quantize) -> tuple[str, ...]:
     """The uniform precisions ``precision="auto"`` starts from: `AUTO_PRECISIONS` within the
     configuration's integer ``widths``."""
-    return tuple(p for p in AUTO_PRECISIONS if p == "fp16" or p in quantize.widths)
+    return tuple(p for p in AUTO_PRECISIONS if quantize.allows(p))
 
 
 @dataclass

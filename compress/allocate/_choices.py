@@ -106,7 +106,7 @@ class LayerChoices:
     def _dense_options(self, name: str, sp: LayerSpace) -> list[Option]:
         out, W, G = [], self.weights[name], self.grams[name]
         for p, block in DENSE_OPTIONS:
-            if p != "fp16" and p not in self.quantize.widths:
+            if not self.quantize.allows(p):
                 continue
             space = replace(sp, precision=p, block=block or self.quantize.block, dense=True, fixed=None)
             _, What = store_weight(W, p, self.quantize, G, block=space.block)
@@ -120,7 +120,7 @@ class LayerChoices:
                                               for f in FACTOR_FRACTIONS if sp.cap >= sp.floor})
         out = []
         for p in FACTOR_PRECISIONS:
-            if p != "fp16" and p not in self.quantize.widths:
+            if not self.quantize.allows(p):
                 continue
             space = replace(sp, precision=p)
             for r in ranks:
@@ -132,7 +132,7 @@ class LayerChoices:
     def _residual_options(self, name: str, sp: LayerSpace) -> list[Option]:
         out = []
         for p, r, qp, qb in RESIDUAL_OPTIONS:
-            if r > sp.cap or qp not in self.quantize.widths:
+            if r > sp.cap or not self.quantize.allows(qp):
                 continue
             space = replace(sp, precision=p, form="residual", residual_precision=qp, residual_block=qb, fixed=r)
             fit = self.residuals.get(name, p, qp, qb).fit_at(r)

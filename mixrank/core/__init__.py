@@ -16,7 +16,8 @@ process that only needs it stays small.
 from ._lazy import lazy_exports
 
 lazy_exports(globals(), {
-    "._errors": ("ORT_MISSING", "MixrankError", "WriteError", "close_matches", "import_onnxruntime", "warn"),
+    "._errors": ("ORT_MISSING", "MixrankError", "WriteError", "close_matches", "import_onnxruntime", "is_number",
+                  "warn"),
     "._io": ("FolderLock", "atomic_write", "atomic_write_bytes", "atomic_write_text", "check_writable_path",
              "file_mode", "json_text", "output_dir", "output_folder", "sha256_file"),
     "._lazy": ("lazy_exports",),

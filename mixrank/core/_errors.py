@@ -20,6 +20,14 @@ class WriteError(MixrankError, OSError):
     `MixrankError` (exit 2, one line) that is also an ``OSError``."""
 
 
+def is_number(value) -> bool:
+    """A finite real number given as a number (int or float; not a bool, not text): the one
+    test of every numeric setting, whether it comes from the API, a TOML file or a flag."""
+    import math
+
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def warn(msg: str) -> None:
     """A warning the user must see even with ``--quiet``: one line on stderr."""
     print(f"mixrank: warning: {msg}", file=sys.stderr)
