@@ -221,3 +221,40 @@ def test_mixrank_run_writes_the_same_bytes_under_load(digits, tmp_path):
     assert _sha(outs[0] / "model.mixrank.safetensors") == _sha(outs[1] / "model.mixrank.safetensors")
     for name in onnx:
         assert _sha(outs[0] / name) == _sha(outs[1] / name), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [["--method", "svd", "--keep", "0.4"], ["--effort", "fast"]],
+                         ids=["svd", "fast"])
+def test_factors_files_are_byte_identical_across_thread_counts(digits, tmp_path, flags):
+    """issue 27: MKL's eigh and SVD round differently on 1 and 2 threads, and the plan's
+    figures differed in their last digits; the decompositions now run on one thread and the
+    plan records its figures rounded, so the file is the same bytes."""
+    digests = []
+    for threads in (1, 2):
+        out = tmp_path / f"t{threads}.safetensors"
+        r = subprocess.run([sys.executable, "-m", "mixrank", "compress", *flags, "-q", "-o", str(out)],
+                           capture_output=True, text=True, timeout=600,
+                           env=_env(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads))
+        assert r.returncode == 0, r.stderr[-2000:]
+        digests.append(_sha(out))
+    assert digests[0] == digests[1]
+
+
+def test_decompositions_give_the_same_bits_on_any_thread_count():
+    from mixrank.compress import _linalg as linalg
+
+    torch.manual_seed(0)
+    x = torch.randn(900, 160, dtype=torch.float64)
+    g, w = x.T @ x, torch.randn(300, 160, dtype=torch.float64)
+    saved = torch.get_num_threads()
+    got = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            e, q = linalg.eigh(g)
+            got.append((e, q, *linalg.svd(w @ q, full_matrices=False), linalg.cholesky(g)))
+            assert torch.get_num_threads() == threads  # restored after each call
+    finally:
+        torch.set_num_threads(saved)
+    assert all(torch.equal(a, b) for a, b in zip(*got, strict=True))

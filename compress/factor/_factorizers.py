@@ -25,6 +25,7 @@ import torch
 
 from mixrank.core import Registry
 
+from .. import _linalg as linalg
 from ..calibrate import LayerStats
 from ._fit import LayerFit, closed_form_fit, nmse
 from ._spectrum import Spectrum, plain_spectrum, whitened_spectrum
@@ -104,14 +105,14 @@ def oats_fit(W: torch.Tensor, G: torch.Tensor, tokens: int, cost: int, value_byt
     S = torch.zeros_like(Ws)
     idx = None
     for _ in range(iters):
-        U, Sig, Vh = torch.linalg.svd(Ws - S, full_matrices=False)
+        U, Sig, Vh = linalg.svd(Ws - S, full_matrices=False)
         Lr = (U[:, :r] * Sig[:r]) @ Vh[:r]
         R = Ws - Lr
         if k == 0:
             break
         idx = torch.topk(R.abs(), k, dim=1).indices.sort(dim=1).values
         S = torch.zeros_like(R).scatter_(1, idx, torch.gather(R, 1, idx))
-    U, Sig, Vh = torch.linalg.svd(Ws - S, full_matrices=False)
+    U, Sig, Vh = linalg.svd(Ws - S, full_matrices=False)
     A, B = (U[:, :r] * Sig[:r]), Vh[:r] / d
     sparse = None
     if k:

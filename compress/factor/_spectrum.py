@@ -12,6 +12,8 @@ import torch
 
 from mixrank.core import MixrankError
 
+from .. import _linalg as linalg
+
 
 @dataclass
 class Spectrum:
@@ -66,10 +68,10 @@ def damped_sqrt(G: torch.Tensor, damping: float) -> tuple[torch.Tensor, float]:
     if lam <= 0:
         lam = 1e-12 * max(float(torch.diagonal(G).abs().max()), 1.0)
     Gd = G + lam * torch.eye(n, dtype=G.dtype, device=G.device)
-    L, info = torch.linalg.cholesky_ex(Gd)
+    L, info = linalg.cholesky_ex(Gd)
     if int(info) == 0:
         return L, lam
-    evals, Q = torch.linalg.eigh(Gd)
+    evals, Q = linalg.eigh(Gd)
     evals = evals.clamp_min(lam)
     return (Q * evals.sqrt()) @ Q.T, lam
 
@@ -89,10 +91,10 @@ def whitened_spectrum(W: torch.Tensor, G: torch.Tensor, damping: float = 1e-2) -
         raise MixrankError("the weight holds NaN or Inf values")
     Wd = W.detach().double().to(G.device)
     L, lam = damped_sqrt(G, damping)
-    U, S, Vh = torch.linalg.svd(Wd @ L, full_matrices=False)  # (m,k) (k,) (k,n)
+    U, S, Vh = linalg.svd(Wd @ L, full_matrices=False)  # (m,k) (k,) (k,n)
     # B = Vhᵀ-rows times L⁻¹:  B L = Vh  ⇔  Lᵀ Bᵀ = Vhᵀ
-    B = torch.linalg.solve_triangular(L.T, Vh.T, upper=True).T if _is_lower(L) else (
-        torch.linalg.solve(L.T, Vh.T).T
+    B = linalg.solve_triangular(L.T, Vh.T, upper=True).T if _is_lower(L) else (
+        linalg.solve(L.T, Vh.T).T
     )
     c = (B * B).sum(dim=1)  # ‖v_iᵀ L⁻¹‖², (k,)
     s2 = S * S
@@ -115,7 +117,7 @@ def plain_spectrum(W: torch.Tensor, G: torch.Tensor | None = None,
     """
     Wd = W.detach().double()
     s = None if scale is None else scale.double().to(Wd.device).clamp_min(1e-12)
-    U, S, Vh = torch.linalg.svd(Wd if s is None else Wd * s, full_matrices=False)
+    U, S, Vh = linalg.svd(Wd if s is None else Wd * s, full_matrices=False)
     vt = Vh if s is None else Vh / s  # (k, n) rows v_iᵀ diag(s)⁻¹
     if G is None:
         e = _tail_sums(S * S * (vt * vt).sum(1))
@@ -135,4 +137,4 @@ def ridge_toward(M0: torch.Tensor, P: torch.Tensor, G: torch.Tensor, damping: fl
     lam = damping * float(torch.diagonal(G).mean())
     lam = lam if lam > 0 else 1e-12
     Gd = G + lam * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
-    return M0 + torch.linalg.solve(Gd, (P - M0 @ G).T).T
+    return M0 + linalg.solve(Gd, (P - M0 @ G).T).T

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from .. import _linalg as linalg
 from ..factor import LayerFit, SparseTerm, damped_sqrt, form_of, nmse
 from ._guard import REFINEMENTS, Outcome, Refinement
 from ._optim import Schedule, descend
@@ -55,8 +56,8 @@ def compensate(
 
     descend(params, loss, None, Schedule(steps=steps, lr=lr))  # full-batch: the loss scores itself
     A1, Bt1 = A.detach(), Bt.detach()
-    B1 = torch.linalg.solve_triangular(L.T, Bt1.double().T, upper=True).T \
-        if torch.equal(L, torch.tril(L)) else torch.linalg.solve(L.T, Bt1.double().T).T
+    B1 = linalg.solve_triangular(L.T, Bt1.double().T, upper=True).T \
+        if torch.equal(L, torch.tril(L)) else linalg.solve(L.T, Bt1.double().T).T
     S1 = None if fit.sparse is None else SparseTerm(fit.sparse.structure, fit.sparse.index.to(dev),
                                                       sv.detach().float())
     e = nmse(W.to(dev), A1, B1, S1, G, ref)  # everything on G's device

@@ -25,6 +25,8 @@ import torch
 
 from mixrank.core import MixrankError
 
+from .. import _linalg as linalg
+
 PRECISIONS = ("fp32", "fp16", "int8", "int4", "int2")
 INT_BITS = {"int8": 8, "int4": 4, "int2": 2}
 FLOAT_BYTES = {"fp32": 4, "fp16": 2}
@@ -166,8 +168,8 @@ def _inverse_factor(H: torch.Tensor, K: int, Kp: int, damping: float) -> torch.T
     Hp[:K, :K] = H + lam * torch.eye(K, dtype=torch.float64, device=H.device)
     dead = torch.diagonal(Hp) <= 0
     Hp[dead, dead] = 1.0
-    L = torch.linalg.cholesky(Hp)
-    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    L = linalg.cholesky(Hp)
+    return linalg.cholesky(linalg.cholesky_inverse(L), upper=True)
 
 
 def fake_quant(W: torch.Tensor, precision: str, block: int = 32, H: torch.Tensor | None = None,

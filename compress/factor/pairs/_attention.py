@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ... import _linalg as linalg
 from ._base import Pair
 from ._spectrum import SPECTRA, PairedSpectrum, augmented, global_order, root, tails, with_bias
 
@@ -21,7 +22,7 @@ def qk_spectra(pair: Pair, lins: dict, stats: dict, damping: float) -> dict[str,
         Ck = Wk[sl] @ Gk @ Wk[sl].T
         Rq, Rq_inv = root(Cq, damping)
         Rk, Rk_inv = root(Ck, damping)
-        U, S, Vh = torch.linalg.svd(Rq @ Rk)
+        U, S, Vh = linalg.svd(Rq @ Rk)
         s = S.sqrt()
         rows_q.append((s[:, None] * U.T @ Rq_inv) @ Wq[sl])  # (d, n+1): maps of the original q
         rows_k.append((s[:, None] * Vh @ Rk_inv) @ Wk[sl])
@@ -54,7 +55,7 @@ def vo_spectra(pair: Pair, lins: dict, stats: dict, damping: float) -> dict[str,
     for h in range(H):
         sl = slice(h * d, (h + 1) * d)
         R, R_inv = root(Go[sl, sl], damping)
-        U, S, Vh = torch.linalg.svd(Wo[:, sl] @ R, full_matrices=False)  # (m, d) (d,) (d, d)
+        U, S, Vh = linalg.svd(Wo[:, sl] @ R, full_matrices=False)  # (m, d) (d,) (d, d)
         cols_o.append(U)  # unit columns: even scales within each quantization block of A
         rows_v.append((S[:, None] * Vh @ R_inv) @ Wv[sl])  # (d, n+1)
         sig2.append(S * S)

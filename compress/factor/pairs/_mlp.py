@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ... import _linalg as linalg
 from ._base import Pair
 from ._spectrum import SPECTRA, PairedSpectrum
 
@@ -56,7 +57,7 @@ def mlp_spectra(pair: Pair, lins: dict, stats: dict, damping: float) -> dict[str
     err = torch.cat([torch.tensor([ref], dtype=torch.float64), ref - torch.cumsum(gains_t, 0)]).clamp_min(0.0)
 
     def solve(r: int):
-        A = torch.linalg.solve_triangular(Ls[:r, :r].T, K[:, :r].T, upper=True).T  # K_r L_S⁻¹, (m, r)
+        A = linalg.solve_triangular(Ls[:r, :r].T, K[:, :r].T, upper=True).T  # K_r L_S⁻¹, (m, r)
         delta = W2 @ mu - A @ mu[idx[:r].to(dev)]  # the new bias minus the old: E[y] is kept
         return A.float().cpu(), delta.float().cpu()
 

@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from mixrank.core import Registry
 
+from ... import _linalg as linalg
 from .._spectrum import Spectrum
 from ..forms import FORMS
 from ._base import Pair
@@ -94,7 +95,7 @@ def root(C: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
     C = C.double()
     lam = damping * float(torch.diagonal(C).mean())
     lam = lam if lam > 0 else 1e-12
-    e, Q = torch.linalg.eigh(C + lam * torch.eye(len(C), dtype=C.dtype, device=C.device))
+    e, Q = linalg.eigh(C + lam * torch.eye(len(C), dtype=C.dtype, device=C.device))
     e = e.clamp_min(lam)
     return (Q * e.sqrt()) @ Q.T, (Q / e.sqrt()) @ Q.T
 

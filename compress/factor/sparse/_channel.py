@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ... import _linalg as linalg
 from ._base import SPARSE, SparseStructure, damped
 
 
@@ -28,7 +29,7 @@ class ChannelSparse(SparseStructure):
 
     def fit_values(self, index, R, G, lam):
         rhs = R @ G[:, index]  # (m, k)
-        return torch.linalg.solve(damped(G[index][:, index], lam), rhs.T).T
+        return linalg.solve(damped(G[index][:, index], lam), rhs.T).T
 
     def dense(self, index, value, n):
         S = value.new_zeros(value.shape[0], n)

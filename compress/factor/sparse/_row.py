@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ... import _linalg as linalg
 from ._base import SPARSE, SparseStructure, damped
 
 
@@ -28,7 +29,7 @@ class RowSparse(SparseStructure):
         RG = R @ G  # (m, n)
         rhs = torch.gather(RG, 1, index)  # (m, k)
         Gjj = G[index.unsqueeze(-1), index.unsqueeze(-2)]  # (m, k, k)
-        return torch.linalg.solve(damped(Gjj, lam), rhs.unsqueeze(-1)).squeeze(-1)
+        return linalg.solve(damped(Gjj, lam), rhs.unsqueeze(-1)).squeeze(-1)
 
     def dense(self, index, value, n):
         return value.new_zeros(value.shape[0], n).scatter_(1, index, value)
