@@ -177,7 +177,7 @@ class CompressConfig:
 
     def _fill_effort(self, effort: str, parts: dict[str, dict[str, Any]]) -> None:
         """Fill in the preset's settings that the user left unset and the method reads."""
-        if effort not in EFFORTS:
+        if not isinstance(effort, str) or effort not in EFFORTS:
             raise MixrankError(f"unknown effort {effort!r}; choose one of {', '.join(EFFORTS)}"
                                f"{close_matches(str(effort), EFFORTS)}")
         reads = METHODS[self.method].settings()
@@ -192,7 +192,7 @@ class CompressConfig:
 
     def _validate(self) -> None:
         method = METHODS[self.method]
-        if self.metric not in METRICS:
+        if not isinstance(self.metric, str) or self.metric not in METRICS:
             raise MixrankError(f"unknown metric {self.metric!r}; choose one of {', '.join(METRICS)}")
         if not (is_number(self.damping) and self.damping >= 0):
             raise MixrankError(f"damping must be a number >= 0, got {self.damping!r}")

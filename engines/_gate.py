@@ -87,7 +87,7 @@ def load_limits(path: str | os.PathLike) -> list[Limit]:
                                    f"e.g. {key} = {{ 32 = 1.2 }}, got {value!r}")
             tmpl, direction = BATCH_LIMITS[key]
             for b, v in value.items():
-                if not str(b).isdigit() or int(b) < 1:
+                if not re.fullmatch(r"[0-9]{1,9}", str(b)) or int(b) < 1:  # "²".isdigit() is true
                     raise MixrankError(f"{where}: {key}: batch size {b!r} is not a positive integer")
                 if isinstance(v, bool) or not isinstance(v, (int, float)):
                     raise MixrankError(f"{where}: {key}.{b} must be a number, got {v!r}")
@@ -111,12 +111,28 @@ def load_budget(path: str | os.PathLike) -> list[Limit]:
 
 def check_report(report: dict, limits: list[Limit]) -> dict:
     """Evaluate limits against ``report['summary']``. Returns ``{"results": [...],
-    "exit_code"}``: 0 all pass, 1 a limit failed, 3 something could not be measured."""
+    "exit_code"}``: 0 all pass, 1 a limit failed, 3 something could not be measured.
+
+    Raises:
+        MixrankError: ``report`` is not a report (a dict whose summary is a dict), or
+            ``limits`` is not a list of `Limit` (what `load_limits` returns).
+    """
+    if not isinstance(report, dict) or not isinstance(report.get("summary", {}), dict):
+        raise MixrankError("check_report takes a report: a dict with a 'summary' dict (read_report reads one)")
+    try:
+        limits = None if isinstance(limits, str | bytes | dict) else list(limits)
+    except TypeError:
+        limits = None
+    if limits is None or not all(isinstance(x, Limit) for x in limits):
+        raise MixrankError("check_report takes the limits that load_limits returns (a list of Limit)")
     summary = report.get("summary", {})
     results = []
     for lim in limits:
         measured = summary.get(lim.field)
-        if measured is None:
+        if measured is not None and (isinstance(measured, bool) or not isinstance(measured, int | float)):
+            raise MixrankError(f"the report's {lim.field} is not a number ({measured!r}): it is not a report "
+                               "mixrank wrote; rerun mixrank bench")
+        if measured is None or not math.isfinite(measured):  # what could not be measured is written as null
             verdict = "not measured"
         elif lim.direction == "max":
             verdict = "pass" if measured <= lim.value else "FAIL"

@@ -8,7 +8,7 @@ import platform
 import sys
 from pathlib import Path
 
-from mixrank.core import MixrankError, atomic_write, atomic_write_text, json_text
+from mixrank.core import MixrankError, atomic_write, atomic_write_text, json_text, loads_json
 
 REPORT_SCHEMA = 1  # report.json's schema version: `mixrank check` refuses any other
 
@@ -231,7 +231,7 @@ def read_report(path: str | os.PathLike) -> dict:
     if not p.is_file():
         raise MixrankError(f"report {p} does not exist (run mixrank bench or mixrank run first)")
     try:
-        rep = json.loads(p.read_bytes().decode("utf-8"))
+        rep = loads_json(p.read_bytes().decode("utf-8"), str(p))
     except UnicodeDecodeError as e:
         raise MixrankError(f"{p} is not a JSON report: not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
@@ -258,6 +258,9 @@ def write_report(rep: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
     try:
         text = json_text(rep)
         plots = write_plots(rep, out)
+        for name in PLOT_NAMES:  # a plot this report has none for (no layers) must not be an older report's
+            if out / name not in plots.values():
+                (out / name).unlink(missing_ok=True)
         atomic_write_text(paths["md"], report_markdown(rep))
         atomic_write_text(paths["json"], text)
     except BaseException:

@@ -11,7 +11,7 @@ Importing this package imports neither tensorrt nor initialises CUDA.
 from mixrank.core import lazy_exports
 
 lazy_exports(globals(), {
-    "._export": ("export_onnx", "verify_rewrite"),
+    "._export": ("check_opset", "export_onnx", "verify_rewrite"),
     "._onnxio": ("check_and_save", "check_onnx_output", "external_data_files", "load_onnx", "model_bytes",
                  "onnx_file_bytes", "save_onnx"),
     "._reference": ("quantize_reference",),

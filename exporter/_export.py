@@ -56,12 +56,13 @@ def export_onnx(
         The comparison report (max abs/rel error and cosine per output).
 
     Raises:
-        MixrankError: opset < 17; onnxruntime disagrees with PyTorch beyond tolerance.
+        MixrankError: an opset outside 17 to the exporter's newest (20 with PyTorch's
+            TorchScript exporter); PyTorch cannot export the model; onnxruntime disagrees
+            with PyTorch beyond tolerance.
     """
     import onnx
 
-    if opset < 17:
-        raise MixrankError(f"opset {opset} is too old: mixrank exports opset 17 or newer")
+    check_opset(opset)
     path = Path(path)
     model = model.eval()
     dtype = torch.float16 if fp16 else torch.float32
@@ -75,11 +76,15 @@ def export_onnx(
         tmp = Path(tmpdir) / "export.onnx"
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            torch.onnx.export(
-                export_model, tuple(example.values()), str(tmp), dynamo=False, opset_version=opset,
-                input_names=names, output_names=[output_name], do_constant_folding=True,
-                dynamic_axes={**axes, output_name: {0: "batch"}} if dynamic_batch else None,
-            )
+            try:
+                torch.onnx.export(
+                    export_model, tuple(example.values()), str(tmp), dynamo=False, opset_version=opset,
+                    input_names=names, output_names=[output_name], do_constant_folding=True,
+                    dynamic_axes={**axes, output_name: {0: "batch"}} if dynamic_batch else None,
+                )
+            except (RuntimeError, TypeError, ValueError, torch.onnx.errors.OnnxExporterError) as e:
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                raise MixrankError(f"PyTorch cannot export this model to ONNX opset {opset}: {first}") from None
         proto = onnx.load(str(tmp))
     proto.producer_name = "mixrank"
     check_and_save(proto, path, external_data)
@@ -98,6 +103,25 @@ def export_onnx(
         path.unlink(missing_ok=True)
         raise MixrankError(f"the exported ONNX model disagrees with PyTorch: {report['message']}")
     return report
+
+
+def check_opset(opset, flag: str = "opset") -> None:
+    """Refuse an opset `export_onnx` cannot write: not an integer, older than 17, or newer
+    than PyTorch's TorchScript exporter writes (20 in PyTorch 2.x).
+
+    Raises:
+        MixrankError: names the opset and the range.
+    """
+    try:
+        from torch.onnx import _constants
+
+        newest = int(_constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
+    except (ImportError, AttributeError):
+        newest = 20
+    if isinstance(opset, bool) or not isinstance(opset, int):
+        raise MixrankError(f"{flag} must be an integer, got {opset!r}")
+    if not 17 <= opset <= newest:
+        raise MixrankError(f"{flag} {opset} is not supported: the exporter writes opsets 17 to {newest}")
 
 
 def _named(x, input_name: str, device, dtype) -> dict[str, torch.Tensor]:

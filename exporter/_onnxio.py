@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -41,7 +42,54 @@ def load_onnx(path: str | os.PathLike):
         onnx.load_external_data_for_model(model, str(path.parent))
     except Exception as e:
         raise MixrankError(f"cannot read the external data of {path}: {e}") from None
+    check_tensor_sizes(model, str(path))
     return model
+
+
+# the typed field that holds each data type's values when raw_data is empty (onnx.proto)
+_FIELDS = {1: "float_data", 2: "int32_data", 3: "int32_data", 4: "int32_data", 5: "int32_data", 6: "int32_data",
+           7: "int64_data", 9: "int32_data", 10: "int32_data", 11: "double_data", 12: "uint64_data",
+           13: "uint64_data", 16: "int32_data"}
+_PACKED = {21: 2, 22: 2, 23: 2}  # uint4, int4, float4e2m1: two values per byte
+
+
+def check_tensor_sizes(model, where: str) -> None:
+    """Refuse a tensor whose declared shape and stored data disagree: a negative dimension,
+    raw bytes that are not shape × element size (truncated, or a huge declared shape over a
+    few bytes), or a typed value list of the wrong length. onnx's own loader accepts these,
+    and a reader of the tensor then fails far from the cause.
+
+    Raises:
+        MixrankError: names the tensor, its declared shape and what it holds.
+    """
+    from onnx import helper
+    from onnx.external_data_helper import _get_all_tensors
+
+    for t in _get_all_tensors(model):
+        dims = list(t.dims)
+        if any(d < 0 for d in dims):
+            raise MixrankError(f"{where}: tensor {t.name!r} declares a negative dimension {dims}")
+        count = math.prod(dims)
+        if t.data_type in (0, 8):  # undefined, strings: nothing to count in bytes
+            continue
+        if t.HasField("raw_data") or not any(len(getattr(t, f)) for f in set(_FIELDS.values())):
+            try:
+                item = helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+            except Exception:  # a data type onnx does not know
+                raise MixrankError(f"{where}: tensor {t.name!r} has an unknown data type {t.data_type}") from None
+            want = -(-count // _PACKED[t.data_type]) if t.data_type in _PACKED else count * item
+            if len(t.raw_data) != want:
+                raise MixrankError(f"{where}: tensor {t.name!r} declares shape {dims} ({want:,} bytes) but holds "
+                                   f"{len(t.raw_data):,} bytes (truncated or forged)")
+        else:
+            field = _FIELDS.get(t.data_type)
+            have = len(getattr(t, field)) if field else count
+            want = 2 * count if t.data_type in (14, 15) else count  # complex: two values each
+            if field and t.data_type in (10, 16):  # float16, bfloat16: one value per int32
+                want = count
+            if have != want:
+                raise MixrankError(f"{where}: tensor {t.name!r} declares shape {dims} ({want:,} values) but holds "
+                                   f"{have:,}")
 
 
 def _data_locations(model) -> list[str | None]:
@@ -90,6 +138,10 @@ def check_onnx_output(out: str | os.PathLike, *inputs: str | os.PathLike, overwr
     from mixrank.core import check_writable_path
 
     out = Path(out)
+    check_writable_path(out)  # a name past the file system's, a folder, a device: one line, first
+    if len(os.fsencode(out.name + ".data")) > 255:
+        raise MixrankError(f"the ONNX output name {out.name[:40]}... is {len(os.fsencode(out.name))} bytes: its "
+                           "weights file <name>.data must fit the file system's 255, so give at most 250")
     companion = out.parent / (out.name + ".data")
 
     def same(a: Path, b: Path) -> bool:

@@ -16,7 +16,16 @@ from ._onnxio import load_onnx, save_onnx
 def quantize_reference(onnx_path: str | os.PathLike, out_path: str | os.PathLike, bits: int = 8,
                        block: int = 32) -> Path:
     """Write ``onnx_path`` with every MatMul weight quantized by onnxruntime's
-    ``MatMulNBitsQuantizer`` (``bits``, ``block``, asymmetric) to ``out_path``."""
+    ``MatMulNBitsQuantizer`` (``bits``, ``block``, asymmetric) to ``out_path``.
+
+    Raises:
+        MixrankError: bits other than 2, 4 or 8 (what ``MatMulNBits`` runs), a block that
+            is not a power of two of at least 16, or an input that cannot be read.
+    """
+    if isinstance(bits, bool) or bits not in (2, 4, 8):
+        raise MixrankError(f"onnxruntime's MatMulNBits stores 2, 4 or 8 bits, got bits={bits!r}")
+    if isinstance(block, bool) or not isinstance(block, int) or block < 16 or block & (block - 1):
+        raise MixrankError(f"the block must be a power of two of at least 16 (MatMulNBits), got {block!r}")
     import_onnxruntime()
     try:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer

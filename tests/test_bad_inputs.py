@@ -55,6 +55,26 @@ def external_data_fixtures(src: Path, d: Path) -> None:
     (d / "dirout.onnx.data").mkdir()
 
 
+def forged_shapes(src: Path, d: Path) -> None:
+    """``src`` with its first weight forged: a huge declared shape over its few bytes
+    (``huge.onnx``), its raw bytes cut to 10 (``rawcut.onnx``), a negative dimension
+    (``negdim.onnx``). onnx loads all three."""
+    import copy
+
+    import onnx
+
+    model = onnx.load(str(src))
+    for name, dims, cut in (("huge", [10**12, 10**12], None), ("rawcut", None, 10), ("negdim", [-5, 16], None)):
+        m = copy.deepcopy(model)
+        t = next(t for t in m.graph.initializer if len(t.dims) == 2)
+        if dims is not None:
+            del t.dims[:]
+            t.dims.extend(dims)
+        if cut is not None:
+            t.raw_data = t.raw_data[:cut]
+        onnx.save(m, str(d / f"{name}.onnx"))
+
+
 def forged_factors(d: Path, model) -> None:
     """Factors files that parse and whose digest matches (recomputed, as a forger would), but
     that are not what their plan says; each ``forged_<what>.safetensors``."""
@@ -127,6 +147,7 @@ def _fixtures(d: Path) -> None:
     save_factors(factors_of(a), d / "f.safetensors")
     forged_factors(d, a)
     external_data_fixtures(d / "m.onnx", d)
+    forged_shapes(d / "m.onnx", d)
     (d / "garbage.onnx").write_bytes(b"\x08\x07not a model at all")
     raw = (d / "m.onnx").read_bytes()
     (d / "trunc.onnx").write_bytes(raw[: len(raw) // 2])
@@ -145,6 +166,9 @@ def _fixtures(d: Path) -> None:
                        ("manifest.json", '{"stages": {}, "artifacts": {}}'), ("broken.json", "{not json")):
         (d / name).write_text(body)
     (d / "latin1.json").write_bytes(b'{"summary": "\xe9t\xe9"}')
+    for name, v in (("strmeasure.json", "0.3"), ("listmeasure.json", [0.3]), ("boolmeasure.json", True)):
+        (d / name).write_text(json.dumps({"schema_version": 1, "summary": {"param_ratio": v}}))
+    (d / "superscript.toml").write_text('min_speedup = { "\u00b2" = 1.2 }\n', encoding="utf-8")
     (d / "ok.json").write_text(json.dumps({"schema_version": 1, "summary": {"param_ratio": 0.4}}))
     # budgets
     for name, body in (("nan.toml", "max_param_ratio = nan\n"), ("inf.toml", "min_cosine = inf\n"),
@@ -164,6 +188,8 @@ def _fixtures(d: Path) -> None:
         Image.new("RGB", (40, 40), (i * 60, 20, 200)).save(d / "imgs" / f"{i}.png")
     (d / "bomb").mkdir()
     Image.new("L", (7000, 7000)).save(d / "bomb" / "huge.png", optimize=True)  # 49 Mpixel, a small file
+    (d / "giant").mkdir()  # a PNG header declaring 400 Mpixel: past PIL's own guard, which would speak first
+    (d / "giant" / "giant.png").write_bytes(_png_header(20000, 20000))
     (d / "broken_imgs").mkdir()
     (d / "broken_imgs" / "a.png").write_bytes(b"\x89PNG broken")
     (d / "empty_imgs").mkdir()
@@ -177,6 +203,18 @@ def _fixtures(d: Path) -> None:
     np.save(d / "inputs_ok.npy", np.zeros((4, 16), np.float32))
     np.save(d / "labels_bad.npy", np.zeros(7, np.int64))
     _text_fixtures(d)
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG file that declares ``width`` x ``height`` and holds no pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IEND", b""))
 
 
 def _text_fixtures(d: Path) -> None:
@@ -226,6 +264,36 @@ CASES = [
          "not a mixrank factors file", ["o.onnx"]),
     Case("rewrite tampered factors", ["rewrite", "m.onnx", "tampered.safetensors", "-o", "o.onnx"],
          "has been modified", ["o.onnx"]),
+    Case("rewrite with another pinned digest", ["rewrite", "m.onnx", "f.safetensors", "-o", "o.onnx",
+                                                "--require-digest", "0" * 64], "is not the pinned file", ["o.onnx"]),
+    Case("rewrite with a malformed digest", ["rewrite", "m.onnx", "f.safetensors", "-o", "o.onnx",
+                                             "--require-digest", "abc"], "takes a SHA-256", ["o.onnx"]),
+    Case("rewrite with a digest file of garbage", ["rewrite", "m.onnx", "f.safetensors", "-o", "o.onnx",
+                                                   "--require-digest", "ok.toml"], "does not start with a SHA-256",
+         ["o.onnx"]),
+    Case("inspect with another pinned digest", ["inspect", "m.onnx", "--require-digest", "1" * 64],
+         "is not the pinned file"),
+    Case("eval a pinned digest without factors", ["eval", "--require-digest", "1" * 64], "give one"),
+    Case("rewrite to a name past the file system's", ["rewrite", "m.onnx", "f.safetensors", "-o", "x" * 300 + ".onnx"],
+         "this file system allows 255"),
+    Case("rewrite to a name with no room for its weights file", ["rewrite", "m.onnx", "f.safetensors", "-o",
+                                                                 "x" * 250 + ".onnx"], "give at most 250"),
+    Case("run into a folder name past the file system's", ["run", "--out", "y" * 300], "this file system allows 255"),
+    Case("rewrite a huge declared shape", ["rewrite", "huge.onnx", "f.safetensors", "-o", "o.onnx"],
+         "declares shape [1000000000000, 1000000000000]", ["o.onnx"]),
+    Case("inspect a huge declared shape", ["inspect", "huge.onnx"], "truncated or forged"),
+    Case("inspect truncated raw data", ["inspect", "rawcut.onnx"], "but holds 10 bytes"),
+    Case("rewrite truncated raw data", ["rewrite", "rawcut.onnx", "f.safetensors", "-o", "o.onnx"],
+         "but holds 10 bytes", ["o.onnx"]),
+    Case("inspect a negative dimension", ["inspect", "negdim.onnx"], "negative dimension"),
+    Case("bench a huge declared shape", ["bench", "huge.onnx", "m.onnx", "--out", "b"], "truncated or forged", ["b"]),
+    Case("check a measurement given as text", ["check", "strmeasure.json", "ok.toml"], "is not a number ('0.3')"),
+    Case("check a measurement given as a list", ["check", "listmeasure.json", "ok.toml"], "is not a number"),
+    Case("check a measurement given as a boolean", ["check", "boolmeasure.json", "ok.toml"],
+         "is not a number (True)"),
+    Case("check a superscript batch size", ["check", "ok.json", "superscript.toml"], "is not a positive integer"),
+    Case("check with a junit path under a file", ["check", "ok.json", "ok.toml", "--junit", "afile/j.xml"],
+         "not a directory"),
     Case("rewrite onto a fifo", ["rewrite", "m.onnx", "f.safetensors", "-o", "fifo"], "not a regular file"),
     Case("rewrite onto /dev/null", ["rewrite", "m.onnx", "f.safetensors", "-o", "/dev/null"], "not a regular file"),
     Case("rewrite onto a folder", ["rewrite", "m.onnx", "f.safetensors", "-o", "adir"], "is a directory"),
@@ -369,6 +437,8 @@ CASES = [
          "unknown timm model", ["c.safetensors"]),
     Case("compress decompression bomb", ["compress", "--model", "vit_tiny_patch16_224", "--images", "bomb", "-o",
                                          "c.safetensors"], "over the cap of 40 Mpixel", ["c.safetensors"]),
+    Case("compress past PIL's own bomb guard", ["compress", "--model", "vit_tiny_patch16_224", "--images", "giant",
+                                                "-o", "c.safetensors"], "20000x20000 = 400 Mpixel", ["c.safetensors"]),
     Case("compress only broken images", ["compress", "--model", "vit_tiny_patch16_224", "--images", "broken_imgs",
                                          "-o", "c.safetensors"], "no usable image", ["c.safetensors"]),
     Case("compress empty image folder", ["compress", "--model", "vit_tiny_patch16_224", "--images", "empty_imgs",

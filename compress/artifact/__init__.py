@@ -3,7 +3,16 @@
 precision) and the factored PyTorch model (`FactoredLinear`, `apply_factors`)."""
 
 from ._factored import FactoredLinear, apply_factors, factored_from_fit, fit_from_factored, set_module
-from ._factors import DIGEST_KEY, PLAN_KEY, Factors, load_factors, save_factors, weight_fingerprint
+from ._factors import (
+    DIGEST_KEY,
+    PLAN_KEY,
+    Factors,
+    check_pinned_digest,
+    load_factors,
+    pinned_digest,
+    save_factors,
+    weight_fingerprint,
+)
 from ._plan import (
     FORMAT_VERSION,
     READABLE_VERSIONS,

@@ -230,7 +230,12 @@ class Plan(Record):
                                f"{', '.join(map(str, READABLE_VERSIONS))}")
         d = dict(d)
         if version == 1:  # format 1: flat config carrying its own format_version
+            if not isinstance(d.get("config") or {}, dict):
+                raise MixrankError(f"{where}: malformed plan: its config must be an object")
             d["config"] = nest_settings(d.get("config") or {})
             d["format_version"] = FORMAT_VERSION
             d["upgraded_from"] = 1
-        return cls.from_dict(d)
+        try:
+            return cls.from_dict(d)
+        except MixrankError as e:
+            raise MixrankError(f"{where}: {e}") from None

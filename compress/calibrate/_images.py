@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import tempfile
@@ -139,12 +140,9 @@ def image_folder(
             break
         path = files[i]
         try:
-            with Image.open(path) as im:
+            with _own_pixel_cap(), Image.open(path) as im:  # PIL's guard would print two lines, or refuse first
                 if im.width * im.height > max_pixels:
-                    raise MixrankError(
-                        f"{path} declares {im.width}x{im.height} = {im.width * im.height / 1e6:.0f} Mpixel, over the "
-                        f"cap of {max_pixels / 1e6:.0f} Mpixel (a decompression bomb?); raise the cap with "
-                        "--max-image-pixels if the image is genuine")
+                    raise MixrankError(_bomb(path, im.width, im.height, max_pixels))
                 x = transform(im.convert("RGB"))
         except MixrankError:
             raise
@@ -166,6 +164,26 @@ def image_folder(
             f"{len(out.skipped)} unreadable"
         )
     return out
+
+
+@contextlib.contextmanager
+def _own_pixel_cap():
+    """PIL's decompression-bomb guard switched off while an image is opened: mixrank checks
+    the declared size itself (``max_pixels``) before anything is decoded, with one line."""
+    from PIL import Image
+
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _bomb(path, width: int, height: int, max_pixels: int) -> str:
+    return (f"{path} declares {width}x{height} = {width * height / 1e6:.0f} Mpixel, over the cap of "
+            f"{max_pixels / 1e6:.0f} Mpixel (a decompression bomb?); raise the cap with --max-image-pixels if the "
+            "image is genuine")
 
 
 def image_csv(csv_path: str | os.PathLike, model: nn.Module | None = None, count: int | None = None,

@@ -197,6 +197,25 @@ class Overwrite(ArgGroup):
         parser.add_argument("--overwrite", action="store_true", help="allow the output to be an input file")
 
 
+class PinnedDigest(ArgGroup):
+    """``--require-digest``: the factors file read must have this SHA-256 (CI pins an artifact)."""
+
+    def add(self, parser):
+        parser.add_argument("--require-digest", metavar="SHA256",
+                            help="refuse the factors file unless its SHA-256 is this (64 hex digits, or a "
+                                 ".sha256 file as sha256sum writes it); the digest inside the file detects "
+                                 "damage, this one forgery too")
+
+    @staticmethod
+    def load(args: argparse.Namespace, path):
+        """The factors file at ``path``, checked against ``--require-digest`` when given."""
+        from mixrank.compress import load_factors
+
+        if getattr(args, "require_digest", None) is not None and path is None:
+            raise MixrankError("--require-digest pins a factors file: give one")
+        return load_factors(path, require_digest=getattr(args, "require_digest", None))
+
+
 class LimitsArgs(ArgGroup):
     """The CI gate's limits file (``--limits``, and its deprecated name ``--budget``) and
     ``--junit``."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mixrank.core import MixrankError
 
-from ._args import Overwrite, Printing, Tool, deprecated, output
+from ._args import Overwrite, PinnedDigest, Printing, Tool, deprecated, output
 
 
 class Rewrite(Tool):
@@ -16,7 +16,7 @@ class Rewrite(Tool):
     description = ("Replace every constant-weight MatMul/Gemm that has factors by its low-rank-plus-sparse "
                    "subgraph; matches by initializer name, else by weight fingerprint, so ONNX files from other "
                    "exporters work too.")
-    groups = (Overwrite(), Printing("print the rewrite report as JSON"))
+    groups = (Overwrite(), PinnedDigest(), Printing("print the rewrite report as JSON"))
 
     def add_arguments(self, parser):
         parser.add_argument("onnx", help="input ONNX model")
@@ -34,7 +34,8 @@ class Rewrite(Tool):
         from mixrank.exporter import check_onnx_output, check_tensorrt_compat, rewrite_onnx
 
         check_onnx_output(args.output, args.onnx, args.factors, overwrite=args.overwrite)
-        rep = rewrite_onnx(args.onnx, args.factors, args.output, allow_partial=args.allow_partial,
+        factors = PinnedDigest.load(args, args.factors)
+        rep = rewrite_onnx(args.onnx, factors, args.output, allow_partial=args.allow_partial,
                            allow_mismatch=args.allow_mismatch, target=args.target)
         out = rep.to_dict()
         out["tensorrt_check"] = check_tensorrt_compat(args.output)
@@ -109,7 +110,7 @@ class Build(Tool):
 class Inspect(Tool):
     name = "inspect"
     help = "summarise a factors file, an ONNX file or a report"
-    groups = (Printing("print as JSON", None),)
+    groups = (PinnedDigest(), Printing("print as JSON", None))
 
     def add_arguments(self, parser):
         parser.add_argument("file", help="model.mixrank.safetensors, *.onnx or report.json")
@@ -119,7 +120,11 @@ class Inspect(Tool):
         if not p.is_file():
             raise MixrankError(f"{p} does not exist")
         if p.suffix == ".safetensors":
-            return _factors_summary(p)
+            return _factors_summary(PinnedDigest.load(args, p), p)
+        if args.require_digest is not None:
+            from mixrank.compress import check_pinned_digest
+
+            check_pinned_digest(p, args.require_digest)
         if p.suffix == ".onnx":
             return _onnx_summary(p)
         if p.suffix == ".json":
@@ -156,10 +161,7 @@ def _layer_form(i: dict) -> str:
     return f"{form} rank {i['rank']} {i['precision']}{block}{extra}{sparse}  NMSE {i['nmse']:.2e}"
 
 
-def _factors_summary(p: Path) -> dict:
-    from mixrank.compress import load_factors
-
-    f = load_factors(p)
+def _factors_summary(f, p: Path) -> dict:
     return {"kind": "factors", "summary": f.summary(), "method": f.plan.method,
             "budget": f.plan.budget, "totals": f.plan.totals,
             "layers": {n: {"rank": i.rank, "precision": i.precision, "sparse": i.sparse.structure,

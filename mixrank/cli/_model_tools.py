@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mixrank.core import MixrankError, warn
 
-from ._args import CompressArgs, ModelArgs, Overwrite, Printing, Tool, output
+from ._args import CompressArgs, ModelArgs, Overwrite, PinnedDigest, Printing, Tool, output
 
 
 class Compress(Tool):
@@ -53,11 +53,11 @@ class Export(Tool):
         parser.add_argument("--static-batch", action="store_true", help="fixed batch dimension")
 
     def run(self, args):
-        from mixrank.exporter import export_onnx
+        from mixrank.exporter import check_opset, export_onnx
 
         from .._sources import ModelSource, check_texts
 
-        _opset_ok(args.opset)
+        check_opset(args.opset, "--opset")
         output(args.output, args.checkpoint, overwrite=args.overwrite)
         check_texts(args.texts)
         src = ModelSource(args.model, args.pretrained, args.checkpoint, not args.quiet, max_length=args.max_length)
@@ -69,18 +69,10 @@ class Export(Tool):
                 "verify": rep["outputs"]}
 
 
-def _opset_ok(opset: int) -> None:
-    import torch.onnx._constants as c
-
-    top = getattr(c, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20)
-    if not 17 <= opset <= top:
-        raise MixrankError(f"--opset {opset} is not supported: the exporter writes opsets 17 to {top}")
-
-
 class Eval(Tool):
     name = "eval"
     help = "top-1/top-5 of the original, factored and ONNX models"
-    groups = (ModelArgs(), Printing())
+    groups = (ModelArgs(), PinnedDigest(), Printing())
 
     def add_arguments(self, parser):
         parser.add_argument("--csv", help="CSV of file,label rows")
@@ -90,7 +82,7 @@ class Eval(Tool):
     def run(self, args):
         import torch
 
-        from mixrank.compress import apply_factors, load_factors
+        from mixrank.compress import apply_factors
         from mixrank.engines import make_runner, run_all
         from mixrank.exporter import load_onnx, topk_accuracy
 
@@ -104,6 +96,7 @@ class Eval(Tool):
         if data.labels is None:
             raise MixrankError(f"{args.images} is a flat folder: labels need one sub-folder per class or --csv")
         x, y = data.x, data.labels.numpy()
+        factors = PinnedDigest.load(args, args.factors) if args.factors or args.require_digest else None
         results = {}
 
         def score(name, logits):
@@ -114,8 +107,8 @@ class Eval(Tool):
 
         with torch.no_grad():
             score("pytorch original", logits(src.model))
-            if args.factors:
-                score("pytorch factored", logits(apply_factors(src.model, load_factors(args.factors)).eval()))
+            if factors is not None:
+                score("pytorch factored", logits(apply_factors(src.model, factors).eval()))
         for path in args.onnx or []:
             load_onnx(path)  # a missing or corrupt file is named here
             score(f"onnx {path}", run_all(make_runner("onnxruntime", path), x.numpy(), 64))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from mixrank.core import MixrankError
 
-from ._args import LimitsArgs, Printing, Tool, batch_sizes, output, write_junit
+from ._args import LimitsArgs, PinnedDigest, Printing, Tool, batch_sizes, output, write_junit
 
 
 class Bench(Tool):
@@ -17,8 +17,8 @@ class Bench(Tool):
     description = ("Footprint (parameters, bytes, peak RSS in child processes), throughput per batch size "
                    "(interleaved rounds) and fidelity of two ONNX models on onnxruntime; writes report.json, "
                    "report.md and plots; checks a limits file if given.")
-    groups = (LimitsArgs("the limits to check the report against"), Printing("print the summary as JSON",
-                                                                            "no progress bars"))
+    groups = (LimitsArgs("the limits to check the report against"), PinnedDigest(),
+              Printing("print the summary as JSON", "no progress bars"))
 
     def add_arguments(self, parser):
         parser.add_argument("original", help="original ONNX model")
@@ -42,7 +42,6 @@ class Bench(Tool):
         parser.add_argument("--out", default="mixrank-out", help="report folder")
 
     def run(self, args):
-        from mixrank.compress import load_factors
         from mixrank.core import output_folder
         from mixrank.engines import (
             OrtSettings,
@@ -57,7 +56,7 @@ class Bench(Tool):
         batches = batch_sizes(args.batches)
         limits_file = LimitsArgs.path(args)
         limits = load_limits(limits_file) if limits_file else None  # fail early on a bad limits file
-        plan = load_factors(args.factors).plan if args.factors else None
+        plan = PinnedDigest.load(args, args.factors).plan if args.factors or args.require_digest else None
         if args.seq_len < 1:
             raise MixrankError(f"--seq-len must be a positive number of tokens, got {args.seq_len}")
         inputs, labels, evaluation = _fidelity_inputs(args)

@@ -23,5 +23,5 @@ lazy_exports(globals(), {
     "._lazy": ("lazy_exports",),
     "._records": ("Record", "Table", "zero_of"),
     "._registry": ("Registry",),
-    "._toml": ("read_toml", "read_toml_text"),
+    "._toml": ("MAX_DEPTH", "check_depth", "loads_json", "nesting_depth", "read_toml", "read_toml_text"),
 })

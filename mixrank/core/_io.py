@@ -40,7 +40,7 @@ def check_writable_path(path: str | os.PathLike, *, inputs: tuple = (), overwrit
         MixrankError: names the path and what is wrong with it.
     """
     path = Path(path)
-    if path.exists() or path.is_symlink():
+    if _exists(path):
         try:
             st = path.stat()
         except OSError as e:
@@ -68,6 +68,64 @@ def check_writable_path(path: str | os.PathLike, *, inputs: tuple = (), overwrit
     return path
 
 
+def _exists(path: Path) -> bool:
+    """Whether ``path`` exists (a dangling link counts), refusing a name longer than the
+    file system allows, or a path the OS cannot look up, with one line."""
+    for part in path.parts:
+        if len(os.fsencode(part)) > 255 and len(os.fsencode(part)) > _name_max(path.parent):
+            raise MixrankError(f"cannot write {str(path)[:60]}...: a name in it is {len(os.fsencode(part))} "
+                               f"bytes, and this file system allows {_name_max(path.parent)}")
+    try:
+        return path.exists() or path.is_symlink()
+    except OSError as e:  # a path too long as a whole, a component that is not a folder
+        raise MixrankError(f"cannot write {str(path)[:60]}...: {e.strerror or e}") from None
+
+
+def _name_max(folder: Path) -> int:
+    """The longest file name (bytes) the file system under ``folder`` allows (255 on Linux)."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        return os.pathconf(probe, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+TMP_PREFIX = ".mixrank-"  # atomic_write's private folders: .mixrank-<pid>-<random>.tmp
+TMP_SUFFIX = ".tmp"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def clean_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove the private folders that `atomic_write` left in ``folder`` when its process
+    was killed (``kill -9``, power loss): those of our own naming whose process is gone.
+    A live writer's folder is left alone. Returns what was removed."""
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        name = p.name
+        if not (name.startswith(TMP_PREFIX) and name.endswith(TMP_SUFFIX)) or not p.is_dir() or p.is_symlink():
+            continue
+        pid = name[len(TMP_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
 def output_dir(path: str | os.PathLike) -> tuple[Path, bool]:
     """Make ``path`` an output folder (created when missing); returns (path, created).
 
@@ -75,7 +133,7 @@ def output_dir(path: str | os.PathLike) -> tuple[Path, bool]:
         MixrankError: it exists and is not a folder, or it cannot be created or written.
     """
     path = Path(path)
-    if path.exists() and not path.is_dir():
+    if _exists(path) and not path.is_dir():
         raise MixrankError(f"the output folder {path} exists and is not a folder")
     created = not path.exists()
     try:
@@ -162,7 +220,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     the file there (it may also write companion files into that folder, e.g. an ONNX
     model's ``<name>.data``). Every file it wrote gets the normal file mode and is
     renamed next to ``path`` (companions first, ``path`` last). On any failure nothing
-    is left behind and the destination is untouched.
+    is left behind and the destination is untouched. A folder a killed writer left here
+    is removed first (`clean_stale_temporaries`).
 
     Raises:
         MixrankError: the destination is not a regular file, or the disk/permissions
@@ -172,7 +231,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     check_writable_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        clean_stale_temporaries(path.parent)
+        # a short name of its own: the file keeps its name inside, so a 255-byte name still fits
+        tmpdir = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", suffix=TMP_SUFFIX, dir=path.parent))
     except OSError as e:
         raise WriteError(f"cannot write {path}: {e.strerror or e}") from None
     try:

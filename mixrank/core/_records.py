@@ -68,6 +68,10 @@ class Record(dict):
                                f"{type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         hints = typing.get_type_hints(cls)
+        for n in names & set(d):
+            if not _fits(hints[n], d[n]):
+                raise MixrankError(f"malformed plan: {cls.__name__}.{n} must be {_type_name(hints[n])}, got "
+                                   f"{_short(d[n])}")
         values = {n: d[n] if n in d else cls._zeros.get(n, zero_of(hints[n])) for n in names}
         obj = cls(**values)
         for k, v in d.items():
@@ -81,6 +85,41 @@ class Record(dict):
 
     def __reduce__(self):  # copy and pickle through the dict form
         return (self.__class__.from_dict, (dict(self),))
+
+
+def _fits(tp, value: Any) -> bool:
+    """Whether ``value`` (read from JSON) has the field type ``tp``: its outer type only
+    (``list[int]`` asks for a list), an int where a float is asked, never a bool for a
+    number, and an object for a nested `Record`."""
+    import types
+
+    args = typing.get_args(tp)
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or isinstance(tp, types.UnionType):
+        return any(_fits(a, value) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp is Any:
+        return True
+    base = origin or tp
+    if isinstance(base, type) and issubclass(base, Record):
+        return isinstance(value, dict)
+    if base is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if base is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(base, type):
+        return isinstance(value, base)
+    return True
+
+
+def _type_name(tp) -> str:
+    return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def zero_of(tp) -> Any:
@@ -103,7 +142,10 @@ class Table(dict):
             self[k] = v
 
     def __setitem__(self, key: str, value: Any) -> None:
-        if isinstance(value, dict) and not isinstance(value, self.kind):
+        if not isinstance(value, dict):
+            raise MixrankError(f"malformed plan: the entry {_short(key)} must be an object ({self.kind.__name__}), "
+                               f"got {_short(value)}")
+        if not isinstance(value, self.kind):
             value = self.kind.from_dict(value)
         dict.__setitem__(self, key, value)
 

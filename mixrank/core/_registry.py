@@ -92,7 +92,7 @@ class Registry(Generic[T]):
         return obj
 
     def __contains__(self, name: object) -> bool:
-        return name in self._items
+        return isinstance(name, str) and name in self._items  # a list given as a name is not one, not a crash
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._items)

@@ -1,4 +1,6 @@
-"""Reading the TOML files users write (configurations, limits) with one kind of error."""
+"""Reading the TOML and JSON files users give (configurations, limits, reports, plans) with
+one kind of error, and a bounded depth: a file nested thousands of levels deep is refused
+in one line, not with Python's 3,000-line RecursionError."""
 
 from __future__ import annotations
 
@@ -8,6 +10,49 @@ from pathlib import Path
 from typing import Any
 
 from ._errors import MixrankError
+
+MAX_DEPTH = 64  # no file mixrank reads nests deeper than 6 levels; 64 leaves room for a user's config
+
+
+def nesting_depth(obj: Any) -> int:
+    """How deep lists and dicts nest in ``obj`` (a scalar: 0), found without recursion."""
+    deepest, todo = 0, [(obj, 1)]
+    while todo:
+        o, d = todo.pop()
+        if isinstance(o, dict | list | tuple):
+            deepest = max(deepest, d)
+            if d <= MAX_DEPTH + 1:  # no need to walk further than what is refused
+                todo.extend((v, d + 1) for v in (o.values() if isinstance(o, dict) else o))
+    return deepest
+
+
+def check_depth(obj: Any, where: str) -> Any:
+    """``obj``, unless it nests deeper than `MAX_DEPTH`.
+
+    Raises:
+        MixrankError: names ``where`` and the limit.
+    """
+    if nesting_depth(obj) > MAX_DEPTH:
+        raise MixrankError(f"{where} nests more than {MAX_DEPTH} levels deep; it is not a file mixrank wrote "
+                           "or reads")
+    return obj
+
+
+def loads_json(text: str | bytes, where: str) -> Any:
+    """``json.loads`` with a bounded depth (`check_depth`).
+
+    Raises:
+        json.JSONDecodeError: not JSON (the caller words the message).
+        MixrankError: nested too deeply.
+    """
+    import json
+
+    try:
+        obj = json.loads(text)
+    except RecursionError:
+        raise MixrankError(f"{where} nests more than {MAX_DEPTH} levels deep; it is not a file mixrank wrote "
+                           "or reads") from None
+    return check_depth(obj, where)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -37,9 +82,12 @@ def read_toml_text(path: str | os.PathLike, what: str = "") -> tuple[dict[str, A
     except OSError as e:
         raise MixrankError(f"cannot read {p}: {e.strerror}") from None
     try:
-        return tomllib.loads(text), text
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise MixrankError(f"{p}: not valid TOML: {e}") from None
+    except RecursionError:
+        raise MixrankError(f"{p} nests more than {MAX_DEPTH} levels deep; it is not a file mixrank reads") from None
+    return check_depth(data, str(p)), text
 
 
 def read_toml(path: str | os.PathLike, what: str = "") -> dict[str, Any]:

@@ -57,6 +57,39 @@ def test_rerun_reuses_stages_and_budget_gate(main_job):
                   "--json", cwd=d)
     res = json.loads(ev.stdout)["results"]
     assert res["pytorch factored"]["top1"] == pytest.approx(res["onnx o/compressed.onnx"]["top1"], abs=0.003)
+    # a pinned digest: the right one reads, sha256sum's file too; another refuses
+    import hashlib
+
+    digest = hashlib.sha256((d / "o" / "model.mixrank.safetensors").read_bytes()).hexdigest()
+    (d / "f.sha256").write_text(f"{digest}  o/model.mixrank.safetensors\n")
+    for pin in (digest.upper(), "f.sha256"):
+        assert _mixrank("inspect", "o/model.mixrank.safetensors", "--require-digest", pin, cwd=d).returncode == 0
+    bad = _mixrank("inspect", "o/model.mixrank.safetensors", "--require-digest", "0" * 64, cwd=d)
+    assert bad.returncode == 2 and "is not the pinned file" in bad.stderr
+
+
+def test_a_rerun_leaves_no_artifact_of_an_earlier_run(main_job):
+    """issue 27: a run with --limits, then one without, must not leave the first check.json
+    beside the second report; the manifest lists exactly the folder's artifacts."""
+    d, _ = main_job
+    (d / "loose.toml").write_text("max_param_ratio = 0.9\n")
+    assert _mixrank("run", "-q", "--out", "o", "--seconds", "3", "--batches", "1,8", "--limits", "loose.toml",
+                    cwd=d).returncode == 0
+    assert (d / "o" / "check.json").is_file()
+    assert "check" in json.loads((d / "o" / "manifest.json").read_text())["stages"]
+    (d / "o" / "mine.txt").write_text("a file of the user's: never removed")
+    out = _mixrank("run", "-q", "--out", "o", "--seconds", "3", "--batches", "1,8", cwd=d)
+    assert out.returncode == 0, out.stderr
+    assert not (d / "o" / "check.json").exists()
+    man = json.loads((d / "o" / "manifest.json").read_text())
+    on_disk = {p.name for p in (d / "o").iterdir() if not p.name.startswith(".")} - {"manifest.json", "mine.txt"}
+    assert set(man["artifacts"]) == on_disk
+    assert "check" not in man["stages"] and (d / "o" / "mine.txt").is_file()
+    # a damaged manifest is ignored (every stage reruns), not a crash
+    (d / "o" / "manifest.json").write_text('{"stages": [], "artifacts": null}')
+    out = _mixrank("run", "-q", "--out", "o", "--seconds", "3", "--batches", "1,8", cwd=d)
+    assert out.returncode == 0, out.stderr
+    assert set(json.loads((d / "o" / "manifest.json").read_text())["artifacts"]) == on_disk
 
 
 USER_ERRORS = [

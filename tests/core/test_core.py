@@ -64,3 +64,39 @@ def test_lazy_exports_import_on_first_use(tmp_path, monkeypatch):
     assert ns.VALUE == 42 and ns.mod is sys.modules["lazy_export_mod"]
     with pytest.raises(AttributeError):
         ns.nothing  # noqa: B018
+
+
+def test_a_killed_writers_temporary_folder_is_removed_on_the_next_write(tmp_path):
+    """issue 27: ``kill -9`` inside `atomic_write` left ``.<name>.*.tmp/`` forever. The next
+    write in that folder removes a folder of our naming whose process is gone, and leaves a
+    live writer's alone."""
+    import os
+    import subprocess
+
+    from mixrank.core import atomic_write_text
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".mixrank-{dead.pid}-abc.tmp"
+    stale.mkdir()
+    (stale / "report.json").write_text("half")
+    live = tmp_path / f".mixrank-{os.getpid()}-def.tmp"
+    live.mkdir()
+    mine = tmp_path / ".mixrank-notes.tmp"  # not a pid: not ours to judge
+    mine.mkdir()
+    atomic_write_text(tmp_path / "report.json", "{}")
+    assert not stale.exists() and live.exists() and mine.exists()
+    assert (tmp_path / "report.json").read_text() == "{}"
+
+
+def test_a_name_of_255_bytes_is_written_and_a_longer_one_refused_in_one_line(tmp_path):
+    from mixrank.core import atomic_write_text, check_writable_path
+
+    name = "n" * 250 + ".json"
+    atomic_write_text(tmp_path / name, "{}")  # the temporary folder's name no longer grows with it
+    assert (tmp_path / name).read_text() == "{}"
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+    with pytest.raises(MixrankError, match="allows 255"):
+        check_writable_path(tmp_path / ("n" * 300))
+    with pytest.raises(MixrankError, match="cannot write"):
+        check_writable_path(tmp_path / "/".join(["d" * 200] * 30))  # past PATH_MAX as a whole
