@@ -55,7 +55,7 @@ def kl(ref: np.ndarray, out: np.ndarray) -> float:
     return float((lp.exp() * (lp - lq)).sum(-1).mean())
 
 
-def run_case(case: str, out: Path, fractions, keeps, seconds: float) -> list[dict]:
+def run_case(case: str, out: Path, fractions, keeps, seconds: float, refs=("int4", "int8")) -> list[dict]:
     from mixrank.compress import CompressConfig, compress_model
     from mixrank.engines import OrtSettings, TimingConfig, make_runner, run_all, throughput
     from mixrank.exporter import export_onnx, onnx_file_bytes, quantize_reference, rewrite_onnx
@@ -75,7 +75,7 @@ def run_case(case: str, out: Path, fractions, keeps, seconds: float) -> list[dic
     for method, label in (("mixrank", "mixrank joint"), ("quantize", "quantization alone (mixed GPTQ)")):
         tag = "mixrank" if method == "mixrank" else "quantize"
         jobs += [(f"{tag} {f}x", label, {"method": method, "bytes": f"{f}x"}, None) for f in fractions]
-        for ref in ("int4", "int8"):  # at quantization alone's file bytes, graph structure included
+        for ref in refs:  # at quantization alone's file bytes, graph structure included
             ref_bytes = onnx_file_bytes(arts[ref]["path"])
             jobs.append((f"{tag} @{ref} bytes ({ref_bytes / base:.3f}x)", label,
                          {"method": method, "bytes": f"{ref_bytes / base:.5f}x"}, ref_bytes))
@@ -328,6 +328,8 @@ def main() -> None:
     ap.add_argument("--minilm-fractions", default=",".join(map(str, MINILM_FRACTIONS)),
                     help="MiniLM's budgets, of the encoder Linear layers' float32 bytes (int4 GPTQ's is always added)")
     ap.add_argument("--seconds", type=float, default=20.0, help="timing limit per batch size")
+    ap.add_argument("--refs", default="int4,int8",
+                    help="the onnxruntime int references whose file bytes are budgets too (int4, int8; '' none)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -339,7 +341,8 @@ def main() -> None:
             verdicts += v
             continue
         rows = run_case(case, out, [float(f) for f in args.fractions.split(",") if f],
-                        [float(k) for k in args.keeps.split(",") if k], args.seconds)
+                        [float(k) for k in args.keeps.split(",") if k], args.seconds,
+                        tuple(r for r in args.refs.split(",") if r))
         with open(out / "footprint_rows.jsonl", "a") as fh:
             for r in rows:
                 fh.write(json.dumps({**r, "run": " ".join(sys.argv[1:])}) + "\n")

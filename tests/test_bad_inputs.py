@@ -303,6 +303,8 @@ CASES = [
          "cannot write"),
     Case("rewrite into a read-only /sys", ["rewrite", "m.onnx", "f.safetensors", "-o", "/sys/kernel/x.onnx"],
          "cannot write"),
+    Case("bench with a full disk", ["bench", "m.onnx", "m.onnx", "--out", "b", "--seconds", "0.5", "--batches", "1",
+                                    "-q"], "cannot write", ["b"], fsize_limit=12000),
     Case("rewrite with a full disk", ["rewrite", "m.onnx", "f.safetensors", "-o", "o.onnx"], "cannot write",
          ["o.onnx"], fsize_limit=2048),
     Case("rewrite under a file", ["rewrite", "m.onnx", "f.safetensors", "-o", "afile/o.onnx"], "not a directory"),

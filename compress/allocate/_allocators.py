@@ -179,6 +179,10 @@ class SearchAllocator(Allocator):
             reference = spaces_at("fp32", unit="bytes")
             for plan, _ in mixed_allocation(spaces_at.options(), budget, reference, score)[:1]:
                 families.append((plan.family(), plan.spaces, plan.ranks))
+            # quantization alone at its best (each layer's width mixed) starts too: what method
+            # "quantize" ships is then always a candidate, so the joint plan is never worse on the
+            # held-out score (without it, MiniLM at 0.1123x shipped 0.9613 where it has 0.9647)
+            families += _dense_mixed(spaces_at, budget, score)
         if not families:
             raise MixrankError(f"no precision meets the budget of {budget:,} bytes for the selected layers "
                                "even at the lowest rank; raise the budget or lower min_rank")
@@ -226,9 +230,7 @@ class DenseAllocator(Allocator):
             evaluator.use(spaces)
             return evaluator(ranks)
 
-        dense = {n: [o for o in opts if o.rank is None] for n, opts in spaces_at.options(("dense",)).items()}
-        for plan, _ in mixed_allocation(dense, budget, spaces_at("fp32", unit="bytes"), score)[:1]:
-            families.append((plan.family() + " (quantization alone)", plan.spaces, plan.ranks))
+        families += _dense_mixed(spaces_at, budget, score)
         if not families:
             raise MixrankError(f"no integer width fits the budget of {budget:,} bytes with every layer dense; "
                                "raise the budget")
@@ -236,3 +238,11 @@ class DenseAllocator(Allocator):
 
     def allocate(self, spaces_at, budget, config, evaluator, progress=True, deadline=None):
         return self.start(spaces_at, budget, config, evaluator)[0]
+
+
+def _dense_mixed(spaces_at, budget: int, score) -> list[tuple]:
+    """The family of quantization alone at its best: every layer dense, each at the width and
+    block that `mixed_allocation` over the dense options chooses (none when none fits)."""
+    dense = {n: [o for o in opts if o.rank is None] for n, opts in spaces_at.options(("dense",)).items()}
+    return [(plan.family() + " (quantization alone)", plan.spaces, plan.ranks)
+            for plan, _ in mixed_allocation(dense, budget, spaces_at("fp32", unit="bytes"), score)[:1]]
