@@ -139,7 +139,8 @@ class Manifest:
         t0 = time.perf_counter()
         extra = dict(fn() or {})
         written = list(dict.fromkeys([*files, *extra.pop("files", [])]))
-        written += [f + ".data" for f in written if f.endswith(".onnx") and (self.out / (f + ".data")).is_file()]
+        written += [f + side for f in written if f.endswith(".onnx") for side in (".data", ".json")
+                    if (self.out / (f + side)).is_file()]  # external data; an optimized graph's build record
         self._drop(name, keep=tuple(written))  # what it wrote last time and not now
         self.record(name, key, written, time.perf_counter() - t0, extra)
         return self.data["stages"][name], False

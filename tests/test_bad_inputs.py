@@ -198,6 +198,9 @@ def _fixtures(d: Path) -> None:
     (d / "labels_word.csv").write_text("imgs/0.png,3\nimgs/1.png,cat\n")
     (d / "labels_missing.csv").write_text("nowhere/0.png,1\nnowhere/1.png,2\n")
     (d / "labels_short.csv").write_text("imgs/0.png\n")
+    (d / "labels_superscript.csv").write_text("imgs/0.png,\u00b2\nimgs/1.png,1\n", encoding="utf-8")
+    (d / "labels_nul.csv").write_text("imgs/0.png,1\x00\nimgs/1.png,1\n")
+    (d / "labels_huge.csv").write_text("imgs/0.png," + "9" * 200_000 + "\nimgs/1.png,1\n")
     # arrays
     np.save(d / "inputs_bad.npy", np.zeros((4, 5), np.float32))
     np.save(d / "inputs_ok.npy", np.zeros((4, 16), np.float32))
@@ -390,12 +393,12 @@ CASES = [
           ("form", "layer 0: form is 'zigzag'"),
           ("int64", "layer 0: A is torch.int64"),
           ("version_true", "factors format version True"),
-          ("layers_list", "the plan's layers are list"),
-          ("layer_string", "layer 0: entry is str, not a table"),
+          ("layers_list", "Plan.layers must be dict"),
+          ("layer_string", "the entry '0' must be an object"),
           ("missing_b", "layer 0: tensor 0.B is missing"),
           ("int3", "layer 0: precision is 'int3'"),
           ("rank_null", "layer 0: rank is None"),
-          ("rank_text", "layer 0: rank is '4'"),
+          ("rank_text", "entry '0': LayerPlan.rank must be int | None, got '4'"),
           ("int8_floats", "layer 0: tensor 0.A.codes is missing (the plan says lowrank at int8)"),
           ("sparse", "layer 0: sparse structure is 'zigzag'"),
           ("index_negative", "layer 0: index holds -1..2, outside [0, 32)"),
@@ -464,6 +467,12 @@ CASES = [
          "labels_word.csv:2: the label must be a class index (an integer >= 0), got 'cat'"),
     Case("eval csv all files missing", ["eval", "--model", "vit_tiny_patch16_224", "--csv", "labels_missing.csv"],
          "none of the 2 files"),
+    Case("eval csv superscript label", ["eval", "--model", "vit_tiny_patch16_224", "--csv", "labels_superscript.csv"],
+         "must be a class index"),
+    Case("eval csv NUL in a label", ["eval", "--model", "vit_tiny_patch16_224", "--csv", "labels_nul.csv"],
+         "must be a class index"),
+    Case("eval csv 200,000-character label", ["eval", "--model", "vit_tiny_patch16_224", "--csv", "labels_huge.csv"],
+         "field larger than field limit"),
     Case("eval csv short row", ["eval", "--model", "vit_tiny_patch16_224", "--csv", "labels_short.csv"],
          "expected 'file,label'"),
     Case("export opset 99", ["export", "--opset", "99", "-o", "e.onnx"], "--opset 99 is not supported", ["e.onnx"]),

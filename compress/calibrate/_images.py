@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,15 +209,24 @@ def image_csv(csv_path: str | os.PathLike, model: nn.Module | None = None, count
         text = csv_path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
         raise MixrankError(f"{csv_path}: not UTF-8 text (byte {e.start})") from None
-    for i, row in enumerate(csv.reader(text.splitlines()), 1):
+    reader = csv.reader(text.splitlines())
+    i = 0
+    while True:
+        i += 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:  # a field past csv's 131,072-character limit, say
+            raise MixrankError(f"{csv_path}:{i}: not a 'file,label' row ({e})") from None
         if not row or row[0].startswith("#") or (i == 1 and row[0].strip().lower() in ("file", "path")):
             continue
         if len(row) < 2:
-            raise MixrankError(f"{csv_path}:{i}: expected 'file,label', got {row!r}")
+            raise MixrankError(f"{csv_path}:{i}: expected 'file,label', got {row!r:.80}")
         lab = row[1].strip()
-        if not lab.isdigit():
+        if not re.fullmatch(r"[0-9]{1,9}", lab):  # "²".isdigit() is true, and int() refuses it
             raise MixrankError(f"{csv_path}:{i}: the label must be a class index (an integer >= 0), got "
-                               f"{lab!r}")
+                               f"{lab[:40]!r}{'...' if len(lab) > 40 else ''}")
         rows.append((row[0].strip(), lab))
     if not rows:
         raise MixrankError(f"{csv_path} lists no image")

@@ -146,7 +146,11 @@ class Table(dict):
             raise MixrankError(f"malformed plan: the entry {_short(key)} must be an object ({self.kind.__name__}), "
                                f"got {_short(value)}")
         if not isinstance(value, self.kind):
-            value = self.kind.from_dict(value)
+            try:
+                value = self.kind.from_dict(value)
+            except MixrankError as e:  # name the entry (the layer) as well as the field
+                raise MixrankError(f"{str(e).replace('malformed plan: ', f'malformed plan: entry {_short(key)}: ', 1)}"
+                                   ) from None
         dict.__setitem__(self, key, value)
 
     def __reduce__(self):
