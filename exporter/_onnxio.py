@@ -85,8 +85,6 @@ def check_tensor_sizes(model, where: str) -> None:
             field = _FIELDS.get(t.data_type)
             have = len(getattr(t, field)) if field else count
             want = 2 * count if t.data_type in (14, 15) else count  # complex: two values each
-            if field and t.data_type in (10, 16):  # float16, bfloat16: one value per int32
-                want = count
             if have != want:
                 raise MixrankError(f"{where}: tensor {t.name!r} declares shape {dims} ({want:,} values) but holds "
                                    f"{have:,}")

@@ -177,7 +177,7 @@ def pinned_digest(value: str) -> str:
     return text.lower()
 
 
-def check_pinned_digest(path: str | os.PathLike, digest: str) -> None:
+def check_pinned_digest(path: str | os.PathLike, digest: str, data: bytes | None = None) -> None:
     """Refuse the file at ``path`` unless its SHA-256 is ``digest`` (see `pinned_digest`).
 
     The digest inside a factors file detects damage, not forgery: anyone can recompute
@@ -189,7 +189,7 @@ def check_pinned_digest(path: str | os.PathLike, digest: str) -> None:
     from mixrank.core import sha256_file
 
     want = pinned_digest(digest)
-    got = sha256_file(path)
+    got = sha256_file(path) if data is None else hashlib.sha256(data).hexdigest()  # data: the bytes read
     if got != want:
         raise MixrankError(f"{path} is not the pinned file: its SHA-256 is {got}, --require-digest says {want}")
 
@@ -214,9 +214,7 @@ def load_factors(path: str | os.PathLike, *, require_digest: str | None = None) 
     except OSError as e:
         raise MixrankError(f"cannot read {path}: {e.strerror or e}") from None
     if require_digest is not None:
-        want, got = pinned_digest(require_digest), hashlib.sha256(data).hexdigest()
-        if got != want:
-            raise MixrankError(f"{path} is not the pinned file: its SHA-256 is {got}, --require-digest says {want}")
+        check_pinned_digest(path, require_digest, data)
     try:
         n = int.from_bytes(data[:8], "little")
         tensors = load_bytes(data)

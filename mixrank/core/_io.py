@@ -71,10 +71,10 @@ def check_writable_path(path: str | os.PathLike, *, inputs: tuple = (), overwrit
 def _exists(path: Path) -> bool:
     """Whether ``path`` exists (a dangling link counts), refusing a name longer than the
     file system allows, or a path the OS cannot look up, with one line."""
-    for part in path.parts:
-        if len(os.fsencode(part)) > 255 and len(os.fsencode(part)) > _name_max(path.parent):
-            raise MixrankError(f"cannot write {str(path)[:60]}...: a name in it is {len(os.fsencode(part))} "
-                               f"bytes, and this file system allows {_name_max(path.parent)}")
+    longest = max((len(os.fsencode(part)) for part in path.parts), default=0)
+    if longest > 255 and longest > (name_max := _name_max(path.parent)):  # pathconf only for a long name
+        raise MixrankError(f"cannot write {str(path)[:60]}...: a name in it is {longest} bytes, and this file "
+                           f"system allows {name_max}")
     try:
         return path.exists() or path.is_symlink()
     except OSError as e:  # a path too long as a whole, a component that is not a folder
