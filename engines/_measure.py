@@ -25,7 +25,9 @@ from .runners import RUNNERS, SEQ_LEN, Runner, check_inputs, make_runner, random
 def onnx_params(onnx_path: str | os.PathLike) -> dict:
     """Parameters, initializer bytes, file bytes. Parameters are weight values: float
     constants, plus the logical K·N weights of each quantized weight (``MatMulNBits``
-    codes, ``DequantizeLinear`` inputs), whose scales and zero points are not parameters."""
+    codes, ``DequantizeLinear`` inputs, ``MatMulInteger`` weights, and a MatMul weight
+    computed from constants, the expanded form), whose scales and zero points are not
+    parameters."""
     from onnx import numpy_helper
 
     model = load_onnx(onnx_path)
@@ -44,6 +46,16 @@ def onnx_params(onnx_path: str | os.PathLike) -> dict:
         elif n.op_type == "DequantizeLinear" and n.input[0] in consts:
             logical += consts[n.input[0]].size
             quant_aux.update(n.input)
+        elif n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul", "ConvInteger") and n.input[1] in consts:
+            # quantize_dynamic's int8 weight; its zero point, and its scale (an input of this node, or for
+            # MatMulInteger a Mul after it, named after the weight) are not parameters
+            logical += consts[n.input[1]].size
+            w = n.input[1].removesuffix("_quantized")
+            aux = n.input[2:4] if n.op_type == "DynamicQuantizeMatMul" else n.input[3:4]
+            quant_aux.update([*aux, f"{w}_scale", f"{w}_zero_point"])
+    folded, aux = _folded_weights(model, consts)
+    logical += folded
+    quant_aux |= aux
     params = logical + sum(a.size for name, a in consts.items() if a.dtype.kind == "f" and name not in quant_aux)
     nbytes = sum(t.raw_data and len(t.raw_data) or consts[t.name].nbytes for t in model.graph.initializer)
     nbytes += sum(a.nbytes for name, a in consts.items() if name not in {t.name for t in model.graph.initializer})
@@ -51,8 +63,46 @@ def onnx_params(onnx_path: str | os.PathLike) -> dict:
             "file_bytes": int(onnx_file_bytes(onnx_path))}
 
 
+def _folded_weights(model, consts: dict) -> tuple[int, set[str]]:
+    """(values, constants) of the MatMul weights a graph computes from constants alone
+    (what an engine folds at load: the expanded integer form, ``Cast`` of float16): K·N
+    per weight, and the constants they are computed from (codes, scales, zero points,
+    shapes)."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    sites = [n.input[1] for n in model.graph.node
+             if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] not in consts
+             and n.input[1] in producers]
+    found: dict[str, set[str]] = {}
+    for w in sites:
+        leaves, todo, seen = set(), [w], set()
+        while todo:
+            t = todo.pop()
+            if t in seen:
+                continue
+            seen.add(t)
+            if t in consts:
+                leaves.add(t)
+            elif t in producers and producers[t].input:
+                todo.extend(i for i in producers[t].input if i)
+            else:  # a graph input, or a node with no inputs that is not a constant
+                leaves = None
+                break
+        if leaves:
+            found[w] = leaves
+    if not found:
+        return 0, set()
+    shapes = _inferred_shapes(model, False)
+    values = 0
+    for w in found:
+        shape = shapes.get(w)
+        if not shape or None in shape:
+            raise MixrankError(f"cannot infer the shape of the MatMul weight {w}")
+        values += int(np.prod(shape))
+    return values, set().union(*found.values())
+
+
 def matmul_flops(onnx_path: str | os.PathLike, batch: int, seq_len: int = SEQ_LEN) -> int:
-    """FLOPs (2 per multiply-add) of every MatMul, Gemm, MatMulNBits and Conv of the ONNX
+    """FLOPs (2 per multiply-add) of every MatMul, Gemm, Conv and quantized form of them of the ONNX
     file ``onnx_path`` at ``batch`` (a text model's sequence axis at ``seq_len`` tokens),
     from shape inference with the dynamic dimensions fixed (onnxruntime's symbolic shape
     inference where the graph has onnxruntime's own operators, or where onnx's leaves a
@@ -77,18 +127,18 @@ def matmul_flops(onnx_path: str | os.PathLike, batch: int, seq_len: int = SEQ_LE
         if n.op_type == "MatMulNBits":
             k = next(at.i for at in n.attribute if at.name == "K")
             flops += 2 * int(np.prod(out)) * int(k)
-        elif n.op_type in ("MatMul", "Gemm"):
+        elif n.op_type in ("MatMul", "Gemm", "MatMulInteger", "DynamicQuantizeMatMul"):
             a = shapes.get(n.input[0])
             trans_a = any(at.name == "transA" and at.i for at in n.attribute)
             k = a[-2] if trans_a else a[-1]
             flops += 2 * int(np.prod(out)) * int(k)
-        elif n.op_type == "Conv":
+        elif n.op_type in ("Conv", "ConvInteger"):
             w = shapes.get(n.input[1])
             flops += 2 * int(np.prod(out)) * int(np.prod(w[1:]))
     return flops
 
 
-MATMUL_OPS = ("MatMul", "Gemm", "Conv", "MatMulNBits")
+MATMUL_OPS = ("MatMul", "Gemm", "Conv", "MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul", "ConvInteger")
 
 
 def _inferred_shapes(model, symbolic: bool) -> dict[str, list]:
