@@ -14,6 +14,7 @@ imported on first use, so that the peak-memory probe's process loads only its en
 from mixrank.core import lazy_exports
 
 lazy_exports(globals(), {
+    "._choose": ("fastest", "rewrite_fastest"),
     "._errors": ("EXIT_LIMIT_FAILED", "EXIT_NOT_MEASURED", "EXIT_OK", "NotInstalledError"),
     "._gate": ("check_report", "format_results", "junit_xml", "load_budget", "load_limits"),
     "._measure": ("Measurement", "TimingConfig", "fidelity", "matmul_flops", "measure", "onnx_params", "peak_rss",

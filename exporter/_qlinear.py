@@ -4,7 +4,9 @@ precision and engine runs (docs/design.md, "Precision"):
 - fp32: ``MatMul`` with the (K, N) constant (every engine).
 - fp16: fp16 constant → ``Cast`` → ``MatMul`` in float32 graphs (every engine).
 - int8/int4/int2 for onnxruntime: ``com.microsoft.MatMulNBits`` (codes packed along K,
-  float32 scales, packed zero points).
+  float32 scales, packed zero points); or, ``weights="expanded"``, the same bytes behind a
+  subgraph of constants (unpack, subtract the zero point, scale) that onnxruntime folds
+  into a float32 weight when it loads the model.
 - int8/int4 for TensorRT: ``DequantizeLinear`` (signed INT8/INT4, ``block_size``,
   opset 21) → ``MatMul``; symmetric codes only.
 
@@ -15,6 +17,7 @@ file, so the engine reads back exactly what the PyTorch simulation computed with
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 
 import numpy as np
@@ -23,6 +26,11 @@ from mixrank.compress import INT_BITS, read_back, stored_qtensor
 from mixrank.core import MixrankError
 
 TARGETS = ("onnxruntime", "tensorrt")
+# how onnxruntime holds an integer weight (docs/design.md, "Precision"): "packed", MatMulNBits (the codes stay
+# in memory and are dequantized as it runs); "expanded", the codes in the file and a dequantizing subgraph of
+# constants that onnxruntime folds into a float32 weight when it loads the model (float32 MatMul speed and
+# memory, the file's bytes unchanged)
+INT_WEIGHTS = ("packed", "expanded")
 MS_DOMAIN = "com.microsoft"
 
 
@@ -44,7 +52,7 @@ def pack_low_first(codes: np.ndarray, bits: int) -> np.ndarray:
 
 
 def project(x, tensors: dict, key: str, k: int, n_out: int, precision: str, graph_dtype, node: str,
-            const: Callable[[str], str], out, target: str = "onnxruntime") -> list:
+            const: Callable[[str], str], out, target: str = "onnxruntime", weights: str = "packed") -> list:
     """Nodes computing ``out = x @ Wᵀ`` for the weight stored under ``key``.
 
     Args:
@@ -53,6 +61,7 @@ def project(x, tensors: dict, key: str, k: int, n_out: int, precision: str, grap
         precision: how it is stored; ``graph_dtype``: numpy dtype of the graph's floats.
         node: the node name (its helpers get suffixes); ``const(what)``: constant names.
         out: the output gs.Variable; ``target``: ``"onnxruntime"`` or ``"tensorrt"``.
+        weights: onnxruntime's integer weights, ``"packed"`` or ``"expanded"`` (`INT_WEIGHTS`).
 
     Returns:
         The nodes (to append to the graph).
@@ -81,6 +90,8 @@ def project(x, tensors: dict, key: str, k: int, n_out: int, precision: str, grap
             raise MixrankError(f"{key}: TensorRT dequantizes INT8 and INT4 weights, not {precision}; store it at "
                                "int4 or int8 for a TensorRT artifact")
         return _dequantize_matmul(x, q, codes, scale, bits, k, n_out, node, const, role, out, graph_dtype)
+    if weights == "expanded":
+        return _expanded_matmul(x, q, codes, scale, zp, bits, k, n_out, node, const, role, out)
     inputs = [x, gs.Constant(const(f"{role}_q"), np.ascontiguousarray(pack_low_first(codes, bits))),
               gs.Constant(const(f"{role}_scale"), np.ascontiguousarray(scale.reshape(-1)))]
     if not q.symmetric:  # symmetric codes are offset by 2^(bits-1), MatMulNBits' default zero point
@@ -110,6 +121,69 @@ def _dequantize_matmul(x, q, codes, scale, bits, k, n_out, node, const, role, ou
     w = gs.Variable(f"{node}/w", dtype=graph_dtype)
     return [gs.Node("DequantizeLinear", f"{node}_dq", {"axis": 0, "block_size": q.block}, [wq, s], [w]),
             gs.Node("MatMul", node, {}, [x, w], [out])]
+
+
+def _expanded_matmul(x, q, codes, scale, zp, bits, k, n_out, node, const, role, out) -> list:
+    """``out = x @ Wᵀ`` with W's stored bytes (codes packed along each block, float32
+    scales, packed zero points) as constants and a subgraph that computes ``(code −
+    zero_point) · scale`` from them, every input a constant: onnxruntime's constant folding
+    turns it into one float32 (K, N) weight at load, bit-exact with `QTensor.dequantize`
+    (the same float32 operations in the same order)."""
+    import onnx_graphsurgeon as gs
+
+    n, nb, block = codes.shape
+    nodes: list = []
+    consts: dict = {}
+    short = "e" + hashlib.sha1(node.encode()).hexdigest()[:12]  # names short: they are most of these nodes' bytes
+
+    def c_(what: str, value) -> gs.Constant:  # one constant per name
+        if what not in consts:
+            consts[what] = gs.Constant(f"{short}/{what}" if np.ndim(value) < 2 else const(f"{role}_{what}"),
+                                       np.ascontiguousarray(value))
+        return consts[what]
+
+    def op(kind: str, what: str, inputs: list, attrs: dict | None = None):
+        y = gs.Variable(f"{short}/{what}")  # untyped: no value_info in the file (shape inference fills it)
+        nodes.append(gs.Node(kind, "", attrs or {}, inputs, [y]))  # unnamed: onnxruntime folds them away
+        return y
+
+    def unpack(packed: np.ndarray, what: str, length: int):
+        """The float codes of ``packed`` (..., bytes), low bits first, cut to ``length``."""
+        c = op("Cast", f"{what}_f", [c_(what, packed)], {"to": 1})
+        per = 8 // bits
+        if per == 1:
+            return c
+        # field i of a byte c is floor(c / 2^(b i)) mod 2^b: all exact in float32, one broadcast over the fields
+        u = op("Unsqueeze", f"{what}_u", [c, c_("last", np.array([-1], np.int64))])
+        powers = c_("powers", (2.0 ** (bits * np.arange(per))).astype(np.float32))
+        f = op("Floor", f"{what}_floor", [op("Div", f"{what}_div", [u, powers])])
+        base = c_("base", np.float32(2.0 ** bits))
+        high = op("Mul", f"{what}_high", [op("Floor", f"{what}_floor2", [op("Div", f"{what}_div2", [f, base])]), base])
+        cat = op("Sub", f"{what}_fields", [f, high])
+        shape = np.array([*packed.shape[:-1], packed.shape[-1] * per], np.int64)
+        full = op("Reshape", f"{what}_flat", [cat, c_(f"{what}_shape", shape)])
+        if shape[-1] == length:
+            return full
+        return op("Slice", f"{what}_cut", [full, c_("zero", np.array([0], np.int64)),
+                                           c_(f"{what}_len", np.array([length], np.int64)),
+                                           c_("last", np.array([-1], np.int64))])
+
+    codes_f = unpack(pack_low_first(codes, bits), "q", block)  # (N, blocks, block)
+    if q.symmetric:
+        z = c_("zp", np.float32(2.0 ** (bits - 1)))
+    elif bits == 8:  # (N, blocks, 1)
+        z = unpack(zp.reshape(n, nb, 1), "zp", 1)
+    else:
+        z = op("Unsqueeze", "zp_blocks", [unpack(pack_low_first(zp, bits), "zp", nb),
+                                          c_("last", np.array([-1], np.int64))])
+    w = op("Mul", "w_blocks", [op("Sub", "centered", [codes_f, z]), c_("scale", scale.reshape(n, nb, 1))])
+    w = op("Reshape", "w_rows", [w, c_("rows", np.array([n, nb * block], np.int64))])
+    if nb * block != k:
+        w = op("Slice", "w_cut", [w, c_("zero", np.array([0], np.int64)), c_("k", np.array([k], np.int64)),
+                                  c_("one", np.array([1], np.int64))])
+    wt = op("Transpose", "w_t", [w], {"perm": [1, 0]})  # (K, N)
+    nodes.append(gs.Node("MatMul", node, {}, [x, wt], [out]))
+    return nodes
 
 
 def _onnx_type(dtype) -> int:

@@ -24,7 +24,7 @@ from mixrank.compress import SPARSE, EmitContext, Factors, form_of, load_factors
 from mixrank.core import MixrankError
 
 from ._onnxio import check_and_save, check_onnx_output, load_onnx
-from ._qlinear import MS_DOMAIN, TARGETS, project
+from ._qlinear import INT_WEIGHTS, MS_DOMAIN, TARGETS, project
 
 
 @dataclass
@@ -51,6 +51,7 @@ class RewriteReport:
     output: str = ""
     mismatched: list[str] = field(default_factory=list)  # matched by name, weight differs
     allowed_mismatch: bool = False
+    weights: str = "packed"  # how onnxruntime holds the integer weights (INT_WEIGHTS)
 
     def to_dict(self) -> dict:
         """The report as a plain dict (rewrite.json)."""
@@ -58,7 +59,7 @@ class RewriteReport:
                 "unmatched_factors": self.unmatched_factors,
                 "params_before": self.params_before, "params_after": self.params_after,
                 "output": self.output, "mismatched": self.mismatched,
-                "allowed_mismatch": self.allowed_mismatch}
+                "allowed_mismatch": self.allowed_mismatch, "weights": self.weights}
 
 
 def _const_values(t) -> tuple[np.ndarray, str] | None:
@@ -197,7 +198,7 @@ def match_sites(sites: list[WeightSite], factors: Factors,
 
 
 def _replace(graph, site: WeightSite, layer: str, factors: Factors, tag: str, target: str,
-             shared: bool = False) -> int:
+             shared: bool = False, weights: str = "packed") -> int:
     """Splice the layer's stored form in place of ``site.node``: its form's subgraph
     (`LayerForm.emit_onnx`) plus the bias delta, the sparse path and the bias, or one
     projection of a dense layer stored below fp32. Returns the number of weight values
@@ -225,12 +226,12 @@ def _replace(graph, site: WeightSite, layer: str, factors: Factors, tag: str, ta
         suffix = f"_{tag}" if shared else ""
         new_nodes += project(x, factors.tensors, f"{layer}.W", n, m, info.precision, dtype,
                              (node.name or base) + suffix, lambda what: f"{site.weight_name}_{what}{suffix}",
-                             low, target)
+                             low, target, weights)
         values = m * n
     else:
         def proj(inp, role: str, k: int, n_out: int, name: str, out, precision: str | None = None):
             return project(inp, factors.tensors, f"{layer}.{role}", k, n_out, precision or info.precision, dtype,
-                           name, const, out, target)
+                           name, const, out, target, weights)
 
         ctx = EmitContext(base, const, proj, dtype, y.dtype)
         nodes, low, values = form_of(info.form).emit_onnx(x, info, factors.tensors, layer, ctx)
@@ -284,6 +285,7 @@ def rewrite_onnx(
     external_data: bool | None = None,
     target: str = "onnxruntime",
     allow_mismatch: bool = False,
+    weights: str = "packed",
 ) -> RewriteReport:
     """Rewrite every constant-weight MatMul/Gemm that has factors into its
     low-rank-plus-sparse subgraph (and every dense layer stored below fp32 into its
@@ -300,6 +302,11 @@ def rewrite_onnx(
         target: the engine the integer weights are written for: ``"onnxruntime"``
             (``MatMulNBits``) or ``"tensorrt"`` (``DequantizeLinear`` → ``MatMul``; the
             graph is converted to opset 21 when it is older).
+        weights: how onnxruntime holds the integer weights (`INT_WEIGHTS`): ``"packed"``
+            (``MatMulNBits``: dequantized as it runs, the codes stay in memory) or
+            ``"expanded"`` (the same bytes in the file, folded into float32 weights when
+            onnxruntime loads the model: float32 speed and memory). TensorRT's form is
+            always ``DequantizeLinear``.
 
     Returns:
         `RewriteReport`.
@@ -312,6 +319,10 @@ def rewrite_onnx(
 
     if target not in TARGETS:
         raise MixrankError(f"unknown rewrite target {target!r}; choose one of {', '.join(TARGETS)}")
+    if weights not in INT_WEIGHTS:
+        raise MixrankError(f"unknown integer weight form {weights!r}; choose one of {', '.join(INT_WEIGHTS)}")
+    if target == "tensorrt":
+        weights = "packed"  # TensorRT runs its own DequantizeLinear form
     # the output may replace the input ONNX (the API's in-place rewrite), never its weights elsewhere
     check_onnx_output(out_path, onnx_path, None if isinstance(factors_path, Factors) else factors_path,
                       overwrite=True)
@@ -326,7 +337,8 @@ def rewrite_onnx(
         info = factors.layers[layer]
         before = int(site.weight.size)
         node_name = site.node.name or f"<unnamed {site.node.op} #{i}>"
-        after = _replace(graph, site, layer, factors, tag=str(i), target=target, shared=len(used[layer]) > 1)
+        after = _replace(graph, site, layer, factors, tag=str(i), target=target, shared=len(used[layer]) > 1,
+                         weights=weights)
         report.rewritten.append({
             "node": node_name, "layer": layer, "matched_by": how, "rank": info.rank, "form": info.form,
             "precision": info.precision, "sparse": info.sparse.structure, "sparse_k": info.sparse.k,
@@ -334,6 +346,7 @@ def rewrite_onnx(
         })
         report.params_before += before
         report.params_after += after
+    report.weights = weights
     graph.cleanup().toposort()
     check_and_save(_exported(graph, model), Path(out_path), external_data)
     return report

@@ -35,28 +35,41 @@ def _run(model, x, optimize=True):
         None, {"x": x})[0]
 
 
-FORMS = [("onnxruntime", False), ("onnxruntime", True), ("tensorrt", True)]  # TensorRT: symmetric only
+FORMS = [("onnxruntime", False, "packed"), ("onnxruntime", True, "packed"), ("onnxruntime", False, "expanded"),
+         ("onnxruntime", True, "expanded"), ("tensorrt", True, "packed")]  # TensorRT: symmetric only
 
 
-@pytest.mark.parametrize("precision", ["int8", "int4"])
+@pytest.mark.parametrize("precision", ["int8", "int4", "int2"])
 @pytest.mark.parametrize("k, block", [(48, 32), (40, 16), (128, 64)])
-@pytest.mark.parametrize("target, symmetric", FORMS)
-def test_the_engine_reads_back_exactly_what_pytorch_simulates(precision, k, block, target, symmetric):
+@pytest.mark.parametrize("target, symmetric, weights", FORMS)
+def test_the_engine_reads_back_exactly_what_pytorch_simulates(precision, k, block, target, symmetric, weights,
+                                                              tmp_path):
+    if target == "tensorrt" and precision == "int2":
+        pytest.skip("TensorRT dequantizes INT8 and INT4 only")
     n = 24
+    bits = {"int8": 8, "int4": 4, "int2": 2}[precision]
     W = torch.randn(n, k, generator=torch.Generator().manual_seed(k + block))
-    q = quantize(W, 8 if precision == "int8" else 4, block, symmetric=symmetric)
+    q = quantize(W, bits, block, symmetric=symmetric)
     tensors = {"l.W.codes": q.codes, "l.W.scale": q.scale, "l.W.zero_point": q.zero_point}
     model = _graph_of(lambda x, y: project(x, tensors, "l.W", k, n, precision, np.float32, "mm",
-                                           lambda w: f"l.{w}", y, target), k, n, 21 if target == "tensorrt" else 17)
+                                           lambda w: f"l.{w}", y, target, weights), k, n,
+                      21 if target == "tensorrt" else 17)
     onnx.checker.check_model(model)
     eye = np.eye(k, dtype=np.float32)
     got = _run(model, eye, optimize=target == "onnxruntime")  # I @ Wᵀ = Wᵀ, read back by the engine
     np.testing.assert_array_equal(got, q.dequantize().numpy().T)
-    # and what the file holds is what the byte accounting says
-    nbytes = sum(len(t.raw_data) or numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
+    if weights == "expanded":  # unoptimised, the subgraph computes the same bits; optimised, it is folded away
+        np.testing.assert_array_equal(_run(model, eye, optimize=False), got)
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        assert [nd.op_type for nd in onnx.load(str(tmp_path / "opt.onnx")).graph.node] == ["MatMul"]
+    # and what the file holds is what the byte accounting says (the expanded form's scalars and shapes aside)
+    nbytes = sum(len(t.raw_data) or numpy_helper.to_array(t).nbytes for t in model.graph.initializer
+                 if weights == "packed" or len(t.dims) >= 2)
     expected = storage_bytes(n, k, precision, block, symmetric)
     if target == "tensorrt":  # unpadded codes and no zero points
-        expected = -(-n * k * (8 if precision == "int8" else 4) // 8) + 4 * n * -(-k // block)
+        expected = -(-n * k * bits // 8) + 4 * n * -(-k // block)
     assert nbytes == expected
 
 
@@ -189,3 +202,40 @@ def test_int2_is_read_back_by_onnxruntime_bit_for_bit(k, block, symmetric):
     with pytest.raises(MixrankError, match="INT8 and INT4"):
         _graph_of(lambda x, y: project(x, tensors, "l.W", k, n, "int2", np.float32, "mm", lambda w: w, y,
                                        "tensorrt"), k, n, 21)
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_expanded_weights_run_the_stored_bytes_as_float32(exported, precision):
+    """The expanded form computes what the packed one does, counts the same parameters and
+    FLOPs, and costs only its small shape constants and nodes in the file; `rewrite_fastest`
+    times both and writes the faster one."""
+    from mixrank.engines import OrtSettings, matmul_flops, onnx_params, rewrite_fastest
+
+    model, calib, d = exported
+    f = compress_model(model, calib, CompressConfig(keep=0.5, precision=precision, **FAST), progress=False)
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        ref = apply_factors(model, f)(x).numpy()
+    outs, params = {}, {}
+    for weights in ("packed", "expanded"):
+        out = d / f"w_{precision}_{weights}.onnx"
+        assert rewrite_onnx(d / "o.onnx", f, out, weights=weights).to_dict()["weights"] == weights
+        outs[weights] = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(
+            None, {"input": x.numpy()})[0]
+        params[weights] = onnx_params(out)
+        assert matmul_flops(out, 4) == matmul_flops(d / f"w_{precision}_packed.onnx", 4)
+        ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+        assert ("MatMulNBits" in ops) == (weights == "packed")
+    assert np.abs(outs["expanded"] - ref).max() <= 1e-4 * np.abs(ref).max()
+    assert np.abs(outs["expanded"] - outs["packed"]).max() <= 1e-4 * np.abs(ref).max()
+    assert params["expanded"]["params"] == params["packed"]["params"]
+    extra = params["expanded"]["file_bytes"] - params["packed"]["file_bytes"]
+    assert 0 < extra < 0.25 * params["packed"]["file_bytes"], params  # nodes; a 64-wide model is the worst case
+    rep, choice = rewrite_fastest(d / "o.onnx", f, d / "auto.onnx", "auto", (1, 4), OrtSettings(threads=1),
+                                  seconds=0.5)
+    assert choice["chosen"] == rep.weights in ("packed", "expanded")
+    assert set(choice["p50_ms"]) == {"packed", "expanded"} and all(
+        set(t) == {"1", "4"} and min(t.values()) > 0 for t in choice["p50_ms"].values())
+    assert not [p for p in d.iterdir() if p.name.startswith(".mixrank")]  # the candidates are gone
+    with pytest.raises(MixrankError, match="unknown integer weight form"):
+        rewrite_onnx(d / "o.onnx", f, d / "bad.onnx", weights="loose")
