@@ -7,6 +7,7 @@ Limits file (TOML)::
     max_bytes_ratio_vs_int8 = 0.6  # compressed file / the original quantized to int8 by onnxruntime
     max_engine_bytes = 50_000_000  # needs an engine in the report
     min_speedup = { 32 = 1.2 }     # per batch size
+    min_speedup_vs_int8 = { 1 = 1.0 }  # vs the faster of quantize_dynamic's int8 and weight-only int8
     max_latency_p99_ms = { 1 = 20.0 }
     max_top1_drop = 0.01           # needs labels
     min_top1_agreement = 0.97
@@ -41,6 +42,7 @@ SCALAR_LIMITS = {
 }
 BATCH_LIMITS = {
     "min_speedup": ("speedup_b{}", "min"),
+    "min_speedup_vs_int8": ("speedup_vs_fastest_int8_b{}", "min"),
     "max_latency_p99_ms": ("latency_p99_ms_b{}", "max"),
 }
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from mixrank.core import MixrankError, atomic_write, atomic_write_text, json_text, loads_json
+from mixrank.exporter import REFERENCES
 
 REPORT_SCHEMA = 1  # report.json's schema version: `mixrank check` refuses any other
 
@@ -82,6 +83,7 @@ def build_report(measurement: dict, factors_plan=None, rewrite: dict | None = No
                     summary[f"{name}_{k}"] = rf[k]
             if "top1_compressed" in rf:
                 summary[f"{name}_top1"] = rf["top1_compressed"]
+    _winners(summary, measurement)
     rep = {"schema_version": REPORT_SCHEMA, "summary": summary, "measurement": measurement,
            "versions": _versions(), "machine": machine()}
     if factors_plan:
@@ -97,6 +99,25 @@ def build_report(measurement: dict, factors_plan=None, rewrite: dict | None = No
     if rewrite:
         rep["rewrite"] = rewrite
     return rep
+
+
+INT8_REFERENCES = ("int8_dynamic", "int8")
+
+
+def _winners(summary: dict, measurement: dict) -> None:
+    """Add to ``summary`` which artifact is the smallest file (``smallest``) and the fastest
+    at each batch size (``fastest_b<batch>``), and the compressed model's speedup over the
+    faster of the int8 references (``speedup_vs_fastest_int8_b<batch>``, what
+    ``min_speedup_vs_int8`` gates)."""
+    fp = measurement["footprint"]
+    names = ["original", "compressed", *measurement.get("references", [])]
+    summary["smallest"] = min(names, key=lambda n: fp[n]["file_bytes"])
+    for t in measurement["throughput"]:
+        p50 = {n: t["sessions"][n]["p50_ms"] for n in names}
+        summary[f"fastest_b{t['batch']}"] = min(names, key=p50.get)
+        int8 = [n for n in INT8_REFERENCES if n in p50]
+        if int8:
+            summary[f"speedup_vs_fastest_int8_b{t['batch']}"] = min(p50[n] for n in int8) / p50["compressed"]
 
 
 def _fmt_bytes(n: float) -> str:
@@ -169,9 +190,13 @@ def report_markdown(rep: dict) -> str:
     if like:
         lines += ["", like_line(like, fp)]
     if refs:
-        lines += ["", "References: " + "; ".join(
-            f"`{r}` = the original's MatMul weights quantized by onnxruntime's MatMulNBitsQuantizer "
-            f"(block 32, asymmetric), what a user gets without mixrank" for r in refs) + "."]
+        lines += ["", "References, what a user gets without mixrank: " + "; ".join(
+            f"`{r}` = the original quantized by {REFERENCES.get(r, r)}" for r in refs) + "."]
+    s = rep["summary"]
+    if "smallest" in s:
+        fastest = [(t["batch"], s.get(f"fastest_b{t['batch']}")) for t in m["throughput"]]
+        lines += ["", f"Smallest file: `{s['smallest']}`. Fastest: "
+                  + ", ".join(f"`{name}` at batch {b}" for b, name in fastest if name) + "."]
     lines += ["", engine_line(m, rep)]
     return "\n".join(lines) + "\n"
 

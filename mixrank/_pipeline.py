@@ -29,8 +29,17 @@ from mixrank.core import (
     sha256_file,
     warn,
 )
-from mixrank.engines import TimingConfig, build_report, check_report, junit_xml, load_limits, measure, write_report
-from mixrank.exporter import export_onnx, quantize_reference, rewrite_onnx, verify_rewrite
+from mixrank.engines import (
+    TimingConfig,
+    build_report,
+    check_report,
+    junit_xml,
+    load_limits,
+    measure,
+    rewrite_fastest,
+    write_report,
+)
+from mixrank.exporter import export_onnx, verify_rewrite, write_reference
 
 from ._sources import ModelSource, check_texts, held_out_texts
 from ._target import Target
@@ -201,6 +210,9 @@ class RunOptions:
         seq_len: the tokens per input a text model is timed at.
         like: the sibling whose size is the budget (`CompressArgs.like`'s record), for
             the plan and the report.
+        int_weights: how onnxruntime holds the integer weights: ``"auto"`` (the faster of
+            the two forms, timed on the target at ``batch_sizes``), ``"packed"``
+            (``MatMulNBits``) or ``"expanded"`` (`mixrank.exporter.INT_WEIGHTS`).
     """
 
     model: str | None = None
@@ -224,6 +236,7 @@ class RunOptions:
     max_length: int = MAX_LENGTH
     seq_len: int = SEQ_LEN
     like: dict | None = None
+    int_weights: str = "auto"
 
 
 def run_pipeline(options: RunOptions, cfg: CompressConfig, log: Callable[[str], None]) -> dict:
@@ -293,34 +306,44 @@ class _Run:
         key = _key(self.mfp, shape, 17, src.input_names, src.output_name)
         self.man.stage("export", key, ["original.onnx"], do, self.log)
 
-        def do_reference():  # what a user gets without mixrank: onnxruntime's int8 weight-only quantizer
-            quantize_reference(self.out / "original.onnx", self.out / "original.int8.onnx", bits=8, block=32)
+        refs = self.target.references
 
-        if self.target.has_int8_reference:
-            self.man.stage("reference", _key(sha256_file(self.out / "original.onnx"), "int8", 32),
-                           ["original.int8.onnx"], do_reference, self.log)
+        def do_reference():  # what a user gets without mixrank: onnxruntime's own quantizers
+            for name in refs:
+                write_reference(name, self.out / "original.onnx", self.out / f"original.{name}.onnx")
+
+        if refs:
+            self.man.stage("reference", _key(sha256_file(self.out / "original.onnx"), refs, 32),
+                           [f"original.{name}.onnx" for name in refs], do_reference, self.log)
 
     def rewrite(self, factors) -> str:
         out, comp_onnx = self.out, self.comp_onnx
 
         def do():
-            rep = rewrite_onnx(out / "original.onnx", factors, out / comp_onnx, target=self.target.rewrite_target)
-            atomic_write_text(out / "rewrite.json", json_text(rep.to_dict()))
+            settings = self.target.settings(self.o.batch_sizes, self.o.seq_len, self.o.max_length)
+            rep, choice = rewrite_fastest(out / "original.onnx", factors, out / comp_onnx, self.o.int_weights,
+                                          self.o.batch_sizes, settings, seq_len=self.o.seq_len,
+                                          target=self.target.rewrite_target)
+            if choice:
+                self.log(f"[rewrite] integer weights {choice['chosen']} (timed: " + "; ".join(
+                    f"{w} " + ", ".join(f"b{b} {ms:.2f} ms" for b, ms in t.items())
+                    for w, t in choice["p50_ms"].items()) + ")")
+            atomic_write_text(out / "rewrite.json", json_text({**rep.to_dict(), "weights_choice": choice}))
             v = verify_rewrite(out / comp_onnx, self.model, factors, self.ev.head(64))
             return {"verify": v["outputs"]}
 
         key = _key(sha256_file(out / "original.onnx"), sha256_file(out / "model.mixrank.safetensors"),
-                   self.target.rewrite_target)
+                   self.target.rewrite_target, self.o.int_weights,
+                   self.o.batch_sizes if self.o.int_weights == "auto" else None)
         self.man.stage("rewrite", key, [comp_onnx, "rewrite.json"], do, self.log)
         return key
 
     def reference_graphs(self) -> dict[str, str]:
         graphs = {"original": "original.onnx", "compressed": self.comp_onnx}
-        if self.target.has_int8_reference:
-            graphs["original.int8"] = "original.int8.onnx"
-        else:
-            self.log(f"no int8 reference on {self.target.label()}: onnxruntime's int8 quantizer writes MatMulNBits, "
-                     "which TensorRT cannot run")
+        graphs.update({f"original.{name}": f"original.{name}.onnx" for name in self.target.references})
+        if not self.target.references and self.target.rewrite_target == "tensorrt":
+            self.log(f"no int8 reference on {self.target.label()}: onnxruntime's quantizers write MatMulNBits and "
+                     "MatMulInteger, which TensorRT cannot run")
         return graphs
 
     def build(self, graphs: dict, built: dict, settings, k_rw: str) -> str:
@@ -341,8 +364,8 @@ class _Run:
         src = self.src
 
         def do():
-            refs = ({"int8": (out / built["original.int8"], out / graphs["original.int8"])}
-                    if "original.int8" in built else None)
+            refs = {name: (out / built[f"original.{name}"], out / graphs[f"original.{name}"])
+                    for name in self.target.references} or None
             inputs = ev.feeds(src.input_names) if src.kind == "text" else ev.x.numpy()
             res = measure(out / built["original"], out / built["compressed"], o.batch_sizes, settings,
                           inputs, None if ev.labels is None else ev.labels.numpy(),
@@ -350,9 +373,9 @@ class _Run:
                           graphs=(out / graphs["original"], out / graphs["compressed"]), references=refs,
                           seq_len=o.seq_len, output="embedding" if src.output_name == "embedding" else "logits")
             res.target = self.target.describe()
-            for tag, name in (("original", "original"), ("compressed", "compressed"), ("int8", "original.int8")):
-                if name in built:
-                    res.footprint[tag]["engine_bytes"] = (out / built[name]).stat().st_size
+            for tag in res.footprint:
+                name = tag if tag in ("original", "compressed") else f"original.{tag}"
+                res.footprint[tag]["engine_bytes"] = (out / built[name]).stat().st_size
             res.evaluation = {"source": ev.source, "held_out": ev.held_out, "samples": ev.count, **ev.record,
                               "note": ev.note}
             rep = build_report(res, factors.plan, json.loads((out / "rewrite.json").read_text()))

@@ -82,12 +82,18 @@ class Target:
         return "tensorrt" if self.engine == "tensorrt" or self.provider == "tensorrt" else "onnxruntime"
 
     @property
-    def has_int8_reference(self) -> bool:
-        """onnxruntime's int8 quantizer writes ``MatMulNBits``, which TensorRT cannot run."""
-        return self.rewrite_target == "onnxruntime"
+    def references(self) -> tuple[str, ...]:
+        """The original quantized by onnxruntime's own quantizers that this target runs
+        (`mixrank.exporter.REFERENCES`): on the CPU, ``quantize_dynamic``'s int8 and the
+        weight-only int8 and int4; on CUDA the weight-only ones (``MatMulInteger`` would
+        fall back to the CPU); none for TensorRT, which runs neither ``MatMulNBits`` nor
+        ``MatMulInteger``."""
+        if self.rewrite_target != "onnxruntime":
+            return ()
+        return ("int8_dynamic", "int8", "int4") if self.provider == "cpu" else ("int8", "int4")
 
     def artifact(self, tag: str) -> str:
-        """The built artifact of ``tag`` (``original``, ``compressed``, ``original.int8``)."""
+        """The built artifact of ``tag`` (``original``, ``compressed``, ``original.<reference>``)."""
         if self.engine == "tensorrt":
             return f"{tag}.{self.precision}.engine"
         return f"{tag}.ort.onnx" if self.provider == "cpu" else f"{tag}.ort-{self.provider}.onnx"

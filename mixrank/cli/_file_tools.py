@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mixrank.core import MixrankError
 
-from ._args import Overwrite, PinnedDigest, Printing, Tool, deprecated, output
+from ._args import Overwrite, PinnedDigest, Printing, Tool, batch_sizes, deprecated, output
 
 
 class Rewrite(Tool):
@@ -29,15 +29,24 @@ class Rewrite(Tool):
                                  "were computed from (recorded in the report)")
         parser.add_argument("--target", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
                             help="engine the integer weights are written for")
+        parser.add_argument("--int-weights", choices=["auto", "packed", "expanded"], default="packed",
+                            help="how onnxruntime holds integer weights: packed (MatMulNBits: dequantized as it "
+                                 "runs, least memory), expanded (the same file bytes, float32 weights once loaded: "
+                                 "float32 speed and memory), or auto: the faster of the two, timed on this machine's "
+                                 "CPU at --batches")
+        parser.add_argument("--batches", default="1,32", help="batch sizes --int-weights auto times")
 
     def run(self, args):
-        from mixrank.exporter import check_onnx_output, check_tensorrt_compat, rewrite_onnx
+        from mixrank.exporter import check_onnx_output, check_tensorrt_compat
 
         check_onnx_output(args.output, args.onnx, args.factors, overwrite=args.overwrite)
         factors = PinnedDigest.load(args, args.factors)
-        rep = rewrite_onnx(args.onnx, factors, args.output, allow_partial=args.allow_partial,
-                           allow_mismatch=args.allow_mismatch, target=args.target)
-        out = rep.to_dict()
+        from mixrank.engines import rewrite_fastest
+
+        rep, choice = rewrite_fastest(args.onnx, factors, args.output, args.int_weights, batch_sizes(args.batches),
+                                      allow_partial=args.allow_partial, allow_mismatch=args.allow_mismatch,
+                                      target=args.target)
+        out = {**rep.to_dict(), "weights_choice": choice}
         out["tensorrt_check"] = check_tensorrt_compat(args.output)
         return out
 

@@ -35,9 +35,11 @@ class Bench(Tool):
                                                  "--model: the shipped held-out docstrings)")
         parser.add_argument("--max-length", type=int, default=128, help="tokens per text; longer texts are cut")
         parser.add_argument("--seq-len", type=int, default=128, help="tokens per input when timing a text model")
-        parser.add_argument("--int8", action="store_true",
-                            help="also measure the original quantized by onnxruntime's weight-only int8 quantizer "
-                                 "(MatMulNBits, block 32), written to the report folder")
+        parser.add_argument("--refs", default="",
+                            help="also measure the original quantized by onnxruntime's own quantizers, written to "
+                                 "the report folder: a comma-separated list of int8_dynamic (quantize_dynamic, int8 "
+                                 "per channel), int8, int4 (weight-only MatMulNBits, block 32)")
+        parser.add_argument("--int8", action="store_true", help="the same as --refs int8")
         parser.add_argument("--seconds", type=float, default=30.0, help="time limit per batch size")
         parser.add_argument("--out", default="mixrank-out", help="report folder")
 
@@ -52,8 +54,10 @@ class Bench(Tool):
             measure,
             write_report,
         )
+        from mixrank.exporter import check_references, write_reference
 
         batches = batch_sizes(args.batches)
+        names = check_references([*check_references(args.refs), *(["int8"] if args.int8 else [])])
         limits_file = LimitsArgs.path(args)
         limits = load_limits(limits_file) if limits_file else None  # fail early on a bad limits file
         plan = PinnedDigest.load(args, args.factors).plan if args.factors or args.require_digest else None
@@ -63,11 +67,7 @@ class Bench(Tool):
         if args.junit:
             output(args.junit)
         with output_folder(args.out, " ".join(["mixrank", *sys.argv[1:]])) as out:
-            refs = None
-            if args.int8:
-                from mixrank.exporter import quantize_reference
-
-                refs = {"int8": quantize_reference(args.original, out / "original.int8.onnx", bits=8, block=32)}
+            refs = {n: write_reference(n, args.original, out / f"original.{n}.onnx") for n in names} or None
             res = measure(args.original, args.compressed, batches,
                           OrtSettings(provider=args.provider, threads=args.threads), inputs, labels,
                           TimingConfig(max_seconds=args.seconds), progress=not args.quiet, references=refs,

@@ -32,6 +32,10 @@ class Run(Tool):
         parser.add_argument("--engine-precision", choices=["fp32", "fp16", "int8"], default=None,
                             help="TensorRT's precision (default: fp16), with --engine tensorrt or --provider "
                                  "tensorrt; the factors' own storage is --precision")
+        parser.add_argument("--int-weights", choices=["auto", "packed", "expanded"], default="auto",
+                            help="how onnxruntime holds integer weights: packed (MatMulNBits: dequantized as it runs, "
+                                 "least memory), expanded (the same file bytes, float32 weights once loaded: "
+                                 "float32 speed and memory), or auto: the faster of the two, timed here")
         parser.add_argument("--seconds", type=float, default=20.0, help="timing limit per batch size")
         parser.add_argument("--force", action="store_true", help="redo every stage")
 
@@ -57,12 +61,12 @@ class Run(Tool):
             eval_csv=args.eval_csv, out=args.out, batch_sizes=sizes, seconds=args.seconds,
             limits=LimitsArgs.path(args), junit=args.junit, force=args.force, progress=not args.quiet, target=target,
             texts=args.texts, eval_texts=args.eval_texts, max_length=args.max_length, seq_len=args.seq_len,
-            like=like and like[2])
+            like=like and like[2], int_weights=args.int_weights)
         return run_pipeline(options, cfg, log(args))
 
     def show(self, s):
         fp = s["footprint"]
-        refs = [r for r in ("int8",) if r in fp]
+        refs = [r for r in fp if r not in ("original", "compressed")]
         cols = ["original", "compressed", *refs]
         head = ("", *cols, "change")
         rows = _summary_rows(s, fp, cols, refs)
@@ -72,7 +76,14 @@ class Run(Tool):
             print("  ".join([f"{r[0]:<{w[0]}}", *(f"{v:>{w[i]}}" for i, v in enumerate(r[1:-1], 1)),
                              f"{r[-1]:<{w[-1]}}"]))
         if refs:
-            print("int8 = the original quantized by onnxruntime's weight-only quantizer (MatMulNBits, block 32)")
+            from mixrank.exporter import REFERENCES
+
+            for r in refs:
+                print(f"{r} = the original quantized by {REFERENCES.get(r, r)}")
+        if "smallest" in s:
+            print(f"smallest file: {s['smallest']}; fastest: "
+                  + ", ".join(f"{s[f'fastest_b{t}']} at batch {t}" for t in (x["batch"] for x in s["throughput"])
+                              if f"fastest_b{t}" in s))
         ev = s.get("evaluation") or {}
         text = s.get("kind") == "text"
         if text:
@@ -99,13 +110,16 @@ def _summary_rows(s: dict, fp: dict, cols: list[str], refs: list[str]) -> list[t
     fo, fc = fp["original"], fp["compressed"]
     rows = [("parameters", *(f"{fp[k]['params']:,}" for k in cols), f"{s['param_ratio']:.3f}x"),
             ("file MB", *(f"{fp[k]['file_bytes'] / 1e6:.2f}" for k in cols),
-             f"{s['file_bytes_ratio']:.3f}x" + (f" ({s['bytes_ratio_vs_int8']:.2f}x of int8)" if refs else "")),
+             f"{s['file_bytes_ratio']:.3f}x" + (f" ({s['bytes_ratio_vs_int8']:.2f}x of int8)"
+                                                 if "bytes_ratio_vs_int8" in s else "")),
             ("peak RSS MB (ORT, b1)", *(f"{fp[k]['peak_rss_bytes'] / 1e6:.1f}" for k in cols),
              f"{(fc['peak_rss_bytes'] - fo['peak_rss_bytes']) / 1e6:+.1f} MB")]
     at = f", {s['seq_len']} tokens" if s.get("seq_len") else ""
     for t in s["throughput"]:
+        vs = s.get(f"speedup_vs_fastest_int8_b{t['batch']}")
         rows.append((f"latency p50 ms, batch {t['batch']}{at}", *(f"{t['p50_ms'][k]:.2f}" for k in cols),
-                     f"{t['speedup']:.2f}x (FLOP ideal {t['ideal_speedup']:.2f}x)"))
+                     f"{t['speedup']:.2f}x (FLOP ideal {t['ideal_speedup']:.2f}x)"
+                     + ("" if vs is None else f"; {vs:.2f}x of the faster int8")))
     if "top1_original" in s:
         rows.append(("top-1 accuracy %", f"{100 * s['top1_original']:.2f}", f"{100 * s['top1_compressed']:.2f}",
                      *(f"{100 * s[f'{r}_top1']:.2f}" for r in refs), f"{-100 * s['top1_drop']:+.2f} pt"))

@@ -44,7 +44,8 @@ def test_targets(args, expect):
     d = t.describe()
     assert {k: d[k] for k in expect} == expect
     assert t.rewrite_target == ("tensorrt" if "tensorrt" in (t.engine, t.provider) else "onnxruntime")
-    assert t.has_int8_reference == (t.rewrite_target == "onnxruntime")
+    want = {"cpu": ("int8_dynamic", "int8", "int4"), "cuda": ("int8", "int4")}
+    assert t.references == (want[t.provider] if t.rewrite_target == "onnxruntime" else ())
 
 
 @pytest.mark.parametrize("args, match", [

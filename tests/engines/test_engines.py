@@ -167,3 +167,37 @@ def test_tensorrt_engine_keeps_two_gemms(pair, tmp_path):
     assert side["device_memory_bytes"] > 0
     findings = check_two_gemms(side, rep.rewritten)
     assert all(x["status"] != "not found in the inspector output" for x in findings)
+
+
+def test_references_are_measured_beside_and_named_in_the_summary(pair, tmp_path):
+    """onnxruntime's quantize_dynamic and weight-only int8/int4 of the original: the same
+    logical parameters and FLOPs as the original, fewer bytes; the summary names the smallest
+    and the fastest artifact and the speedup over the faster int8, which the gate reads."""
+    from mixrank.exporter import REFERENCES, check_references, write_reference
+
+    d, model, f = pair
+    refs = {n: write_reference(n, d / "o.onnx", tmp_path / f"o.{n}.onnx") for n in REFERENCES}
+    x = np.random.default_rng(0).standard_normal((32, 64)).astype(np.float32)
+    res = measure(d / "o.onnx", d / "c.onnx", batches=(8,), inputs=x, timing=FAST, progress=False, references=refs)
+    fp = res["footprint"]
+    ops = {n: {nd.op_type for nd in onnx.load(str(p)).graph.node} for n, p in refs.items()}
+    assert "MatMulInteger" in ops["int8_dynamic"] and "MatMulNBits" in ops["int4"]
+    for n in REFERENCES:
+        assert fp[n]["params"] == fp["original"]["params"], n
+        assert fp[n]["file_bytes"] < 0.7 * fp["original"]["file_bytes"], n  # quantize_dynamic leaves Gemm alone
+        assert res["flops"][n]["8"] == res["flops"]["original"]["8"], n
+        assert res["reference_fidelity"][n]["cosine_mean"] > 0.99, n
+    s = build_report(res)["summary"]
+    names = ["original", "compressed", *REFERENCES]
+    assert s["smallest"] == min(names, key=lambda n: fp[n]["file_bytes"])
+    p50 = {n: v["p50_ms"] for n, v in res["throughput"][0]["sessions"].items()}
+    assert s["fastest_b8"] == min(names, key=p50.get)
+    assert s["speedup_vs_fastest_int8_b8"] == pytest.approx(min(p50["int8"], p50["int8_dynamic"]) / p50["compressed"])
+    lim = tmp_path / "l.toml"
+    lim.write_text(f"min_speedup_vs_int8 = {{ 8 = {s['speedup_vs_fastest_int8_b8'] * 0.99} }}\n")
+    assert check_report({"summary": s}, load_limits(lim))["exit_code"] == EXIT_OK
+    lim.write_text(f"min_speedup_vs_int8 = {{ 8 = {s['speedup_vs_fastest_int8_b8'] * 1.01} }}\n")
+    assert check_report({"summary": s}, load_limits(lim))["exit_code"] == EXIT_LIMIT_FAILED
+    assert check_references("int4,int8_dynamic") == ("int8_dynamic", "int4")
+    with pytest.raises(MixrankError, match="unknown reference 'int3'"):
+        check_references("int8,int3")
