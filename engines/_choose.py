@@ -14,6 +14,10 @@ from mixrank.core import MixrankError
 from ._measure import TimingConfig, throughput
 from .runners import SEQ_LEN, make_runner
 
+# the integer weight forms that compute the same result, between which timing alone may choose ("dynamic" quantizes
+# activations: another result, chosen only by name)
+SAME_RESULT = ("packed", "expanded")
+
 
 def fastest(candidates: dict[str, str | os.PathLike], batches: tuple[int, ...], settings=None,
             seconds: float = 3.0, seq_len: int = SEQ_LEN, engine: str = "onnxruntime") -> tuple[str, dict]:
@@ -45,9 +49,9 @@ def fastest(candidates: dict[str, str | os.PathLike], batches: tuple[int, ...], 
 def rewrite_fastest(onnx_path, factors, out_path, weights: str = "auto", batches: tuple[int, ...] = (1, 32),
                     settings=None, seconds: float = 3.0, seq_len: int = SEQ_LEN, **rewrite_args):
     """`mixrank.exporter.rewrite_onnx` with the integer weights in the form ``weights``
-    (``"packed"``, ``"expanded"``), or with ``"auto"``, in the form that runs faster on
-    onnxruntime with ``settings`` (`fastest`: both written, timed at ``batches``, the slower
-    removed). A model without integer weights, or one for TensorRT, has one form.
+    (``"packed"``, ``"expanded"``, ``"dynamic"``), or with ``"auto"``, in the form of
+    `SAME_RESULT` that runs faster on onnxruntime with ``settings`` (`fastest`: both written,
+    timed at ``batches``, the slower removed). A model without integer weights, or one for TensorRT, has one form.
 
     Returns:
         (the `RewriteReport`, the timing record of the choice or ``None``).
@@ -63,7 +67,7 @@ def rewrite_fastest(onnx_path, factors, out_path, weights: str = "auto", batches
         return rewrite_onnx(onnx_path, factors, out_path, weights=form, **rewrite_args), None
     out = Path(out_path)
     with tempfile.TemporaryDirectory(prefix=".mixrank-forms-", dir=out.parent) as tmp:
-        paths = {w: Path(tmp) / w / out.name for w in INT_WEIGHTS}
+        paths = {w: Path(tmp) / w / out.name for w in SAME_RESULT}
         for w, p in paths.items():
             p.parent.mkdir()
             rewrite_onnx(onnx_path, factors, p, weights=w, **rewrite_args)

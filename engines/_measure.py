@@ -22,6 +22,25 @@ from ._errors import MixrankError
 from .runners import RUNNERS, SEQ_LEN, Runner, check_inputs, make_runner, random_feeds, run_all
 
 
+def _int_scales(node, nodes, consts) -> set[str]:
+    """The constants that scale the int32 output of a ``MatMulInteger`` ``node``: the inputs
+    of the ``Mul`` nodes after its ``Cast``, and of the ``Mul`` that makes their other operand
+    (``x_scale · w_scale``, quantize_dynamic's and mixrank's dynamic form), whatever they are named."""
+    users: dict[str, list] = {}
+    made = {o: n for n in nodes for o in n.output}
+    for n in nodes:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    out: set[str] = set()
+    for cast in (c for c in users.get(node.output[0], []) if c.op_type == "Cast"):
+        for mul in (m for m in users.get(cast.output[0], []) if m.op_type == "Mul"):
+            for i in mul.input:
+                src = made.get(i)
+                ins = [i, *(src.input if src is not None and src.op_type == "Mul" else [])]
+                out.update(x for x in ins if x in consts)
+    return out
+
+
 def onnx_params(onnx_path: str | os.PathLike) -> dict:
     """Parameters, initializer bytes, file bytes. Parameters are weight values: float
     constants, plus the logical K·N weights of each quantized weight (``MatMulNBits``
@@ -52,7 +71,7 @@ def onnx_params(onnx_path: str | os.PathLike) -> dict:
             logical += consts[n.input[1]].size
             w = n.input[1].removesuffix("_quantized")
             aux = n.input[2:4] if n.op_type == "DynamicQuantizeMatMul" else n.input[3:4]
-            quant_aux.update([*aux, f"{w}_scale", f"{w}_zero_point"])
+            quant_aux.update([*aux, f"{w}_scale", f"{w}_zero_point", *_int_scales(n, model.graph.node, consts)])
     folded, aux = _folded_weights(model, consts)
     logical += folded
     quant_aux |= aux

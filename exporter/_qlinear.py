@@ -30,7 +30,10 @@ TARGETS = ("onnxruntime", "tensorrt")
 # in memory and are dequantized as it runs); "expanded", the codes in the file and a dequantizing subgraph of
 # constants that onnxruntime folds into a float32 weight when it loads the model (float32 MatMul speed and
 # memory, the file's bytes unchanged)
-INT_WEIGHTS = ("packed", "expanded")
+# "dynamic", the int8 weights requantized per output channel and run as onnxruntime's dynamic int8
+# (DynamicQuantizeLinear -> MatMulInteger: each activation tensor quantized to uint8 as the graph runs; int8
+# compute, a different result: never chosen by timing alone), the narrower widths expanded
+INT_WEIGHTS = ("packed", "expanded", "dynamic")
 MS_DOMAIN = "com.microsoft"
 
 
@@ -61,7 +64,9 @@ def project(x, tensors: dict, key: str, k: int, n_out: int, precision: str, grap
         precision: how it is stored; ``graph_dtype``: numpy dtype of the graph's floats.
         node: the node name (its helpers get suffixes); ``const(what)``: constant names.
         out: the output gs.Variable; ``target``: ``"onnxruntime"`` or ``"tensorrt"``.
-        weights: onnxruntime's integer weights, ``"packed"`` or ``"expanded"`` (`INT_WEIGHTS`).
+        weights: onnxruntime's integer weights, ``"packed"``, ``"expanded"`` or ``"dynamic"``
+            (`INT_WEIGHTS`; ``"dynamic"`` runs int8 weights as `_dynamic_matmul` and expands
+            the narrower ones).
 
     Returns:
         The nodes (to append to the graph).
@@ -90,7 +95,9 @@ def project(x, tensors: dict, key: str, k: int, n_out: int, precision: str, grap
             raise MixrankError(f"{key}: TensorRT dequantizes INT8 and INT4 weights, not {precision}; store it at "
                                "int4 or int8 for a TensorRT artifact")
         return _dequantize_matmul(x, q, codes, scale, bits, k, n_out, node, const, role, out, graph_dtype)
-    if weights == "expanded":
+    if weights == "dynamic" and bits == 8:
+        return _dynamic_matmul(x, q, k, node, const, role, out)
+    if weights in ("expanded", "dynamic"):
         return _expanded_matmul(x, q, codes, scale, zp, bits, k, n_out, node, const, role, out)
     inputs = [x, gs.Constant(const(f"{role}_q"), np.ascontiguousarray(pack_low_first(codes, bits))),
               gs.Constant(const(f"{role}_scale"), np.ascontiguousarray(scale.reshape(-1)))]
@@ -121,6 +128,54 @@ def _dequantize_matmul(x, q, codes, scale, bits, k, n_out, node, const, role, ou
     w = gs.Variable(f"{node}/w", dtype=graph_dtype)
     return [gs.Node("DequantizeLinear", f"{node}_dq", {"axis": 0, "block_size": q.block}, [wq, s], [w]),
             gs.Node("MatMul", node, {}, [x, w], [out])]
+
+
+def per_channel_int8(q) -> tuple[np.ndarray, np.ndarray]:
+    """The stored weight ``q`` (a `QTensor`) requantized symmetric int8 per output channel
+    (``MatMulInteger``'s weights): (codes int8 (N, K), scales float32 (N,)) with
+    ``codes · scale ≈ q.dequantize()`` (round to nearest; an all-zero row gets scale 1)."""
+    w = q.dequantize().numpy().astype(np.float32)
+    scale = np.abs(w).max(axis=1) / np.float32(127)
+    scale = np.where(scale > 0, scale, np.float32(1)).astype(np.float32)
+    codes = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
+    return codes, scale
+
+
+def _dynamic_matmul(x, q, k, node, const, role, out) -> list:
+    """``out = x @ Wᵀ`` as onnxruntime's dynamic int8, the pattern ``quantize_dynamic``
+    writes and onnxruntime fuses into ``DynamicQuantizeMatMul``: ``x`` quantized to uint8
+    per tensor as the graph runs (``DynamicQuantizeLinear``), ``MatMulInteger`` with the
+    weight's per-channel int8 codes (`per_channel_int8`), the int32 sums cast to float and
+    scaled by the activation's scale times the channel's."""
+    import onnx_graphsurgeon as gs
+
+    codes, scale = per_channel_int8(q)
+    n = codes.shape[0]
+    xq, xs, xz = (gs.Variable(f"{node}/x_{w}") for w in ("q", "scale", "zp"))
+    acc, accf, sc = gs.Variable(f"{node}/int32"), gs.Variable(f"{node}/float"), gs.Variable(f"{node}/scales")
+    wq = gs.Constant(const(f"{role}_i8"), np.ascontiguousarray(codes.T))  # (K, N)
+    wz = gs.Constant(const(f"{role}_i8_zero_point"), np.zeros(n, np.int8))
+    ws = gs.Constant(const(f"{role}_i8_scale"), scale)
+    return [gs.Node("DynamicQuantizeLinear", f"{node}_quant", {}, [x], [xq, xs, xz]),
+            gs.Node("MatMulInteger", node, {}, [xq, wq, xz, wz], [acc]),
+            gs.Node("Cast", f"{node}_cast", {"to": 1}, [acc], [accf]),
+            gs.Node("Mul", f"{node}_scales", {}, [xs, ws], [sc]),
+            gs.Node("Mul", f"{node}_scale", {}, [accf, sc], [out])]
+
+
+def simulate_dynamic(x: np.ndarray, codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """NumPy's `_dynamic_matmul`: ``x`` (..., K) quantized as ``DynamicQuantizeLinear``
+    does (uint8, per tensor, the range widened to hold 0, round half to even), times the
+    int8 ``codes`` (N, K), in exact integers, scaled. The engine agrees to float32 rounding."""
+    x = np.asarray(x, np.float32)
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    xs = np.float32((hi - lo) / 255) if hi > lo else np.float32(0)
+    if xs == 0:
+        return np.zeros((*x.shape[:-1], codes.shape[0]), np.float32)
+    zp = np.clip(np.rint(np.float32(-lo) / xs), 0, 255)
+    xq = np.clip(np.rint(x / xs) + zp, 0, 255)
+    acc = (xq.astype(np.int64) - int(zp)) @ codes.astype(np.int64).T
+    return (acc.astype(np.float32) * (xs * scale.astype(np.float32))).astype(np.float32)
 
 
 def _expanded_matmul(x, q, codes, scale, zp, bits, k, n_out, node, const, role, out) -> list:

@@ -305,8 +305,11 @@ def rewrite_onnx(
         weights: how onnxruntime holds the integer weights (`INT_WEIGHTS`): ``"packed"``
             (``MatMulNBits``: dequantized as it runs, the codes stay in memory) or
             ``"expanded"`` (the same bytes in the file, folded into float32 weights when
-            onnxruntime loads the model: float32 speed and memory). TensorRT's form is
-            always ``DequantizeLinear``.
+            onnxruntime loads the model: float32 speed and memory) or ``"dynamic"`` (int8
+            weights requantized per output channel and run as onnxruntime's dynamic int8,
+            ``MatMulInteger``, each activation quantized as the graph runs: int8 compute and
+            a different result; int4/int2 weights expanded). TensorRT's form is always
+            ``DequantizeLinear``.
 
     Returns:
         `RewriteReport`.

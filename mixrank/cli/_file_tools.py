@@ -29,11 +29,12 @@ class Rewrite(Tool):
                                  "were computed from (recorded in the report)")
         parser.add_argument("--target", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
                             help="engine the integer weights are written for")
-        parser.add_argument("--int-weights", choices=["auto", "packed", "expanded"], default="packed",
+        parser.add_argument("--int-weights", choices=["auto", "packed", "expanded", "dynamic"], default="packed",
                             help="how onnxruntime holds integer weights: packed (MatMulNBits: dequantized as it "
                                  "runs, least memory), expanded (the same file bytes, float32 weights once loaded: "
-                                 "float32 speed and memory), or auto: the faster of the two, timed on this machine's "
-                                 "CPU at --batches")
+                                 "float32 speed and memory), auto: the faster of the two, timed on this machine's "
+                                 "CPU at --batches; or dynamic: int8 weights run in int8, activations quantized as "
+                                 "the graph runs (quantize_dynamic's form, another result)")
         parser.add_argument("--batches", default="1,32", help="batch sizes --int-weights auto times")
 
     def run(self, args):
