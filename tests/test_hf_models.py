@@ -348,11 +348,13 @@ def test_run_on_a_bert_folder_end_to_end(bert, tmp_path):
     assert "calibration texts: 40 used of 40 read" in out.stdout
     rep = json.loads((tmp_path / "o" / "report.json").read_text())
     m = rep["measurement"]
-    assert m["seq_len"] == 64 and m["output"] == "embedding" and m["references"] == ["int8"]
+    assert m["seq_len"] == 64 and m["output"] == "embedding"
+    assert sorted(m["references"]) == ["int4", "int8", "int8_dynamic"]
     assert m["evaluation"]["samples"] == 512 and m["evaluation"]["held_out"]
     s = rep["summary"]
     assert 0.9 <= s["cosine_p5"] <= s["cosine_mean"] <= 1.0 + 1e-9 and "top1_agreement" not in s
-    assert s["int8_cosine_mean"] > 0.99
+    assert s["int8_cosine_mean"] > 0.99 and s["int8_dynamic_cosine_mean"] > 0.9 and s["int4_cosine_mean"] > 0.9
+    assert s["smallest"] in ("compressed", "int8_dynamic", "int8", "int4") and all(s[f"fastest_b{b}"] for b in (1, 32))
     check = json.loads((tmp_path / "o" / "check.json").read_text())
     assert check["exit_code"] == 0 and len(check["results"]) == 3
     md = (tmp_path / "o" / "report.md").read_text()
