@@ -16,7 +16,7 @@ lazy_exports(globals(), {
                  "onnx_file_bytes", "save_onnx"),
     "._reference": ("REFERENCES", "check_references", "quantize_dynamic_reference", "quantize_reference",
                      "write_reference"),
-    "._qlinear": ("INT_WEIGHTS", "per_channel_int8", "simulate_dynamic"),
+    "._qlinear": ("INT_WEIGHTS",),
     "._rewrite": ("RewriteReport", "find_weight_sites", "rewrite_onnx"),
     "._trt_check": ("SUPPORTED_OPS", "TRT_VERSION", "check_tensorrt_compat"),
     "._verify": ("Tolerance", "compare_outputs", "output_agreement", "run_onnxruntime", "topk_accuracy"),

@@ -137,8 +137,29 @@ def _half_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).half()
 
 
+DYNAMIC_AGREEING = 0.75  # the share of samples a dynamic int8 artifact matches its simulation on
+DYNAMIC_MIN_COSINE = 0.999  # and the least cosine of any sample
+
+
+def _verify_dynamic(name: str, ref: np.ndarray, got: np.ndarray, tol: Tolerance) -> dict:
+    n = len(ref)
+    r, g = ref.reshape(n, -1).astype(np.float64), got.reshape(n, -1).astype(np.float64)
+    scale = np.abs(r).max()
+    agree = (np.abs(g - r) <= tol.atol + tol.rtol * scale).all(axis=1)
+    cos = (r * g).sum(1) / (np.linalg.norm(r, axis=1) * np.linalg.norm(g, axis=1) + 1e-30)
+    report = {"ok": bool(agree.mean() >= DYNAMIC_AGREEING and cos.min() >= DYNAMIC_MIN_COSINE),
+              "outputs": {name: {"samples": n, "samples_agreeing": int(agree.sum()), "least_cosine": float(cos.min()),
+                                 "max_rel": float(np.abs(g - r).max() / max(scale, 1e-30))}},
+              "tolerance": {**tol.__dict__, "samples_agreeing": DYNAMIC_AGREEING, "min_cosine": DYNAMIC_MIN_COSINE}}
+    if not report["ok"]:
+        raise MixrankError(f"the rewritten model disagrees with its dynamic int8 simulation: {int(agree.sum())} of {n} "
+                           f"samples within tolerance (at least {DYNAMIC_AGREEING:.0%} needed), least cosine "
+                           f"{cos.min():.6f}")
+    return report
+
+
 def verify_rewrite(onnx_path, model, factors, inputs, tolerance: Tolerance | None = None,
-                   input_name: str | None = None) -> dict:
+                   input_name: str | None = None, int_weights: str = "exact") -> dict:
     """Run the rewritten ONNX model ``onnx_path`` on onnxruntime and compare it with the
     factored PyTorch model (``apply_factors(model, factors)``) on real ``inputs``: a
     tensor of the first input, or a dict of named inputs (a text model's ``input_ids``,
@@ -147,6 +168,12 @@ def verify_rewrite(onnx_path, model, factors, inputs, tolerance: Tolerance | Non
     Args:
         tolerance: the `Tolerance` (``None``: fp32's, or fp16's for an fp16 graph).
         input_name: the graph input a tensor is fed to (``None``: its first).
+        int_weights: ``"dynamic"`` for an artifact rewritten with dynamic int8 weights:
+            the PyTorch side then simulates them (`apply_factors`' ``int_weights``). The
+            simulation rounds an activation that lies within float rounding of a half step
+            the other way now and then, and that sample's output then moves by up to a few
+            percent: the check is per sample, at least `DYNAMIC_AGREEING` of them within
+            ``tolerance`` and every one at a cosine of at least `DYNAMIC_MIN_COSINE`.
 
     Returns:
         `compare_outputs`' report.
@@ -156,7 +183,7 @@ def verify_rewrite(onnx_path, model, factors, inputs, tolerance: Tolerance | Non
             worst element).
     """
     ort = import_onnxruntime()
-    small = apply_factors(model, factors).eval()
+    small = apply_factors(model, factors, int_weights=int_weights).eval()
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     inp = sess.get_inputs()[0]
     fp16 = "float16" in inp.type or "float16" in sess.get_outputs()[0].type
@@ -172,6 +199,8 @@ def verify_rewrite(onnx_path, model, factors, inputs, tolerance: Tolerance | Non
     got = sess.run(None, feeds)[0]
     tol = tolerance or (Tolerance.fp16() if fp16 else Tolerance.fp32())
     name = sess.get_outputs()[0].name
+    if int_weights == "dynamic":
+        return _verify_dynamic(name, ref, np.asarray(got, np.float32), tol)
     report = compare_outputs({name: ref}, {name: np.asarray(got, np.float32)}, tol)
     if not report["ok"]:
         raise MixrankError(f"the rewritten model disagrees with the factored PyTorch model: "

@@ -23,6 +23,7 @@ from collections.abc import Callable
 import numpy as np
 
 from mixrank.compress import INT_BITS, read_back, stored_qtensor
+from mixrank.compress.store import per_channel_int8
 from mixrank.core import MixrankError
 
 TARGETS = ("onnxruntime", "tensorrt")
@@ -130,26 +131,16 @@ def _dequantize_matmul(x, q, codes, scale, bits, k, n_out, node, const, role, ou
             gs.Node("MatMul", node, {}, [x, w], [out])]
 
 
-def per_channel_int8(q) -> tuple[np.ndarray, np.ndarray]:
-    """The stored weight ``q`` (a `QTensor`) requantized symmetric int8 per output channel
-    (``MatMulInteger``'s weights): (codes int8 (N, K), scales float32 (N,)) with
-    ``codes · scale ≈ q.dequantize()`` (round to nearest; an all-zero row gets scale 1)."""
-    w = q.dequantize().numpy().astype(np.float32)
-    scale = np.abs(w).max(axis=1) / np.float32(127)
-    scale = np.where(scale > 0, scale, np.float32(1)).astype(np.float32)
-    codes = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
-    return codes, scale
-
-
 def _dynamic_matmul(x, q, k, node, const, role, out) -> list:
     """``out = x @ Wᵀ`` as onnxruntime's dynamic int8, the pattern ``quantize_dynamic``
     writes and onnxruntime fuses into ``DynamicQuantizeMatMul``: ``x`` quantized to uint8
     per tensor as the graph runs (``DynamicQuantizeLinear``), ``MatMulInteger`` with the
-    weight's per-channel int8 codes (`per_channel_int8`), the int32 sums cast to float and
+    weight's per-channel int8 codes (`mixrank.compress.store.per_channel_int8`), the int32
+    sums cast to float and
     scaled by the activation's scale times the channel's."""
     import onnx_graphsurgeon as gs
 
-    codes, scale = per_channel_int8(q)
+    codes, scale = (t.numpy() for t in per_channel_int8(q))
     n = codes.shape[0]
     xq, xs, xz = (gs.Variable(f"{node}/x_{w}") for w in ("q", "scale", "zp"))
     acc, accf, sc = gs.Variable(f"{node}/int32"), gs.Variable(f"{node}/float"), gs.Variable(f"{node}/scales")
@@ -161,21 +152,6 @@ def _dynamic_matmul(x, q, k, node, const, role, out) -> list:
             gs.Node("Cast", f"{node}_cast", {"to": 1}, [acc], [accf]),
             gs.Node("Mul", f"{node}_scales", {}, [xs, ws], [sc]),
             gs.Node("Mul", f"{node}_scale", {}, [accf, sc], [out])]
-
-
-def simulate_dynamic(x: np.ndarray, codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """NumPy's `_dynamic_matmul`: ``x`` (..., K) quantized as ``DynamicQuantizeLinear``
-    does (uint8, per tensor, the range widened to hold 0, round half to even), times the
-    int8 ``codes`` (N, K), in exact integers, scaled. The engine agrees to float32 rounding."""
-    x = np.asarray(x, np.float32)
-    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
-    xs = np.float32((hi - lo) / 255) if hi > lo else np.float32(0)
-    if xs == 0:
-        return np.zeros((*x.shape[:-1], codes.shape[0]), np.float32)
-    zp = np.clip(np.rint(np.float32(-lo) / xs), 0, 255)
-    xq = np.clip(np.rint(x / xs) + zp, 0, 255)
-    acc = (xq.astype(np.int64) - int(zp)) @ codes.astype(np.int64).T
-    return (acc.astype(np.float32) * (xs * scale.astype(np.float32))).astype(np.float32)
 
 
 def _expanded_matmul(x, q, codes, scale, zp, bits, k, n_out, node, const, role, out) -> list:

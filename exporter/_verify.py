@@ -32,13 +32,6 @@ class Tolerance:
     def fp16(cls) -> Tolerance:
         return cls(atol=1e-2, rtol=1e-2, min_cosine=0.999, max_rel=2e-2)
 
-    @classmethod
-    def int8_dynamic(cls) -> Tolerance:
-        """An engine that quantizes activations to 8 bits as it runs (`INT_WEIGHTS`'
-        ``"dynamic"``) against a float model: a check that the graph is right (a wrong
-        transposition or scale falls far below it), not of fidelity, which the report measures."""
-        return cls(atol=5e-2, rtol=5e-2, min_cosine=0.995, max_rel=0.1)
-
 
 def topk_accuracy(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """Top-1 and top-5 accuracy of (N, classes) ``logits`` against integer ``labels``."""

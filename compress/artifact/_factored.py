@@ -11,8 +11,23 @@ import torch.nn as nn
 from mixrank.core import MixrankError
 
 from ..factor import FORMS, SPARSE, form_of
-from ..store import read_back
+from ..store import dynamic_linear, per_channel_int8, read_back, stored_qtensor
 from ._factors import Factors, load_factors, weight_fingerprint
+
+
+class DynamicInt8Linear(nn.Module):
+    """A dense Linear whose int8 weight runs as onnxruntime's dynamic int8 (`dynamic_linear`)."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("codes", codes)
+        self.register_buffer("scale", scale)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self.out_features, self.in_features = codes.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = dynamic_linear(x, self.codes, self.scale)
+        return y if self.bias is None else y + self.bias
 
 
 class FactoredLinear(nn.Module):
@@ -76,12 +91,21 @@ class FactoredLinear(nn.Module):
         return self._rank
 
     fake_quant: tuple | None = None  # (precision, Quantize): train through the stored rounding
+    # role ("A", "B", "W") -> (int8 codes, scales): those products computed as onnxruntime's dynamic int8 does
+    # (`mixrank.compress.store.dynamic_linear`; `apply_factors(..., int_weights="dynamic")`)
+    dynamic: dict | None = None
+
+    def _linear(self, x: torch.Tensor, W: torch.Tensor, role: str) -> torch.Tensor:
+        if role in self.dynamic:
+            return dynamic_linear(x, *self.dynamic[role])
+        return torch.nn.functional.linear(x, W)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         A, B = self.A, self.B
         if self.fake_quant is not None:
             A, B = form_of(self.form).straight_through(A, B, *self.fake_quant)
-        y = form_of(self.form).forward(x, A, B, self.index, self.out_features, self.residual)  # (..., m)
+        y = form_of(self.form).forward(x, A, B, self.index, self.out_features, self.residual,
+                                       **({"linear": self._linear} if self.dynamic else {}))  # (..., m)
         if self.sparse_structure != "none":
             y = y + SPARSE[self.sparse_structure].apply(x, self.sparse_index.long(), self.sparse_value)
         if self.bias_delta is not None:
@@ -127,7 +151,7 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def apply_factors(
-    model: nn.Module, factors: Factors | str | os.PathLike, inplace: bool = False
+    model: nn.Module, factors: Factors | str | os.PathLike, inplace: bool = False, int_weights: str = "exact"
 ) -> nn.Module:
     """Replace each factored Linear of ``model`` by a `FactoredLinear`, and give each layer
     kept dense at a reduced precision its weight as stored; stored values are read back
@@ -137,6 +161,10 @@ def apply_factors(
         model: the original model (the one the factors were computed from).
         factors: a `Factors` or a factors file path.
         inplace: modify ``model`` itself; by default a deep copy is modified.
+        int_weights: ``"exact"``: every weight as stored, what the ``packed`` and
+            ``expanded`` artifacts compute; ``"dynamic"``: the int8-stored weights as the
+            ``dynamic`` artifact computes them (requantized per channel, `per_channel_int8`,
+            activations quantized per tensor, `dynamic_linear`).
 
     Returns:
         The factored model.
@@ -145,6 +173,8 @@ def apply_factors(
         MixrankError: a layer is missing, has another shape, or its weight is not
             the one the factors were computed from (a file for another model).
     """
+    if int_weights not in ("exact", "dynamic"):
+        raise MixrankError(f"int_weights is 'exact' or 'dynamic', got {int_weights!r}")
     if not isinstance(factors, Factors):
         factors = load_factors(factors)
     modules = dict(model.named_modules())
@@ -166,8 +196,17 @@ def apply_factors(
         )
     out = model if inplace else copy.deepcopy(model)
     t = factors.tensors
+    dynamic = int_weights == "dynamic"
+
+    def int8(key: str, k: int, precision: str, like: torch.Tensor):
+        codes, scale = per_channel_int8(stored_qtensor(t, key, k, precision))
+        return codes.to(like.device), scale.to(like.device, like.dtype)
+
     for name in stored_dense:
         lin, info = out.get_submodule(name), factors.layers[name]
+        if dynamic and info.precision == "int8":
+            set_module(out, name, DynamicInt8Linear(*int8(f"{name}.W", info.shape[1], "int8", lin.weight), lin.bias))
+            continue
         with torch.no_grad():
             lin.weight.copy_(read_back(t, f"{name}.W", info.shape[1], info.precision))
     for name in factors.factored_layers():
@@ -186,6 +225,12 @@ def apply_factors(
         if delta is not None:  # a pair's new bias: one bias, as the engine adds it
             bias = delta.to(dev, dt) if bias is None else bias.detach() + delta.to(dev, dt)
         residual = form_of(form).read_residual(t, name, info)
-        set_module(out, name, FactoredLinear(A, B, bias, structure, idx, val, form, index,
-                                             residual=None if residual is None else residual.to(dev, dt)))
+        fl = FactoredLinear(A, B, bias, structure, idx, val, form, index,
+                            residual=None if residual is None else residual.to(dev, dt))
+        if dynamic:  # the roles stored at int8, with their reduction lengths
+            roles = {"A": (info.rank, info.precision), "B": (info.shape[1], info.precision),
+                     "W": (info.shape[1], info.residual_precision)}
+            fl.dynamic = {role: int8(f"{name}.{role}", k, p, lin.weight) for role, (k, p) in roles.items()
+                          if p == "int8" and f"{name}.{role}.codes" in t} or None
+        set_module(out, name, fl)
     return out

@@ -226,3 +226,32 @@ def rebalance(A: torch.Tensor, B: torch.Tensor, split: str) -> tuple[torch.Tenso
 
 
 SPLITS = ("us", "balanced", "u")
+
+
+def per_channel_int8(q: QTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stored weight ``q`` requantized symmetric int8 per output channel, the weights
+    of onnxruntime's dynamic int8 (``MatMulInteger``): (codes int8 (N, K), scales float32
+    (N,)) with ``codes · scale`` within half a step of ``q.dequantize()`` (round half to
+    even; an all-zero row gets scale 1). The exporter writes exactly these codes."""
+    w = q.dequantize().float()
+    scale = w.abs().amax(dim=1) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return codes, scale
+
+
+def dynamic_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x Wᵀ`` as onnxruntime's dynamic int8 computes it: ``x`` quantized to uint8 per
+    tensor (``DynamicQuantizeLinear``: the range widened to hold 0, the zero point and the
+    codes rounded half to even and saturated), times the int8 ``codes`` (N, K), scaled by the
+    activation's scale times ``scale`` (N,). The integer sums are taken in ``x``'s float
+    type (exact below 2^24 in float32), so the engine agrees to float rounding; the
+    rounding of an activation that falls within an ulp of a half step may differ."""
+    lo = torch.clamp(x.detach().amin(), max=0)
+    hi = torch.clamp(x.detach().amax(), min=0)
+    xs = (hi - lo) / 255
+    if float(xs) == 0:
+        return x.new_zeros(*x.shape[:-1], codes.shape[0])
+    zp = torch.round(torch.clamp(-lo / xs, 0, 255))
+    xq = torch.clamp(torch.round(x / xs) + zp, 0, 255) - zp
+    return torch.nn.functional.linear(xq, codes.to(x.dtype)) * (xs * scale.to(x.dtype))

@@ -22,6 +22,11 @@ import torch
 from mixrank.core import Registry
 
 
+def linear(x: torch.Tensor, W: torch.Tensor, role: str) -> torch.Tensor:
+    """``x Wᵀ``: how a form multiplies by its stored weight ``role`` unless told otherwise."""
+    return torch.nn.functional.linear(x, W)
+
+
 @dataclass(frozen=True)
 class EmitContext:
     """What a form's ONNX emitter is given by the rewriter.
@@ -95,9 +100,13 @@ class LayerForm:
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, A: torch.Tensor | None, B: torch.Tensor | None,
-                index: torch.Tensor | None, m: int, residual: torch.Tensor | None = None) -> torch.Tensor:
+                index: torch.Tensor | None, m: int, residual: torch.Tensor | None = None,
+                linear=linear) -> torch.Tensor:
         """``x`` (..., n) through the factors (and a ``residual`` form's dense term,
-        (m, n)), without the bias: (..., m)."""
+        (m, n)), without the bias: (..., m). Every product with a stored weight goes through
+        ``linear(x, W, role)`` (role ``"A"``, ``"B"`` or ``"W"``, the residual term): by
+        default ``x Wᵀ``; the factored model's engine simulation (`FactoredLinear.dynamic`)
+        passes its own."""
         raise NotImplementedError
 
     def straight_through(self, A: torch.Tensor | None, B: torch.Tensor | None, precision: str, quant

@@ -3,10 +3,8 @@ back together. Exported as two MatMuls (or `MatMulNBits`) of inner size r."""
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-
 from ...store import read_back, rebalanced_ste, storage_bytes, store_pair
-from ._base import FORMS, LayerForm
+from ._base import FORMS, LayerForm, linear
 
 
 @FORMS.register("lowrank")
@@ -29,8 +27,8 @@ class LowRank(LayerForm):
     def stored_bytes(self, space, r):
         return pair_bytes(space.m, space.n, r, space.precision, space.block, space.symmetric)
 
-    def forward(self, x, A, B, index, m, residual=None):
-        return F.linear(F.linear(x, B), A)
+    def forward(self, x, A, B, index, m, residual=None, linear=linear):
+        return linear(linear(x, B, "B"), A, "A")
 
     def straight_through(self, A, B, precision, quant):
         return rebalanced_ste(A, B, precision, quant)

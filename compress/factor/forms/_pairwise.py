@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ...store import StoredFactors, read_back, ste, storage_bytes, store_weight
 from .._spectrum import ridge_toward
-from ._base import FORMS, LayerForm
+from ._base import FORMS, LayerForm, linear
 
 
 class _Pairwise(LayerForm):
@@ -98,8 +97,8 @@ class Rows(_Pairwise):
     def per_rank(self, m, n):
         return n
 
-    def forward(self, x, A, B, index, m, residual=None):
-        h = F.linear(x, B)
+    def forward(self, x, A, B, index, m, residual=None, linear=linear):
+        h = linear(x, B, "B")
         return h.new_zeros(*h.shape[:-1], m).index_copy(-1, index, h)
 
     def read(self, tensors, name, info):
@@ -149,8 +148,8 @@ class Cols(_Pairwise):
     def per_rank(self, m, n):
         return m + 1
 
-    def forward(self, x, A, B, index, m, residual=None):
-        return F.linear(x.index_select(-1, index), A)
+    def forward(self, x, A, B, index, m, residual=None, linear=linear):
+        return linear(x.index_select(-1, index), A, "A")
 
     def read(self, tensors, name, info):
         return (read_back(tensors, f"{name}.A", info.rank, info.precision),

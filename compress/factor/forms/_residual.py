@@ -6,11 +6,9 @@ MatMuls of the low-rank branch, which is never merged into ``Q``."""
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-
 from ...store import StoredFactors, qtensor_tensors, read_back, storage_bytes, store_pair
 from .._spectrum import ridge_toward, whitened_spectrum
-from ._base import FORMS, LayerForm
+from ._base import FORMS, LayerForm, linear
 from ._lowrank import LowRank, pair_bytes
 
 
@@ -33,8 +31,8 @@ class Residual(LayerForm):
         q = storage_bytes(space.m, space.n, space.residual_precision, space.residual_block, space.symmetric)
         return q + pair_bytes(space.m, space.n, r, space.precision, space.block, space.symmetric)
 
-    def forward(self, x, A, B, index, m, residual=None):
-        return F.linear(x, residual) + F.linear(F.linear(x, B), A)
+    def forward(self, x, A, B, index, m, residual=None, linear=linear):
+        return linear(x, residual, "W") + linear(linear(x, B, "B"), A, "A")
 
     def straight_through(self, A, B, precision, quant):
         return LowRank.straight_through(self, A, B, precision, quant)
