@@ -394,6 +394,7 @@ class _Storage:
     def __init__(self, job: _Job, allocation: Allocation, evaluator: Evaluator):
         self.job, self.evaluator = job, evaluator
         self.precisions = allocation.precisions
+        self.stored_as = {n: (p, allocation.spaces[n].residual_precision) for n, p in self.precisions.items()}
         self.dense = {n: p for n, p in self.precisions.items() if allocation.ranks[n] is None and p != "fp32"}
         self.blocks = {n: allocation.spaces[n].block for n in self.dense}
 
@@ -403,7 +404,7 @@ class _Storage:
 
     def score(self, fits: dict[str, LayerFit]) -> float:
         stored = self(fits)
-        return self.evaluator.score_fits({**stored.fits, **stored.dense})
+        return self.evaluator.score_fits({**stored.fits, **stored.dense}, self.stored_as)
 
 
 def _forced(config: CompressConfig, fits: dict) -> list[str]:

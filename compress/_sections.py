@@ -237,6 +237,12 @@ class Quantize:
         widths: the integer precisions ``precision="auto"`` may choose, for dense layers,
             factors and the residual form (default: int8, int4 and int2; an artifact for
             TensorRT leaves int2 out, since TensorRT dequantizes INT8 and INT4 only).
+        compute: how the engine will multiply by int8 weights, as the allocation scores them:
+            ``"exact"`` (the stored weight in float arithmetic: ``MatMulNBits`` or the
+            expanded form) or ``"dynamic"`` (onnxruntime's dynamic int8, the artifact's
+            ``--int-weights dynamic``: requantized per output channel, each activation
+            quantized to uint8 as it runs; `mixrank.compress.store.dynamic_linear`). The
+            refinements train and are scored with the stored weights in float arithmetic.
     """
 
     precision: str | None = None
@@ -246,8 +252,11 @@ class Quantize:
     scheme: str = "asymmetric"
     grid: str = "mse"
     widths: tuple[str, ...] = ("int8", "int4", "int2")
+    compute: str = "exact"
 
     def __post_init__(self) -> None:
+        if self.compute not in ("exact", "dynamic"):
+            raise MixrankError(f"unknown compute {self.compute!r}; choose exact or dynamic")
         if self.precision is not None and self.precision not in (*PRECISIONS, "auto"):
             raise MixrankError(f"unknown precision {self.precision!r}; choose one of "
                                f"{', '.join((*PRECISIONS, 'auto'))}")
@@ -450,7 +459,8 @@ FLAT: dict[str, tuple[str, str]] = {
     **{k: ("selection", k) for k in ("include", "exclude", "overrides", "rank_step", "min_rank", "structure")},
     **{f"search_{k}": ("search", k) for k in ("rounds", "evals", "seconds", "samples", "work", "groups",
                                                "role_scales", "forms")},
-    **{k: ("quantize", k) for k in ("precision", "block", "quantizer", "split", "scheme", "grid", "widths")},
+    **{k: ("quantize", k) for k in ("precision", "block", "quantizer", "split", "scheme", "grid", "widths",
+                                     "compute")},
     **{f.name: ("refine", f.name) for f in dataclasses.fields(Refine)},
 }
 

@@ -16,7 +16,7 @@ from mixrank.core import MixrankError
 from ..calibrate import batch_size, block_sequence, limit_samples, model_output, move_batch, run_model
 from ..calibrate import distributed as _dist
 from ..factor import Spectrum, closed_form_fit, form_of
-from ..store import store_pair, store_weight
+from ..store import dynamic_linear, per_channel_int8_of, store_pair, store_weight
 from ._loss import output_error
 
 
@@ -102,30 +102,45 @@ class _SwitchLinear(nn.Module):
             sp = type(sp)(sp.structure, sp.index.to(dev), sp.value.to(dev, dt))
         self.fit = (*_form_state(fit, dev, dt), sp)
 
-    def _forms(self, x, state):
+    def _dynamic(self, role: str) -> bool:
+        """Whether the stored weight ``role`` of the current choice is scored as dynamic int8."""
+        if self.quant is None or getattr(self.quant, "compute", "exact") != "dynamic":
+            return False
+        return (self.residual[0] if role == "W" and self.form == "residual" else self.precision) == "int8"
+
+    def _linear(self, x, W, role: str = "W"):
+        if self._dynamic(role):
+            return dynamic_linear(x, *per_channel_int8_of(W))
+        return F.linear(x, W)
+
+    def _forms(self, x, state, linear=None):
         form, A, B, index, delta, residual = state
-        y = form_of(form).forward(x, A, B, index, self.weight.shape[0], residual)
+        y = form_of(form).forward(x, A, B, index, self.weight.shape[0], residual,
+                                  **({"linear": linear} if linear else {}))
         return y if delta is None else y + delta
 
     def forward(self, x):
         if self.fit is not None:
             if self.fit[0] == "dense":  # a dense weight as stored
-                return F.linear(x, self.fit[1], self.bias)
-            y = self._forms(x, self.fit[:6])
+                y = self._linear(x, self.fit[1])
+                return y if self.bias is None else y + self.bias
+            y = self._forms(x, self.fit[:6], self._linear)
             if self.fit[6] is not None:
                 y = y + self.fit[6].apply(x)
             return y if self.bias is None else y + self.bias
         if self.rank is not None and self.form != "lowrank":  # another form
-            y = self._forms(x, self._stored(self.rank, self.precision))
+            y = self._forms(x, self._stored(self.rank, self.precision), self._linear)
             return y if self.bias is None else y + self.bias
         if self.rank is None:
-            W = self.weight if self.precision == "fp32" else self._stored(None, self.precision)[0]
-            return F.linear(x, W, self.bias)
+            if self.precision == "fp32":
+                return F.linear(x, self.weight, self.bias)
+            y = self._linear(x, self._stored(None, self.precision)[0])
+            return y if self.bias is None else y + self.bias
         if self.precision == "fp32":
             y = F.linear(F.linear(x, self.vt[: self.rank]), self.us[:, : self.rank])
         else:
             A, B = self._stored(self.rank, self.precision)
-            y = F.linear(F.linear(x, B), A)
+            y = self._linear(self._linear(x, B, "B"), A, "A")
         return y if self.bias is None else y + self.bias
 
 
@@ -246,12 +261,17 @@ class Evaluator:
         self.evals += 1
         return score
 
-    def score_fits(self, fits: dict) -> float:
+    def score_fits(self, fits: dict, precisions: dict[str, tuple[str, str]] | None = None) -> float:
         """Score explicit per-layer fits, used as given: a `LayerFit`, or a tensor for a
-        dense weight as stored (layers absent from ``fits`` stay dense at full precision)."""
+        dense weight as stored (layers absent from ``fits`` stay dense at full precision).
+        ``precisions``: per layer (precision, the residual term's precision or ``""``) as
+        stored, which ``quant.compute="dynamic"`` scores int8 by (``None``: float arithmetic)."""
         for name, sw in self.switches.items():
-            sw.rank, sw.precision, sw.form, sw.block, sw.residual = None, "fp32", "lowrank", None, ("", 0)
-            sw.set_fit(fits.get(name))
+            p, rp = (precisions or {}).get(name, ("fp32", ""))
+            fit = fits.get(name)
+            form = getattr(fit, "form", None) or "lowrank"
+            sw.rank, sw.precision, sw.form, sw.block, sw.residual = None, p, form, None, (rp, 0)
+            sw.set_fit(fit)
         try:
             return self._score()
         finally:

@@ -15,6 +15,7 @@ from ._quant import (
     dynamic_linear,
     fake_quant,
     per_channel_int8,
+    per_channel_int8_of,
     quantize,
     rebalance,
     rebalanced_ste,

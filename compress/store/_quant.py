@@ -233,7 +233,12 @@ def per_channel_int8(q: QTensor) -> tuple[torch.Tensor, torch.Tensor]:
     of onnxruntime's dynamic int8 (``MatMulInteger``): (codes int8 (N, K), scales float32
     (N,)) with ``codes · scale`` within half a step of ``q.dequantize()`` (round half to
     even; an all-zero row gets scale 1). The exporter writes exactly these codes."""
-    w = q.dequantize().float()
+    return per_channel_int8_of(q.dequantize())
+
+
+def per_channel_int8_of(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`per_channel_int8` of a weight given as its read-back float values (N, K)."""
+    w = w.detach().float()
     scale = w.abs().amax(dim=1) / 127
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     codes = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)

@@ -189,6 +189,8 @@ class CompressArgs(ArgGroup):
                  "max_memory": args.max_memory, "structure": args.structure}
         if like is not None:
             flags[like[0]] = like[1]
+        if getattr(args, "int_weights", None) == "dynamic":  # score int8 layers as the dynamic artifact runs them
+            flags["compute"] = "dynamic"
         return job_config(flags, args.config, tensorrt=tensorrt)
 
 

@@ -308,3 +308,28 @@ def test_dynamic_factors_run_in_int8_as_the_factored_model_simulates(exported):
         apply_factors(model, f, int_weights="int8")
     _, choice = rewrite_fastest(d / "o.onnx", f, d / "auto2.onnx", "auto", (1,), OrtSettings(threads=1), seconds=0.3)
     assert set(choice["p50_ms"]) == {"packed", "expanded"}
+
+
+@pytest.mark.parametrize("compute", ["exact", "dynamic"])
+def test_the_compression_scores_int8_as_the_engine_will_compute_it(exported, compute):
+    """With ``compute="dynamic"`` the allocation and the guarded refinements score int8
+    layers as the dynamic artifact runs them: the shipped score is the held-out error of
+    `apply_factors(..., int_weights="dynamic")`, not of the exact model (and the other
+    way round for ``"exact"``)."""
+    from mixrank.compress.calibrate import split_holdout
+    from mixrank.compress.score import output_error
+
+    model, calib, _ = exported
+    cfg = CompressConfig(keep=0.5, precision="int8", compute=compute, **FAST)
+    f = compress_model(model, calib, cfg, progress=False)
+    assert f.plan["config"]["quantize"]["compute"] == compute
+    x = torch.cat(split_holdout(list(calib), cfg.holdout)[1])
+    with torch.no_grad():
+        ref = model(x)
+        err = {m: output_error(apply_factors(model, f, int_weights=m)(x), ref, cfg.metric)
+               for m in ("exact", "dynamic")}
+    score = f.plan["allocation"].refinement.score
+    assert err["exact"] != err["dynamic"]
+    assert score == pytest.approx(err[compute], rel=1e-9)
+    with pytest.raises(MixrankError, match="compute"):
+        CompressConfig(compute="int8")
