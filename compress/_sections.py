@@ -242,7 +242,8 @@ class Quantize:
             expanded form) or ``"dynamic"`` (onnxruntime's dynamic int8, the artifact's
             ``--int-weights dynamic``: requantized per output channel, each activation
             quantized to uint8 as it runs; `mixrank.compress.store.dynamic_linear`). The
-            refinements train and are scored with the stored weights in float arithmetic.
+            refinements' guard scores that way too; the refinements themselves train through
+            the weights' rounding only.
     """
 
     precision: str | None = None

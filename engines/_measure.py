@@ -22,15 +22,11 @@ from ._errors import MixrankError
 from .runners import RUNNERS, SEQ_LEN, Runner, check_inputs, make_runner, random_feeds, run_all
 
 
-def _int_scales(node, nodes, consts) -> set[str]:
-    """The constants that scale the int32 output of a ``MatMulInteger`` ``node``: the inputs
-    of the ``Mul`` nodes after its ``Cast``, and of the ``Mul`` that makes their other operand
-    (``x_scale · w_scale``, quantize_dynamic's and mixrank's dynamic form), whatever they are named."""
-    users: dict[str, list] = {}
-    made = {o: n for n in nodes for o in n.output}
-    for n in nodes:
-        for i in n.input:
-            users.setdefault(i, []).append(n)
+def _int_scales(node, users: dict, made: dict, consts) -> set[str]:
+    """The constants that scale the int32 output of a ``MatMulInteger``/``ConvInteger``
+    ``node``: the inputs of the ``Mul`` nodes after its ``Cast``, and of the ``Mul`` that makes
+    their other operand (``x_scale · w_scale``, quantize_dynamic's and mixrank's dynamic form),
+    whatever they are named. ``users``/``made``: each tensor's consumers and producer."""
     out: set[str] = set()
     for cast in (c for c in users.get(node.output[0], []) if c.op_type == "Cast"):
         for mul in (m for m in users.get(cast.output[0], []) if m.op_type == "Mul"):
@@ -57,7 +53,13 @@ def onnx_params(onnx_path: str | os.PathLike) -> dict:
                 if at.name == "value":
                     consts[n.output[0]] = numpy_helper.to_array(at.t)
     quant_aux, logical = set(), 0
-    for n in model.graph.node:
+    nodes = model.graph.node
+    made = {o: n for n in nodes for o in n.output}
+    users: dict[str, list] = {}
+    for n in nodes:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    for n in nodes:
         if n.op_type == "MatMulNBits":
             attrs = {a.name: a.i for a in n.attribute}
             logical += attrs["K"] * attrs["N"]
@@ -66,12 +68,11 @@ def onnx_params(onnx_path: str | os.PathLike) -> dict:
             logical += consts[n.input[0]].size
             quant_aux.update(n.input)
         elif n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul", "ConvInteger") and n.input[1] in consts:
-            # quantize_dynamic's int8 weight; its zero point, and its scale (an input of this node, or for
-            # MatMulInteger a Mul after it, named after the weight) are not parameters
+            # an int8 weight; its zero point, and its scale (an input of this node, or a Mul after it) are not
+            # parameters
             logical += consts[n.input[1]].size
-            w = n.input[1].removesuffix("_quantized")
             aux = n.input[2:4] if n.op_type == "DynamicQuantizeMatMul" else n.input[3:4]
-            quant_aux.update([*aux, f"{w}_scale", f"{w}_zero_point", *_int_scales(n, model.graph.node, consts)])
+            quant_aux.update([*aux, *_int_scales(n, users, made, consts)])
     folded, aux = _folded_weights(model, consts)
     logical += folded
     quant_aux |= aux

@@ -255,6 +255,18 @@ def bytes_value(text: str) -> int | str:
         raise MixrankError(f"--bytes must be a byte count or a fraction such as 0.12x, got {text!r}") from None
 
 
+INT_WEIGHT_CHOICES = ["auto", "packed", "expanded", "dynamic"]  # `mixrank.exporter.INT_WEIGHTS` and auto
+
+
+def int_weights_help(timed_where: str) -> str:
+    """The help of ``--int-weights`` (run, rewrite); ``timed_where``: where auto times."""
+    return ("how onnxruntime holds integer weights: packed (MatMulNBits: dequantized as it runs, least memory), "
+            "expanded (the same file bytes, float32 weights once loaded: float32 speed and memory), auto: the "
+            f"faster of the two, timed {timed_where}; or dynamic: int8 weights requantized per channel and run in "
+            "int8 with each activation quantized as it runs (quantize_dynamic's form: another result, which "
+            "compression scores; narrower widths expanded)")
+
+
 def batch_sizes(text: str) -> tuple[int, ...]:
     """``--batches``: comma-separated positive batch sizes."""
     try:

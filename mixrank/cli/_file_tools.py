@@ -7,7 +7,17 @@ from pathlib import Path
 
 from mixrank.core import MixrankError
 
-from ._args import Overwrite, PinnedDigest, Printing, Tool, batch_sizes, deprecated, output
+from ._args import (
+    INT_WEIGHT_CHOICES,
+    Overwrite,
+    PinnedDigest,
+    Printing,
+    Tool,
+    batch_sizes,
+    deprecated,
+    int_weights_help,
+    output,
+)
 
 
 class Rewrite(Tool):
@@ -29,21 +39,16 @@ class Rewrite(Tool):
                                  "were computed from (recorded in the report)")
         parser.add_argument("--target", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
                             help="engine the integer weights are written for")
-        parser.add_argument("--int-weights", choices=["auto", "packed", "expanded", "dynamic"], default="packed",
-                            help="how onnxruntime holds integer weights: packed (MatMulNBits: dequantized as it "
-                                 "runs, least memory), expanded (the same file bytes, float32 weights once loaded: "
-                                 "float32 speed and memory), auto: the faster of the two, timed on this machine's "
-                                 "CPU at --batches; or dynamic: int8 weights run in int8, activations quantized as "
-                                 "the graph runs (quantize_dynamic's form, another result)")
+        parser.add_argument("--int-weights", choices=INT_WEIGHT_CHOICES, default="packed",
+                            help=int_weights_help("on this machine's CPU at --batches"))
         parser.add_argument("--batches", default="1,32", help="batch sizes --int-weights auto times")
 
     def run(self, args):
+        from mixrank.engines import rewrite_fastest
         from mixrank.exporter import check_onnx_output, check_tensorrt_compat
 
         check_onnx_output(args.output, args.onnx, args.factors, overwrite=args.overwrite)
         factors = PinnedDigest.load(args, args.factors)
-        from mixrank.engines import rewrite_fastest
-
         rep, choice = rewrite_fastest(args.onnx, factors, args.output, args.int_weights, batch_sizes(args.batches),
                                       allow_partial=args.allow_partial, allow_mismatch=args.allow_mismatch,
                                       target=args.target)

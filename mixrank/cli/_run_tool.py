@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from mixrank.core import MixrankError
 
-from ._args import CompressArgs, LimitsArgs, ModelArgs, Printing, Tool, batch_sizes, log
+from ._args import (
+    INT_WEIGHT_CHOICES,
+    CompressArgs,
+    LimitsArgs,
+    ModelArgs,
+    Printing,
+    Tool,
+    batch_sizes,
+    int_weights_help,
+    log,
+)
 
 
 class Run(Tool):
@@ -32,13 +42,8 @@ class Run(Tool):
         parser.add_argument("--engine-precision", choices=["fp32", "fp16", "int8"], default=None,
                             help="TensorRT's precision (default: fp16), with --engine tensorrt or --provider "
                                  "tensorrt; the factors' own storage is --precision")
-        parser.add_argument("--int-weights", choices=["auto", "packed", "expanded", "dynamic"], default="auto",
-                            help="how onnxruntime holds integer weights: packed (MatMulNBits: dequantized as it runs, "
-                                 "least memory), expanded (the same file bytes, float32 weights once loaded: "
-                                 "float32 speed and memory), auto: the faster of the two, timed here; or dynamic: "
-                                 "int8 weights requantized per channel and run in int8 with each activation "
-                                 "quantized as it runs (quantize_dynamic's form: another result, measured in the "
-                                 "report; narrower widths expanded)")
+        parser.add_argument("--int-weights", choices=INT_WEIGHT_CHOICES, default="auto",
+                            help=int_weights_help("on the target at --batches"))
         parser.add_argument("--seconds", type=float, default=20.0, help="timing limit per batch size")
         parser.add_argument("--force", action="store_true", help="redo every stage")
 
