@@ -25,8 +25,8 @@ import torch.
 from mixrank.core import lazy_exports
 
 lazy_exports(globals(), {
-    ".allocate": ("ALLOCATORS", "Allocation", "Allocator", "Candidate", "LayerSpace", "layer_spaces",
-                  "uniform_allocation"),
+    ".allocate": ("ALLOCATORS", "Allocation", "Allocator", "Candidate", "LatencyBudget", "LatencyTable",
+                  "LayerSpace", "layer_spaces", "parse_latency", "uniform_allocation"),
     ".artifact": ("FORMAT_VERSION", "FactoredLinear", "Factors", "LayerPlan", "Plan", "apply_factors",
                   "check_pinned_digest", "load_factors", "save_factors", "validate_factors",
                   "weight_fingerprint"),
@@ -35,7 +35,7 @@ lazy_exports(globals(), {
     "._config": ("CompressConfig", "job_config", "merge_settings"),
     "._defaults": ("JOB_BYTES",),
     "._methods": ("METHODS", "Method"),
-    "._pipeline": ("compress_model", "model_fingerprint"),
+    "._pipeline": ("compress_model", "latency_layers", "model_fingerprint"),
     "._sections": ("Budget", "Quantize", "Refine", "Search", "Selection"),
     ".factor": ("FACTORIZERS", "FORMS", "PAIRINGS", "SPARSE", "EmitContext", "Factorizer", "LayerForm", "form_of",
                 "SparseStructure", "SparseTerm", "Spectrum", "activation_error", "plain_spectrum",

@@ -22,7 +22,7 @@ from mixrank.core import MixrankError, close_matches
 from ._config import CompressConfig
 from ._limits import Deadline, scored_samples
 from ._methods import METHODS
-from .allocate import ALLOCATORS, Allocation, LayerChoices
+from .allocate import ALLOCATORS, Allocation, LatencyBudget, LayerChoices
 from .artifact import (
     FORMAT_VERSION,
     AllocationInfo,
@@ -88,6 +88,7 @@ def compress_model(
     *,
     source: dict | None = None,
     progress: bool = True,
+    latency: LatencyBudget | None = None,
 ) -> Factors:
     """Compress the selected Linear layers of ``model`` under ``config``'s budget.
 
@@ -100,6 +101,9 @@ def compress_model(
         source: what to record about the model and data in the plan (for example
             ``{"model": "deit_base_patch16_224", "calibration": "imgs/"}``).
         progress: show progress bars.
+        latency: a latency budget the allocation meets besides the byte budget
+            (`LatencyBudget`, from a table measured on the target engine:
+            `mixrank.engines.latency_table`); the plan records its prediction.
 
     Returns:
         `Factors`: the factor tensors and the plan.
@@ -108,7 +112,7 @@ def compress_model(
         MixrankError: bad data, bad config for this model, infeasible budget.
     """
     t0 = time.perf_counter()
-    job = _Job(model, config or CompressConfig(), progress)  # whatever shapes alone can refuse, before any data
+    job = _Job(model, config or CompressConfig(), progress, latency)  # what shapes alone can refuse, before data
     torch.manual_seed(job.config.seed)
     stat_batches, holdout = split_holdout(list(calibration), job.config.holdout)
     with _on_device(model, job.config.device):
@@ -161,8 +165,8 @@ class _Job:
     (the selected layers and their shapes, the budget in its unit, the pairs), and the
     stages that take it from statistics to what ships."""
 
-    def __init__(self, model: nn.Module, config: CompressConfig, progress: bool):
-        self.model, self.config, self.progress = model, config, progress
+    def __init__(self, model: nn.Module, config: CompressConfig, progress: bool, latency: LatencyBudget | None = None):
+        self.model, self.config, self.progress, self.latency = model, config, progress, latency
         self.method = METHODS[config.method]
         self.factorizer = FACTORIZERS[self.method.factorizer]
         self.precision = config.precision
@@ -184,6 +188,8 @@ class _Job:
         self.choices.check_feasible(self.budget, self.precision)
         self.value_bytes = 2 if self.precision == "fp16" else 4  # float values: what a sparse term is stored in
         self.weights = {n: self.linears[n].weight.detach() for n in self.selected}
+        if latency is not None:
+            _check_latency(latency, self.selected, self.factorizer, config)
 
     @contextlib.contextmanager
     def _timed(self, stage: str):
@@ -230,7 +236,8 @@ class _Job:
             evaluator = Evaluator(self.model, spectra.layers, caps, holdout, self.config.metric, scored, self.grams,
                                   self.config.quantize, self.config.token_mask, spectra.paired, self.residuals)
             allocation = ALLOCATORS[self.method.allocator].allocate(self.choices, self.budget, self.config,
-                                                                    evaluator, self.progress, deadline=self.deadline)
+                                                                    evaluator, self.progress, deadline=self.deadline,
+                                                                    latency=self.latency)
             evaluator.use(allocation.spaces)
         return allocation, evaluator
 
@@ -323,6 +330,7 @@ class _Job:
                 scored_samples=sum(batch_size(b) for b in evaluator.batches), candidates=cands),
             totals=self._totals(layers),
             limits=self.deadline.record(),
+            latency=None if self.latency is None else self.latency.record(allocation.spaces, allocation.ranks),
         )
 
     def _spectrum_of(self, name: str, allocation: Allocation, spectra: Spectra):
@@ -439,3 +447,59 @@ def _pairs_of(model: nn.Module, selected: list[str], overrides: dict, config: Co
         raise MixrankError(f"structure='pairs', but no pair of selected layers was found in {type(model).__name__} "
                            f"(rules: {', '.join(PAIRINGS)}); use structure='auto' or 'lowrank'")
     return pairs
+
+
+def _check_latency(latency: LatencyBudget, selected: list[str], factorizer, config: CompressConfig) -> None:
+    """Refuse a latency budget the model of a choice's time cannot predict.
+
+    Raises:
+        MixrankError: a method with a sparse term, int8 compute the table was not measured
+            for, or a selected layer the table does not hold.
+    """
+    if not factorizer.closed_form:
+        raise MixrankError(f"method {config.method!r} adds a sparse term, whose time the latency table does not "
+                           "model; a latency budget takes a method without one (mixrank, whiten, svd, asvd, quantize)")
+    if latency.compute != config.quantize.compute:
+        raise MixrankError(f"the latency budget predicts {latency.compute} int8 compute, but the configuration "
+                           f"scores {config.quantize.compute}")
+    missing = [n for n in selected if n not in latency.table.layers]
+    if missing:
+        raise MixrankError(f"the latency table has no time for {len(missing)} selected layer(s) "
+                           f"({', '.join(missing[:3])}): it was measured for another model or selection")
+
+
+def latency_layers(model: nn.Module, config: CompressConfig, sample, tokens: int | None = None
+                   ) -> dict[str, tuple[int, int, int]]:
+    """The selected layers' (out, in, tokens per sample): what a latency table is measured
+    for (`mixrank.engines.latency_table`). ``sample``: one input (a tensor, a tuple of
+    tensors, or a dict) run through the model to count each layer's tokens per sample;
+    ``tokens``: the tokens of every layer instead (a text model timed at a sequence length).
+    """
+    sel = config.selection
+    selected = select_layers(model, sel.include, sel.exclude)
+    linears = linear_layers(model)
+    seen: dict[str, int] = {}
+    if tokens is None:
+        def count(name: str):
+            def hook(mod, inp, out):  # (batch, ..., in): the tokens per sample are the middle dimensions
+                x = inp[0]
+                seen.setdefault(name, int(x.numel() // x.shape[-1] // x.shape[0]) if x.dim() > 1 else 1)
+            return hook
+
+        hooks = [linears[n].register_forward_hook(count(n)) for n in selected]
+        try:
+            with torch.no_grad():
+                if isinstance(sample, dict):
+                    model(**sample)
+                elif isinstance(sample, (tuple, list)):
+                    model(*sample)
+                else:
+                    model(sample)
+        finally:
+            for h in hooks:
+                h.remove()
+    out = {}
+    for n in selected:
+        m, k = linears[n].weight.shape
+        out[n] = (int(m), int(k), int(tokens if tokens is not None else seen.get(n, 1)))
+    return out

@@ -16,6 +16,7 @@ from mixrank.core import lazy_exports
 lazy_exports(globals(), {
     "._choose": ("fastest", "rewrite_fastest"),
     "._errors": ("EXIT_LIMIT_FAILED", "EXIT_NOT_MEASURED", "EXIT_OK", "NotInstalledError"),
+    "._latency": ("cache_dir", "engine_record", "latency_table", "rank_grid"),
     "._gate": ("check_report", "format_results", "junit_xml", "load_budget", "load_limits"),
     "._measure": ("Measurement", "TimingConfig", "fidelity", "matmul_flops", "measure", "onnx_params", "peak_rss",
                   "throughput"),

@@ -84,6 +84,10 @@ def build_report(measurement: dict, factors_plan=None, rewrite: dict | None = No
             if "top1_compressed" in rf:
                 summary[f"{name}_top1"] = rf["top1_compressed"]
     _winners(summary, measurement)
+    predicted = latency_prediction(measurement, factors_plan)
+    if predicted:
+        summary.update({f"latency_{k}": v for k, v in predicted.items()
+                        if k in ("predicted_ratio", "measured_ratio", "prediction_error", "budget_met")})
     rep = {"schema_version": REPORT_SCHEMA, "summary": summary, "measurement": measurement,
            "versions": _versions(), "machine": machine()}
     if factors_plan:
@@ -98,7 +102,36 @@ def build_report(measurement: dict, factors_plan=None, rewrite: dict | None = No
             rep["compression"]["like"] = like
     if rewrite:
         rep["rewrite"] = rewrite
+    if predicted:
+        rep["latency"] = predicted
     return rep
+
+
+def latency_prediction(measurement: dict, plan) -> dict | None:
+    """The plan's predicted latency (a latency budget's, ``plan.latency``) beside the
+    compressed model's measured p50 at the same batch. The prediction is in the table's
+    conditions (the original timed alone); the report's sessions run interleaved, so it is
+    compared as a fraction of the original: ``predicted_ratio`` (predicted over the
+    original's time in the table) against ``measured_ratio`` (compressed over original in
+    this run); ``prediction_error`` is their ratio minus 1, and ``predicted_here_ms`` the
+    prediction at this run's original time. ``None`` without a latency budget; without
+    ``measured_ms`` when that batch was not timed."""
+    lat = None if plan is None else plan.get("latency")
+    if not lat:
+        return None
+    at = next((t for t in measurement["throughput"] if t["batch"] == lat["batch"]), None)
+    out = {k: lat[k] for k in ("asked", "budget_ms", "batch", "predicted_ms", "original_ms") if k in lat}
+    if at is None:
+        out["note"] = f"batch {lat['batch']} was not timed"
+        return out
+    measured, original = at["sessions"]["compressed"]["p50_ms"], at["sessions"]["original"]["p50_ms"]
+    predicted_ratio = lat["predicted_ms"] / lat["original_ms"]
+    budget_ratio = lat["budget_ms"] / lat["original_ms"]
+    out.update({"measured_ms": measured, "original_measured_ms": original, "predicted_ratio": predicted_ratio,
+                "measured_ratio": measured / original, "predicted_here_ms": predicted_ratio * original,
+                "prediction_error": (measured / original) / predicted_ratio - 1,
+                "budget_met": measured / original <= budget_ratio})
+    return out
 
 
 INT8_REFERENCES = ("int8_dynamic", "int8")
@@ -197,6 +230,14 @@ def report_markdown(rep: dict) -> str:
         fastest = [(t["batch"], s.get(f"fastest_b{t['batch']}")) for t in m["throughput"]]
         lines += ["", f"Smallest file: `{s['smallest']}`. Fastest: "
                   + ", ".join(f"`{name}` at batch {b}" for b, name in fastest if name) + "."]
+    lat = rep.get("latency")
+    if lat and "measured_ms" in lat:
+        lines += ["", f"Latency budget {lat['asked']} at batch {lat['batch']} ({lat['budget_ms']:.2f} ms: the "
+                  f"original took {lat['original_ms']:.2f} ms when the table was measured, alone): predicted "
+                  f"{lat['predicted_ratio']:.3f}x of the original ({lat['predicted_ms']:.2f} ms), measured "
+                  f"{lat['measured_ratio']:.3f}x here ({lat['measured_ms']:.2f} ms against "
+                  f"{lat['original_measured_ms']:.2f} ms, interleaved): {100 * lat['prediction_error']:+.1f} % "
+                  f"of the prediction; budget {'met' if lat['budget_met'] else 'NOT met'}."]
     lines += ["", engine_line(m, rep)]
     return "\n".join(lines) + "\n"
 

@@ -18,7 +18,16 @@ from pathlib import Path
 
 import torch
 
-from mixrank.compress import CompressConfig, compress_model, load_factors, model_fingerprint, save_factors
+from mixrank.compress import (
+    CompressConfig,
+    LatencyBudget,
+    LatencyTable,
+    compress_model,
+    latency_layers,
+    load_factors,
+    model_fingerprint,
+    save_factors,
+)
 from mixrank.core import (
     MixrankError,
     atomic_write_text,
@@ -34,6 +43,7 @@ from mixrank.engines import (
     build_report,
     check_report,
     junit_xml,
+    latency_table,
     load_limits,
     measure,
     rewrite_fastest,
@@ -56,15 +66,17 @@ def _key(*parts) -> str:
 # files that depend on it, so that no folder holds one run's report beside another's factors.
 DEPENDS = {"compress": (), "export": (), "reference": ("export",), "rewrite": ("compress", "export"),
            "build": ("export", "reference", "rewrite"), "bench": ("build",), "check": ("bench",)}
+# under a latency budget the original is exported and timed first, and the compression reads the table
+LATENCY_DEPENDS = {**DEPENDS, "latency": ("export",), "compress": ("latency",)}
 
 
-def _dependents(stage: str) -> list[str]:
+def _dependents(stage: str, depends: dict = DEPENDS) -> list[str]:
     """Every stage that reads ``stage``'s files, directly or through another."""
     out: list[str] = []
     todo = [stage]
     while todo:
         s = todo.pop()
-        for t, deps in DEPENDS.items():
+        for t, deps in depends.items():
             if s in deps and t not in out:
                 out.append(t)
                 todo.append(t)
@@ -82,8 +94,8 @@ class Manifest:
     recorded are left alone. A manifest that is not one (malformed JSON, the wrong
     shape) is ignored, and every stage reruns."""
 
-    def __init__(self, out: Path, force: bool):
-        self.out = out
+    def __init__(self, out: Path, force: bool, depends: dict = DEPENDS):
+        self.out, self.depends = out, depends
         self.path = out / "manifest.json"
         self.force = force
         self.data = {"stages": {}, "artifacts": {}}
@@ -140,7 +152,7 @@ class Manifest:
             return self.data["stages"][name], True
         log(f"[{name}] running")
         changed = False
-        for dep in _dependents(name):  # their files are stale the moment this stage reruns
+        for dep in _dependents(name, self.depends):  # their files are stale the moment this stage reruns
             changed |= dep in self.data["stages"]
             self._drop(dep)
         if changed:
@@ -213,6 +225,9 @@ class RunOptions:
         int_weights: how onnxruntime holds the integer weights: ``"auto"`` (the faster of
             the two forms, timed on the target at ``batch_sizes``), ``"packed"``
             (``MatMulNBits``), ``"expanded"`` or ``"dynamic"`` (`mixrank.exporter.INT_WEIGHTS`).
+        latency: a latency budget besides the bytes (``"0.5x"`` of the original's time, or
+            ``"12ms"``; ``None``: none), at ``latency_batch`` (``None``: the largest of
+            ``batch_sizes``), predicted from a table measured on the target (``latency.json``).
     """
 
     model: str | None = None
@@ -237,6 +252,41 @@ class RunOptions:
     seq_len: int = SEQ_LEN
     like: dict | None = None
     int_weights: str = "auto"
+    latency: str | None = None
+    latency_batch: int | None = None
+
+    def check(self) -> None:
+        """Refuse what cannot run, before any work.
+
+        Raises:
+            MixrankError: a latency budget on TensorRT, with packed integer weights (whose
+                time the table does not measure), or a bad value or batch.
+        """
+        if self.latency is None:
+            return
+        from mixrank.compress import parse_latency
+
+        parse_latency(self.latency)
+        if self.target.engine != "onnxruntime" or self.target.provider == "tensorrt":
+            raise MixrankError("--latency measures its table on onnxruntime (cpu or cuda); TensorRT would build an "
+                               "engine per timed product")
+        if self.int_weights == "packed":
+            raise MixrankError("--latency predicts float32 (expanded) or dynamic int8 compute; --int-weights packed "
+                               "runs MatMulNBits, which its table does not time: give --int-weights expanded or "
+                               "dynamic (auto means expanded under --latency)")
+        if self.latency_batch is not None and self.latency_batch < 1:
+            raise MixrankError(f"--latency-batch must be a positive batch size, got {self.latency_batch}")
+
+    @property
+    def budget_batch(self) -> int:
+        """The batch size the latency budget is at."""
+        return self.latency_batch or max(self.batch_sizes)
+
+    @property
+    def weights(self) -> str:
+        """The integer weights' form asked for (under a latency budget auto is expanded: the
+        form whose time the table holds)."""
+        return "expanded" if self.latency is not None and self.int_weights == "auto" else self.int_weights
 
 
 def run_pipeline(options: RunOptions, cfg: CompressConfig, log: Callable[[str], None]) -> dict:
@@ -246,6 +296,7 @@ def run_pipeline(options: RunOptions, cfg: CompressConfig, log: Callable[[str], 
     The output folder is locked for the whole run (one writer per folder); a run that
     fails before its first stage leaves no folder it created behind.
     """
+    options.check()
     if options.junit:
         check_writable_path(options.junit)
     with output_folder(options.out, " ".join(["mixrank", *sys.argv[1:]])) as out:
@@ -257,7 +308,7 @@ class _Run:
 
     def __init__(self, options: RunOptions, cfg: CompressConfig, log: Callable[[str], None], out: Path):
         self.o, self.cfg, self.log, self.out = options, cfg, log, out
-        self.man = Manifest(out, options.force)
+        self.man = Manifest(out, options.force, DEPENDS if options.latency is None else LATENCY_DEPENDS)
         self.target = options.target
         self.comp_onnx = "compressed.onnx" if self.target.rewrite_target == "onnxruntime" else \
             "compressed.tensorrt.onnx"
@@ -275,8 +326,12 @@ class _Run:
         self.ev = held_out_texts(src.evaluation(o.eval_images, o.eval_csv, fallback=self.calib, texts=o.eval_texts),
                                  self.calib, warn)
         self.source = src.source(self.calib, o.like)
-        factors = self.compress()
-        self.export()
+        if o.latency is not None:  # the original is timed before the compression that must beat it
+            self.export()
+            factors = self.compress(self.latency_budget())
+        else:
+            factors = self.compress()
+            self.export()
         k_rw = self.rewrite(factors)
         graphs = self.reference_graphs()
         settings = self.target.settings(o.batch_sizes, o.seq_len, o.max_length)
@@ -285,13 +340,40 @@ class _Run:
         rep = self.bench(graphs, built, settings, factors, k_build)
         return self.summary(rep, factors, limits)
 
-    def compress(self):
+    def latency_budget(self) -> LatencyBudget:
+        """The latency table of the selected layers on the target (``latency.json``), and
+        the budget ``--latency`` asks for against it."""
+        o, out, src = self.o, self.out, self.src
+        compute = self.cfg.quantize.compute
+        computes = ("float", "dynamic") if compute == "dynamic" else ("float",)
+        settings = self.target.settings(o.batch_sizes, o.seq_len, o.max_length)
+
         def do():
-            f = compress_model(self.model, self.calib.batches, self.cfg, source=self.source, progress=self.o.progress)
+            tokens = o.seq_len if src.kind == "text" else None
+            layers = latency_layers(self.model, self.cfg, self.ev.head(1), tokens)
+            table = latency_table(out / "original.onnx", layers, o.budget_batch, settings, engine=self.target.engine,
+                                  computes=computes, seq_len=o.seq_len, progress=o.progress)
+            atomic_write_text(out / "latency.json", json_text(table))
+
+        sel = self.cfg.selection
+        key = _key(sha256_file(out / "original.onnx"), o.budget_batch, computes, settings.to_dict(),
+                   self.target.describe(), sel.include, sel.exclude, o.seq_len)
+        self.man.stage("latency", key, ["latency.json"], do, self.log)
+        table = LatencyTable.from_dict(loads_json((out / "latency.json").read_text(), "latency.json"), "latency.json")
+        budget = LatencyBudget.of(table, o.latency, compute)
+        self.log(f"[latency] budget {budget.limit_ms:.2f} ms at batch {table.batch} (the original: "
+                 f"{table.original_ms:.2f} ms, {budget.rest_ms:.2f} ms of it outside the selected layers)")
+        return budget
+
+    def compress(self, latency: LatencyBudget | None = None):
+        def do():
+            f = compress_model(self.model, self.calib.batches, self.cfg, source=self.source, progress=self.o.progress,
+                               latency=latency)
             save_factors(f, self.out / "model.mixrank.safetensors")
             return {"summary": f.summary()}
 
-        key = _key(self.mfp, self.calib.key, self.cfg.to_dict())
+        key = _key(self.mfp, self.calib.key, self.cfg.to_dict(),
+                   *(() if latency is None else (latency.asked, latency.table.sha256)))
         self.man.stage("compress", key, ["model.mixrank.safetensors"], do, self.log)
         return load_factors(self.out / "model.mixrank.safetensors")
 
@@ -321,7 +403,7 @@ class _Run:
 
         def do():
             settings = self.target.settings(self.o.batch_sizes, self.o.seq_len, self.o.max_length)
-            rep, choice = rewrite_fastest(out / "original.onnx", factors, out / comp_onnx, self.o.int_weights,
+            rep, choice = rewrite_fastest(out / "original.onnx", factors, out / comp_onnx, self.o.weights,
                                           self.o.batch_sizes, settings, seq_len=self.o.seq_len,
                                           target=self.target.rewrite_target)
             if choice:
@@ -335,8 +417,8 @@ class _Run:
             return {"verify": v["outputs"]}
 
         key = _key(sha256_file(out / "original.onnx"), sha256_file(out / "model.mixrank.safetensors"),
-                   self.target.rewrite_target, self.o.int_weights,
-                   self.o.batch_sizes if self.o.int_weights == "auto" else None)
+                   self.target.rewrite_target, self.o.weights,
+                   self.o.batch_sizes if self.o.weights == "auto" else None)
         self.man.stage("rewrite", key, [comp_onnx, "rewrite.json"], do, self.log)
         return key
 
@@ -405,7 +487,7 @@ class _Run:
                    "throughput": [{k: v for k, v in t.items() if k != "sessions"} |
                                   {"p50_ms": {n: s["p50_ms"] for n, s in t["sessions"].items()}}
                                   for t in m["throughput"]],
-                   "manifest": str(self.man.path)}
+                   "manifest": str(self.man.path), "latency": rep.get("latency")}
         if limits:
             verdict = check_report(rep, limits)
             summary["check"] = verdict

@@ -13,7 +13,8 @@ from ._allocators import (
     UniformAllocator,
 )
 from ._choices import DENSE_OPTIONS, FACTOR_PRECISIONS, RESIDUAL_OPTIONS, LayerChoices
+from ._latency import COMPUTES, TABLE_FORMAT, LatencyBudget, LatencyTable, parse_latency
 from ._mixed import MixedPlan, Option, mixed_allocation, propose, sensitivities
 from ._search import layer_groups, search_allocation, with_partners
 from ._spaces import Alloc, Candidate, LayerSpace, alloc_cost, feasible_range, layer_spaces
-from ._uniform import fill_budget, step_rank, uniform_allocation
+from ._uniform import fill_budget, step_rank, uniform_allocation, uniform_within

@@ -14,8 +14,9 @@ the best can start the rank search.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ._spaces import Alloc, LayerSpace
 
@@ -32,6 +33,7 @@ class Option:
         cost: its bytes as the exporter writes them.
         error: the layer NMSE of the option as stored, in the activation-aware metric.
         label: e.g. ``"dense int2 b128"``, ``"residual r8 fp16 + int2 b128"``.
+        latency: its predicted time on the target (ms; 0 without a latency budget).
     """
 
     space: LayerSpace
@@ -39,6 +41,7 @@ class Option:
     cost: int
     error: float
     label: str
+    latency: float = 0.0
 
 
 @dataclass
@@ -58,6 +61,10 @@ class MixedPlan:
     @property
     def cost(self) -> int:
         return sum(o.cost for o in self.options.values())
+
+    @property
+    def latency(self) -> float:
+        return sum(o.latency for o in self.options.values())
 
     def family(self) -> str:
         """``"mixed"`` and how many layers took each kind of option."""
@@ -82,13 +89,46 @@ def sensitivities(options: dict[str, list[Option]], reference: dict[str, LayerSp
     return out
 
 
-def propose(options: dict[str, list[Option]], weight: dict[str, float], budget: int) -> MixedPlan | None:
+def propose(options: dict[str, list[Option]], weight: dict[str, float], budget: int,
+            limit: float | None = None) -> MixedPlan | None:
     """The option per layer minimising ``Σ weight · error + λ · bytes``, the multiplier
     bisected to the largest spending within ``budget``, the bytes left spent a step at a
     time on the upgrade that lowers the weighted error most per byte. ``None`` when even
-    the cheapest options do not fit."""
+    the cheapest options do not fit.
+
+    With ``limit`` (the layers' predicted time, ms: a latency budget), ``+ μ · latency``
+    too: μ is the least (bisected) whose plan meets ``limit`` once λ meets ``budget``, and
+    the upgrades must fit both; ``None`` when no μ does."""
+    if limit is None:
+        chosen = _within_bytes(options, weight, budget, 0.0)
+        return None if chosen is None else MixedPlan(_spend(options, chosen, weight, budget))
+
+    def at(mu: float) -> dict[str, Option] | None:
+        chosen = _within_bytes(options, weight, budget, mu)
+        return chosen if chosen is not None and sum(o.latency for o in chosen.values()) <= limit else None
+
+    if (chosen := at(0.0)) is None:
+        lo, hi = 0.0, 1.0
+        while (chosen := at(hi)) is None and hi < 1e30:
+            hi *= 16.0
+        if chosen is None:
+            return None
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            if (found := at(mid)) is not None:
+                hi, chosen = mid, found
+            else:
+                lo = mid
+    return MixedPlan(_spend(options, chosen, weight, budget, limit))
+
+
+def _within_bytes(options: dict[str, list[Option]], weight: dict[str, float], budget: int,
+                  mu: float) -> dict[str, Option] | None:
+    """The options minimising ``Σ weight · error + λ · bytes + mu · latency`` with λ the
+    least (bisected) that meets ``budget``; the cheapest options when none does but they
+    fit, ``None`` when not even they fit."""
     def pick(lam: float) -> dict[str, Option]:
-        return {n: min(opts, key=lambda o: (weight[n] * o.error + lam * o.cost, o.cost))
+        return {n: min(opts, key=lambda o: (weight[n] * o.error + lam * o.cost + mu * o.latency, o.cost))
                 for n, opts in options.items()}
 
     cheapest = {n: min(opts, key=lambda o: (o.cost, o.error)) for n, opts in options.items()}
@@ -97,23 +137,23 @@ def propose(options: dict[str, list[Option]], weight: dict[str, float], budget: 
     lo, hi = 0.0, 1.0
     while sum(o.cost for o in pick(hi).values()) > budget and hi < 1e30:
         hi *= 16.0
-    for _ in range(100):
+    for _ in range(100 if mu == 0 else 50):
         mid = (lo + hi) / 2
         if sum(o.cost for o in pick(mid).values()) <= budget:
             hi = mid
         else:
             lo = mid
     chosen = pick(hi)
-    if sum(o.cost for o in chosen.values()) > budget:
-        chosen = cheapest
-    return MixedPlan(_spend(options, chosen, weight, budget))
+    return cheapest if sum(o.cost for o in chosen.values()) > budget else chosen
 
 
 def _spend(options: dict[str, list[Option]], chosen: dict[str, Option], weight: dict[str, float],
-           budget: int) -> dict[str, Option]:
-    """Upgrades, best weighted gain per byte first, while any fits the bytes left."""
+           budget: int, limit: float | None = None) -> dict[str, Option]:
+    """Upgrades, best weighted gain per byte first, while any fits the bytes left (and the
+    time left under ``limit``)."""
     chosen = dict(chosen)
     left = budget - sum(o.cost for o in chosen.values())
+    slack = math.inf if limit is None else limit - sum(o.latency for o in chosen.values())
     while True:
         best, best_gain = None, 0.0
         for n, opts in options.items():
@@ -121,22 +161,30 @@ def _spend(options: dict[str, list[Option]], chosen: dict[str, Option], weight: 
             for o in opts:
                 extra = o.cost - now.cost
                 gain = weight[n] * (now.error - o.error)
-                if 0 < extra <= left and gain > 0 and gain / extra > best_gain:
-                    best, best_gain = (n, o), gain / extra
+                if 0 <= extra <= left and gain > 0 and gain / max(extra, 1e-9) > best_gain \
+                        and o.latency - now.latency <= slack:
+                    best, best_gain = (n, o), gain / max(extra, 1e-9)
         if best is None:
             return chosen
         left -= best[1].cost - chosen[best[0]].cost
+        slack -= best[1].latency - chosen[best[0]].latency
         chosen[best[0]] = best[1]
 
 
 def mixed_allocation(options: dict[str, list[Option]], budget: int, reference: dict[str, LayerSpace],
-                     score: Callable[[dict, Alloc], float]) -> list[tuple[MixedPlan, float]]:
+                     score: Callable[[dict, Alloc], float], latency=None) -> list[tuple[MixedPlan, float]]:
     """Every proposal (one per exponent of the sensitivities, `EXPONENTS`) with its
-    held-out score, best first; empty when no option set fits the budget."""
+    held-out score, best first; empty when no option set fits the budget (and the latency
+    budget, ``latency``: a `LatencyBudget`, each option's time predicted by it)."""
+    limit = None
+    if latency is not None:
+        options = {n: [replace(o, latency=latency.layer_ms(o.space, o.rank)) for o in opts]
+                   for n, opts in options.items()}
+        limit = latency.limit_ms - latency.rest_ms
     sens = sensitivities(options, reference, score)
     scored, seen = [], set()
     for e in EXPONENTS:
-        plan = propose(options, {n: s ** e for n, s in sens.items()}, budget)
+        plan = propose(options, {n: s ** e for n, s in sens.items()}, budget, limit)
         if plan is None:
             continue
         key = tuple(sorted((n, o.label) for n, o in plan.options.items()))

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from mixrank.core import MixrankError
 
 from ._spaces import Alloc, Candidate, LayerSpace, alloc_cost
-from ._uniform import fill_budget, uniform_allocation
+from ._uniform import fill_budget, uniform_allocation, uniform_within
 
 
 def layer_groups(names: list[str], parts: int) -> list[list[str]]:
@@ -55,6 +55,7 @@ def search_allocation(
     groups: int = 0,
     role_scales: tuple[float, ...] = (),
     start: Alloc | None = None,
+    latency=None,
 ) -> tuple[Alloc, list[Candidate], str]:
     """Move rank between layers from the uniform start, accepting only measured gains.
 
@@ -81,12 +82,14 @@ def search_allocation(
         progress: show a progress bar.
         groups, role_scales: see above (0 and ``()``: off).
         start: the allocation to start from (``None``: the uniform one).
+        latency: a `LatencyBudget` every accepted allocation meets too (``None``: none);
+            probes may exceed it, moves may not.
 
     Returns:
         (allocation, every `Candidate` scored — uniform first —, stop reason: ``"converged"``,
         ``"rounds"``, ``"evals"`` or ``"seconds"``).
     """
-    search = _Search(spaces, budget, step, score, max_evals, max_seconds, progress, groups, start)
+    search = _Search(spaces, budget, step, score, max_evals, max_seconds, progress, groups, start, latency)
     try:
         if role_scales:
             search.role_passes(role_scales)
@@ -100,13 +103,15 @@ class _Search:
     """The state of one search: the current allocation and its score, every candidate
     scored, and the units whose rank moves together."""
 
-    def __init__(self, spaces, budget, step, score, max_evals, max_seconds, progress, groups, start=None):
+    def __init__(self, spaces, budget, step, score, max_evals, max_seconds, progress, groups, start=None,
+                 latency=None):
         self.spaces, self.budget, self.step, self.score = spaces, budget, step, score
+        self.latency = latency
         self.max_evals, self.max_seconds = max_evals, max_seconds
         self.t0 = time.perf_counter()
         self.evals = 0
         self.bar = tqdm(total=max_evals, desc="allocate", unit="eval", disable=not progress)
-        self.alloc = dict(start) if start is not None else uniform_allocation(spaces, budget, step)
+        self.alloc = dict(start) if start is not None else uniform_within(spaces, budget, step, latency)
         self.best = self.scored(self.alloc)
         self.current = "uniform"
         self.cands = [Candidate("uniform", self.best, self.cost(self.alloc), ranks=dict(self.alloc))]
@@ -124,6 +129,14 @@ class _Search:
 
     def cost(self, a: Alloc) -> int:
         return alloc_cost(self.spaces, a)
+
+    def fast_enough(self, a: Alloc) -> bool:
+        """Within the latency budget (always, without one)."""
+        return self.latency is None or self.latency.within(self.spaces, a)
+
+    def fits(self, a: Alloc) -> bool:
+        """Within both budgets."""
+        return self.cost(a) <= self.budget and self.fast_enough(a)
 
     def delta(self, a: Alloc) -> dict[str, int]:
         return {n: (a[n] or 0) - (self.alloc[n] or 0) for n in a if a[n] != self.alloc[n]}
@@ -175,7 +188,7 @@ class _Search:
                     a = uniform_allocation(self.spaces, self.budget, self.step, w)
                 except MixrankError:
                     continue
-                if a == self.alloc:
+                if a == self.alloc or not self.fast_enough(a):
                     continue
                 s = self.probe(a, f"roles{rnd + 1}.probe", scale=scale, role=unit[0])
                 if s < (self.best if found is None else found[0]):
@@ -234,15 +247,16 @@ class _Search:
             for u in receivers[:k]:
                 a = self.shifted(a, self.units[u], +1) or a
             for u in donors:
-                if self.cost(a) <= self.budget:
+                if self.fits(a):
                     break
                 if u in receivers[:k]:
                     continue
                 a = self.shifted(a, self.units[u], -1) or a
-            if self.cost(a) > self.budget:
+            if not self.fits(a):
                 continue
             order = [n for u in receivers for n in self.units[u]]
-            a = fill_budget(self.spaces, a, self.budget, order + [n for n in self.free if n not in order])
+            a = fill_budget(self.spaces, a, self.budget, order + [n for n in self.free if n not in order],
+                            ok=None if self.latency is None else self.fast_enough)
             if a != self.alloc and a not in out:
                 out.append(a)
         return out

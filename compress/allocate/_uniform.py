@@ -24,9 +24,10 @@ def step_rank(spaces: dict[str, LayerSpace], alloc: Alloc, name: str, sign: int)
     return a
 
 
-def fill_budget(spaces: dict[str, LayerSpace], alloc: Alloc, budget: int, order: list[str]) -> Alloc:
+def fill_budget(spaces: dict[str, LayerSpace], alloc: Alloc, budget: int, order: list[str], ok=None) -> Alloc:
     """Spend leftover budget one rank step at a time on free layers, in ``order``
-    (repeated), until no step fits."""
+    (repeated), until no step fits (``ok(alloc)``: also a step's allocation must pass it,
+    a latency budget's test)."""
     alloc = dict(alloc)
     left = budget - alloc_cost(spaces, alloc)
     progress = True
@@ -37,7 +38,7 @@ def fill_budget(spaces: dict[str, LayerSpace], alloc: Alloc, budget: int, order:
             if a is None:
                 continue
             extra = alloc_cost(spaces, a) - alloc_cost(spaces, alloc)
-            if extra <= left:
+            if extra <= left and (ok is None or ok(a)):
                 alloc = a
                 left -= extra
                 progress = True
@@ -93,3 +94,34 @@ def uniform_allocation(spaces: dict[str, LayerSpace], budget: int, step: int,
     frac = {n: spaces[n].cost(r) / spaces[n].cost(None) for n, r in alloc.items() if r is not None}
     order = sorted(frac, key=frac.get)
     return fill_budget(spaces, alloc, budget, order)
+
+
+def uniform_within(spaces: dict[str, LayerSpace], budget: int, step: int, latency=None,
+                   weights: dict[str, float] | None = None) -> Alloc:
+    """`uniform_allocation` under ``budget``, and under a latency budget too (``latency``, a
+    `LatencyBudget`): the uniform allocation of the largest byte budget up to ``budget``
+    whose predicted time meets it (bisected).
+
+    Raises:
+        MixrankError: the byte budget is infeasible, or even the smallest ranks are too slow.
+    """
+    alloc = uniform_allocation(spaces, budget, step, weights)
+    if latency is None or latency.within(spaces, alloc):
+        return alloc
+    lo, hi = feasible_range(spaces)[0], budget
+    smallest = uniform_allocation(spaces, lo, step, weights)
+    if not latency.within(spaces, smallest):
+        precision = next(iter(spaces.values())).precision if spaces else ""
+        raise latency.infeasible(f"every layer at its smallest rank at {precision} is predicted at "
+                                 f"{latency.predict(spaces, smallest):.3f} ms")
+    best = smallest
+    for _ in range(40):
+        if hi - lo <= 1:
+            break
+        mid = (lo + hi) // 2
+        a = uniform_allocation(spaces, mid, step, weights)
+        if latency.within(spaces, a):
+            lo, best = mid, a
+        else:
+            hi = mid
+    return best

@@ -192,6 +192,8 @@ class Plan(Record):
         "source": SourceInfo, "budget": BudgetInfo, "calibration": CalibrationInfo,
         "allocation": AllocationInfo, "totals": Totals}
     _tables: ClassVar[dict[str, type]] = {"layers": LayerPlan}
+    _optional: ClassVar[frozenset[str]] = frozenset({"latency"})
+    _zeros: ClassVar[dict[str, Any]] = {"latency": None}
 
     format_version: int
     method: str
@@ -205,6 +207,10 @@ class Plan(Record):
     limits: dict
     """``max_seconds`` (the wall-clock cap asked for, ``None``: none) and the stages that
     stopped on it: a result with stages listed there depends on the machine's speed."""
+    latency: dict | None = None
+    """Under a latency budget (``None``: none), `LatencyBudget.record`: the budget as asked
+    and in ms at its batch, the predicted time of the whole model and of each selected
+    layer, the original's measured time, and the table's engine and SHA-256."""
 
     def factored_layers(self) -> list[str]:
         """The layers stored as factors (not dense), in plan order."""

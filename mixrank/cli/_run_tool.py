@@ -44,6 +44,13 @@ class Run(Tool):
                                  "tensorrt; the factors' own storage is --precision")
         parser.add_argument("--int-weights", choices=INT_WEIGHT_CHOICES, default="auto",
                             help=int_weights_help("on the target at --batches"))
+        parser.add_argument("--latency", default=None, metavar="BUDGET",
+                            help="a latency budget besides the bytes: a fraction of the original's time on the "
+                                 "target such as 0.5x, or milliseconds such as 12ms; each layer's products are "
+                                 "timed there once (cached) and the allocation meets both budgets; onnxruntime "
+                                 "only; integer weights expanded unless --int-weights dynamic")
+        parser.add_argument("--latency-batch", type=int, default=None,
+                            help="the batch size --latency is at (default: the largest of --batches)")
         parser.add_argument("--seconds", type=float, default=20.0, help="timing limit per batch size")
         parser.add_argument("--force", action="store_true", help="redo every stage")
 
@@ -69,7 +76,9 @@ class Run(Tool):
             eval_csv=args.eval_csv, out=args.out, batch_sizes=sizes, seconds=args.seconds,
             limits=LimitsArgs.path(args), junit=args.junit, force=args.force, progress=not args.quiet, target=target,
             texts=args.texts, eval_texts=args.eval_texts, max_length=args.max_length, seq_len=args.seq_len,
-            like=like and like[2], int_weights=args.int_weights)
+            like=like and like[2], int_weights=args.int_weights, latency=args.latency,
+            latency_batch=args.latency_batch)
+        options.check()  # before the model loads
         return run_pipeline(options, cfg, log(args))
 
     def show(self, s):
@@ -92,6 +101,12 @@ class Run(Tool):
             print(f"smallest file: {s['smallest']}; fastest: "
                   + ", ".join(f"{s[f'fastest_b{t}']} at batch {t}" for t in (x["batch"] for x in s["throughput"])
                               if f"fastest_b{t}" in s))
+        lat = s.get("latency")
+        if lat and "measured_ms" in lat:
+            print(f"latency budget {lat['asked']} at batch {lat['batch']}: predicted {lat['predicted_ratio']:.3f}x "
+                  f"of the original ({lat['predicted_here_ms']:.2f} ms here), measured {lat['measured_ratio']:.3f}x "
+                  f"({lat['measured_ms']:.2f} ms): {100 * lat['prediction_error']:+.1f} % of the prediction; budget "
+                  f"{'met' if lat['budget_met'] else 'NOT met'}")
         ev = s.get("evaluation") or {}
         text = s.get("kind") == "text"
         if text:

@@ -131,6 +131,15 @@ class LayerForm:
         it has none)."""
         return None
 
+    def products(self) -> tuple[tuple[str, str], ...]:
+        """The matrix products its ONNX subgraph runs, for the latency model
+        (`mixrank.compress.allocate.LatencyTable`): each ``(shape, role)``. ``shape`` is
+        ``"in"`` (``x`` (..., n) times an (n, r) factor), ``"out"`` ((..., r) times an
+        (r, m) factor) or ``"dense"`` ((..., n) times (n, m)); ``role`` is the stored
+        tensor (``"A"``, ``"B"``, ``"W"``) whose precision says how the engine computes it.
+        The gathers and additions around them are left out (they move no weights)."""
+        raise NotImplementedError
+
     def emit_onnx(self, x, info, tensors: dict, layer: str, ctx: EmitContext) -> tuple[list, object, int]:
         """The ONNX subgraph of ``x`` through the factors, without the bias.
 

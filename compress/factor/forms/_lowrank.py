@@ -40,6 +40,9 @@ class LowRank(LayerForm):
         return (read_back(tensors, f"{name}.A", info.rank, info.precision),
                 read_back(tensors, f"{name}.B", info.shape[1], info.precision))
 
+    def products(self):
+        return (("in", "B"), ("out", "A"))
+
     def emit_onnx(self, x, info, tensors, layer, ctx):
         import onnx_graphsurgeon as gs
 

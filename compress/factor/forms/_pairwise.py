@@ -105,6 +105,9 @@ class Rows(_Pairwise):
         m, n = info.shape
         return self.selection(tensors[f"{name}.index"], m), read_back(tensors, f"{name}.B", n, info.precision)
 
+    def products(self):
+        return (("in", "B"),)  # the r computed rows, scattered back by a gather
+
     def emit_onnx(self, x, info, tensors, layer, ctx):
         import onnx_graphsurgeon as gs
 
@@ -154,6 +157,9 @@ class Cols(_Pairwise):
     def read(self, tensors, name, info):
         return (read_back(tensors, f"{name}.A", info.rank, info.precision),
                 self.selection(tensors[f"{name}.index"], info.shape[1]))
+
+    def products(self):
+        return (("out", "A"),)  # the gather of the r kept input columns moves no weights
 
     def emit_onnx(self, x, info, tensors, layer, ctx):
         import onnx_graphsurgeon as gs

@@ -47,6 +47,9 @@ class Residual(LayerForm):
     def read_residual(self, tensors, name, info):
         return read_back(tensors, f"{name}.W", info.shape[1], info.residual_precision)
 
+    def products(self):
+        return (("in", "B"), ("out", "A"), ("dense", "W"))
+
     def emit_onnx(self, x, info, tensors, layer, ctx):
         import onnx_graphsurgeon as gs
 
