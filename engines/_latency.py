@@ -28,7 +28,7 @@ from mixrank.core import MixrankError, atomic_write_text, import_onnxruntime, js
 
 from .runners import SEQ_LEN, make_runner, random_feeds
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 
 
 def cache_dir() -> Path:
@@ -73,6 +73,30 @@ def _matmul_graph(path: Path, k: int, j: int, compute: str, seed: int, copies: i
                   helper.make_node("Mul", [f"xs{i}", f"ws{i}"], [f"sc{i}"]),
                   helper.make_node("Mul", [f"accf{i}", f"sc{i}"], [f"y{i}"])]
     model = helper.make_model(helper.make_graph(nodes, "products", [x], ys, inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+def _gather_graph(path: Path, k: int, j: int, seed: int, copies: int, scatter: bool) -> None:
+    """A graph of ``copies`` gathers of ``j`` of the ``k`` columns of x (T, k), as a pair's
+    ``cols`` layer reads its input; with ``scatter``, each times a mask, as a ``rows`` layer
+    scatters its r computed rows back to m."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])
+    ys = [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [None, j]) for i in range(copies)]
+    nodes, inits = [], []
+    for i in range(copies):
+        inits.append(numpy_helper.from_array(rng.integers(0, k, j).astype(np.int64), f"idx{i}"))
+        g = f"g{i}" if scatter else f"y{i}"
+        nodes.append(helper.make_node("Gather", ["x", f"idx{i}"], [g], axis=-1))
+        if scatter:
+            inits.append(numpy_helper.from_array((rng.random(j) < 0.5).astype(np.float32), f"mask{i}"))
+            nodes.append(helper.make_node("Mul", [g, f"mask{i}"], [f"y{i}"]))
+    model = helper.make_model(helper.make_graph(nodes, "gathers", [x], ys, inits),
                               opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, str(path))
@@ -128,7 +152,10 @@ class _Timer:
         for copies in (1, self.COPIES):
             self.count += 1
             path = self.folder / f"product{self.count}.onnx"
-            _matmul_graph(path, k, j, compute, self.count, copies)
+            if compute in ("gather", "scatter"):
+                _gather_graph(path, k, j, self.count, copies, compute == "scatter")
+            else:
+                _matmul_graph(path, k, j, compute, self.count, copies)
             times.append(self._run(path, tokens, k, j, copies))
             path.unlink()
         ms = (times[1] - times[0]) / (self.COPIES - 1)
@@ -150,7 +177,7 @@ def _read_cache(path: Path) -> dict | None:
         d = json.loads(path.read_text())
     except (OSError, ValueError, UnicodeDecodeError):
         return None
-    ok = isinstance(d, dict) and all(isinstance(d.get(s), dict) for s in ("dense", "in", "out"))
+    ok = isinstance(d, dict) and all(isinstance(d.get(s), dict) for s in ("dense", "in", "out", "gather", "scatter"))
     return d if ok else None
 
 
@@ -209,7 +236,10 @@ def latency_table(original_onnx, layers: dict[str, tuple[int, int, int]], batch:
             if entry is None:
                 entry = {"dense": {c: timer.product(tokens, n, m, c) for c in computes},
                          "in": {c: {str(r): timer.product(tokens, n, r, c) for r in grid} for c in computes},
-                         "out": {c: {str(r): timer.product(tokens, r, m, c) for r in grid} for c in computes}}
+                         "out": {c: {str(r): timer.product(tokens, r, m, c) for r in grid} for c in computes},
+                         # a pair's cols layer gathers r input columns, a rows layer scatters r rows back to m
+                         "gather": {"float": {str(r): timer.product(tokens, n, r, "gather") for r in grid}},
+                         "scatter": {"float": {str(r): timer.product(tokens, r, m, "scatter") for r in grid}}}
                 if cache:
                     try:
                         folder.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,9 @@ from ..factor import form_of
 from ._spaces import Alloc, LayerSpace
 
 TABLE_FORMAT = "mixrank latency table 1"
-COMPUTES = ("float", "dynamic")  # float32 products (fp32, fp16 and expanded integer weights); dynamic int8
+COMPUTES = ("float", "dynamic")
+# a shape's timed curves: the factors' two products, and the gather and the masked scatter of a pair's layers
+SIDES = ("in", "out", "gather", "scatter")  # float32 products (fp32, fp16 and expanded integer weights); dynamic int8
 
 
 def _interp(points: dict[int, float], r: int) -> float:
@@ -54,7 +56,8 @@ class LatencyTable:
         original_ms: the whole original model's median latency at ``batch`` on the engine.
         layers: layer → its shape key (``"TxMxN"``: tokens per batch, out, in).
         shapes: shape key → ``{"dense": {compute: ms}, "in": {compute: {rank: ms}},
-            "out": {compute: {rank: ms}}}`` (``COMPUTES``).
+            "out": {compute: {rank: ms}}, "gather": {"float": {rank: ms}}, "scatter": ...}``
+            (``COMPUTES``; `SIDES`).
     """
 
     engine: dict
@@ -84,14 +87,14 @@ class LatencyTable:
         try:
             shapes = {k: {"dense": {c: float(v) for c, v in s["dense"].items()},
                           **{side: {c: {int(r): float(v) for r, v in pts.items()} for c, pts in s[side].items()}
-                             for side in ("in", "out")}}
+                             for side in SIDES if side in s}}
                       for k, s in d["shapes"].items()}
             table = cls(dict(d["engine"]), int(d["batch"]), float(d["original_ms"]),
                         {str(n): str(k) for n, k in d["layers"].items()}, shapes)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise MixrankError(f"{where} is malformed ({type(e).__name__}: {e})") from None
         values = [table.original_ms, *(v for s in shapes.values() for v in s["dense"].values()),
-                  *(v for s in shapes.values() for side in ("in", "out") for pts in s[side].values()
+                  *(v for s in shapes.values() for side in SIDES if side in s for pts in s[side].values()
                     for v in pts.values())]
         if not all(math.isfinite(v) and v > 0 for v in values) or any(k not in shapes for k in table.layers.values()):
             raise MixrankError(f"{where} is malformed: every time must be a positive number, every layer's shape "
@@ -104,7 +107,12 @@ class LatencyTable:
         if key is None:
             raise MixrankError(f"the latency table has no layer {layer!r}: it was measured for another model "
                                "or selection")
+        if shape not in self.shapes[key]:
+            raise MixrankError(f"the latency table has no {shape} times for {layer!r}: it predates them; "
+                               "measure it again")
         entry = self.shapes[key][shape]
+        if shape in ("gather", "scatter"):
+            compute = "float"  # moves activations, not weights
         if compute not in entry:
             raise MixrankError(f"the latency table has no {compute} products for {layer!r}; measure it with "
                                f"compute {compute}")

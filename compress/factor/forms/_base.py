@@ -137,7 +137,9 @@ class LayerForm:
         ``"in"`` (``x`` (..., n) times an (n, r) factor), ``"out"`` ((..., r) times an
         (r, m) factor) or ``"dense"`` ((..., n) times (n, m)); ``role`` is the stored
         tensor (``"A"``, ``"B"``, ``"W"``) whose precision says how the engine computes it.
-        The gathers and additions around them are left out (they move no weights)."""
+        A pair's layers add ``("gather", "")`` (r of the n input columns gathered) or
+        ``("scatter", "")`` (r rows gathered back to m, times a mask): on 2 cores these
+        memory-bound steps cost as much as a product. Additions are left out."""
         raise NotImplementedError
 
     def emit_onnx(self, x, info, tensors: dict, layer: str, ctx: EmitContext) -> tuple[list, object, int]:

@@ -106,7 +106,7 @@ class Rows(_Pairwise):
         return self.selection(tensors[f"{name}.index"], m), read_back(tensors, f"{name}.B", n, info.precision)
 
     def products(self):
-        return (("in", "B"),)  # the r computed rows, scattered back by a gather
+        return (("in", "B"), ("scatter", ""))  # the r computed rows, scattered back to m by a gather and a mask
 
     def emit_onnx(self, x, info, tensors, layer, ctx):
         import onnx_graphsurgeon as gs
@@ -159,7 +159,7 @@ class Cols(_Pairwise):
                 self.selection(tensors[f"{name}.index"], info.shape[1]))
 
     def products(self):
-        return (("out", "A"),)  # the gather of the r kept input columns moves no weights
+        return (("gather", ""), ("out", "A"))  # the r kept input columns gathered, then A
 
     def emit_onnx(self, x, info, tensors, layer, ctx):
         import onnx_graphsurgeon as gs

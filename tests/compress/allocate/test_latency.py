@@ -25,7 +25,8 @@ GRID = {"8": 1.0, "16": 2.0, "32": 4.0, "64": 8.0}
 def _table(layers=("a", "b"), original=100.0, dense=30.0, dynamic=False):
     computes = ("float", "dynamic") if dynamic else ("float",)
     shape = {"dense": {c: dense / (2 if c == "dynamic" else 1) for c in computes},
-             "in": {c: dict(GRID) for c in computes}, "out": {c: dict(GRID) for c in computes}}
+             "in": {c: dict(GRID) for c in computes}, "out": {c: dict(GRID) for c in computes},
+             "gather": {"float": dict(GRID)}, "scatter": {"float": dict(GRID)}}
     return LatencyTable.from_dict({"format": "mixrank latency table 1", "engine": {"engine": "onnxruntime"},
                                    "batch": 32, "original_ms": original, "layers": {n: "64x64x64" for n in layers},
                                    "shapes": {"64x64x64": shape}})
@@ -60,7 +61,7 @@ def test_each_form_costs_its_products():
     assert b.layer_ms(sp, 24) == pytest.approx(3.0 + 3.0)  # interpolated between 16 and 32
     res = LayerSpace("a", 64, 64, 8, 32, form="residual", precision="fp16", residual_precision="int2")
     assert b.layer_ms(res, 8) == 1.0 + 1.0 + 30.0  # and the dense residual
-    assert b.layer_ms(LayerSpace("a", 64, 64, 8, 32, form="rows"), 16) == 2.0
+    assert b.layer_ms(LayerSpace("a", 64, 64, 8, 32, form="rows"), 16) == 2.0 + 2.0  # and its scatter
     dyn = LatencyBudget.of(_table(dynamic=True), "0.5x", compute="dynamic")
     assert dyn.layer_ms(LayerSpace("a", 64, 64, 8, 32, precision="int8"), None) == 15.0
     assert dyn.layer_ms(LayerSpace("a", 64, 64, 8, 32, precision="int4"), None) == 30.0  # int4 runs in float
