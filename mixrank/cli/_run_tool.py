@@ -78,7 +78,6 @@ class Run(Tool):
             texts=args.texts, eval_texts=args.eval_texts, max_length=args.max_length, seq_len=args.seq_len,
             like=like and like[2], int_weights=args.int_weights, latency=args.latency,
             latency_batch=args.latency_batch)
-        options.check()  # before the model loads
         return run_pipeline(options, cfg, log(args))
 
     def show(self, s):
