@@ -96,9 +96,10 @@ def available_providers() -> list[str]:
 
 
 def ort_session(onnx_path: str | os.PathLike, settings: OrtSettings | None = None,
-                optimized_model: str | os.PathLike | None = None):
+                optimized_model: str | os.PathLike | None = None, profile: str | None = None):
     """An ``onnxruntime.InferenceSession`` for ``onnx_path`` with ``settings``
-    (``optimized_model``: also save the graph onnxruntime optimised there).
+    (``optimized_model``: also save the graph onnxruntime optimised there; ``profile``: record
+    each node's time, in a file of that prefix, which ``end_profiling()`` names).
 
     Raises:
         NotInstalledError: the provider is not in this onnxruntime build (names the
@@ -125,6 +126,9 @@ def ort_session(onnx_path: str | os.PathLike, settings: OrtSettings | None = Non
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if s.spinning else "0")
     if optimized_model is not None:
         so.optimized_model_filepath = str(optimized_model)
+    if profile is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile
     providers: list = [want]
     if s.provider == "tensorrt":
         cache = s.cache_dir or str(Path(onnx_path).parent / "trt_cache")

@@ -131,3 +131,18 @@ def test_the_main_job_refuses_a_latency_budget_it_cannot_meet_before_any_work(kw
     with pytest.raises(MixrankError, match="onnxruntime"):
         RunOptions(latency="0.5x", target=Target(engine="tensorrt")).check()
     RunOptions(latency="0.5x").check()  # a good one passes
+
+
+@pytest.mark.parametrize("compute", ["float", "dynamic"])
+def test_the_profile_times_each_product_by_its_own_kernels(tmp_path, compute):
+    """Products timed in one session from onnxruntime's profile: each gets its own kernels'
+    time (a 32x larger product takes longer, two copies of one agree), none is left at zero."""
+    pytest.importorskip("onnxruntime")
+    from mixrank.engines import OrtSettings
+    from mixrank.engines._latency import _Timer
+
+    timer = _Timer(OrtSettings(threads=1), tmp_path, seconds=0.05)
+    big, small, again = timer.products(2048, [(256, 256), (256, 8), (256, 256)], compute)
+    assert big > 4 * small > 0 and 0.5 < big / again < 2.0
+    gather, scatter = timer.products(2048, [(256, 64), (64, 256)], "scatter")
+    assert gather > 0 and scatter > 0
