@@ -146,3 +146,11 @@ def test_the_profile_times_each_product_by_its_own_kernels(tmp_path, compute):
     assert big > 4 * small > 0 and 0.5 < big / again < 2.0
     gather, scatter = timer.products(2048, [(256, 64), (64, 256)], "scatter")
     assert gather > 0 and scatter > 0
+
+
+def test_two_passes_keep_each_products_faster_time():
+    from mixrank.engines._latency import _fastest
+
+    a = {"dense": {"float": 3.0}, "in": {"float": {"8": 1.0, "16": 2.5}}}
+    b = {"dense": {"float": 2.0}, "in": {"float": {"8": 1.5, "16": 2.0}}}
+    assert _fastest([a, b]) == {"dense": {"float": 2.0}, "in": {"float": {"8": 1.0, "16": 2.0}}}
